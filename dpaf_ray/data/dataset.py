@@ -1,7 +1,7 @@
 """The in-memory image data set every other module consumes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,8 +18,8 @@ class ImageDataset:
     to the [-1, 1] range the models use.
     """
 
-    images: torch.Tensor  # uint8, (N, C, H, W)
-    labels: torch.Tensor  # int64, (N,)
+    images: torch.Tensor = field(repr=False)  # uint8, (N, C, H, W)
+    labels: torch.Tensor = field(repr=False)  # int64, (N,)
     num_classes: int
     name: str
 

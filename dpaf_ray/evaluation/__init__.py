@@ -1,0 +1,50 @@
+"""Evaluation: a benchmark of synthetic data, not part of the private release (DESIGN.md §7).
+
+Downstream accuracy, FID (domain and, with local weights, Inception), within-class diversity and
+pictures. Results on the real test split never feed back into tuning.
+"""
+from dpaf_ray.evaluation.classifier import (
+    FEATURE_DIM,
+    SmallCNN,
+    accuracy,
+    correct_count,
+    predict,
+    train_classifier,
+)
+from dpaf_ray.evaluation.diversity import diversity_ratio, within_class_diversity
+from dpaf_ray.evaluation.downstream import downstream_accuracy, real_data_accuracy
+from dpaf_ray.evaluation.fid import (
+    INCEPTION_WEIGHTS_ENV,
+    domain_fid,
+    feature_statistics,
+    frechet_distance,
+    inception_fid,
+    load_inception,
+    resolve_inception_weights,
+)
+from dpaf_ray.evaluation.grid import grid_size, save_curves, save_sample_grid
+from dpaf_ray.evaluation.report import evaluate
+
+__all__ = [
+    "FEATURE_DIM",
+    "INCEPTION_WEIGHTS_ENV",
+    "SmallCNN",
+    "accuracy",
+    "correct_count",
+    "diversity_ratio",
+    "domain_fid",
+    "downstream_accuracy",
+    "evaluate",
+    "feature_statistics",
+    "frechet_distance",
+    "grid_size",
+    "inception_fid",
+    "load_inception",
+    "predict",
+    "real_data_accuracy",
+    "resolve_inception_weights",
+    "save_curves",
+    "save_sample_grid",
+    "train_classifier",
+    "within_class_diversity",
+]

@@ -1,0 +1,114 @@
+"""Run configuration, validated once at the boundary.
+
+Every knob of DESIGN §4 lives here. `validate()` turns an impossible setting into a
+`ConfigError` whose message says which option to change and how.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+MODELS = ("dpaf", "dpsgd-gan")
+GRAD_ENGINES = ("functorch", "opacus")
+
+
+class ConfigError(ValueError):
+    """An invalid option; the message names it and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    # data and budget
+    dataset: str = "mnist-5k"
+    data_root: str | None = None
+    epsilon: float = 10.0
+    delta: float = 1e-5
+    validation_fraction: float = 0.1
+    model: str = "dpaf"
+    seed: int = 0
+    # DESIGN §4 knobs
+    batch_size: int = 256  # B = qN, expected real records per iteration
+    group_size: int = 128  # b
+    sgd_every: int = 1  # k
+    sigma_agg: float = 2.0
+    sigma_sgd: float = 1.0
+    clip_agg: float = 1.0  # C_agg
+    clip_sgd: float = 1.0  # C_sgd
+    kappa: float = 1.0
+    lr_d: float = 2e-4
+    lr_g: float = 2e-4
+    d_steps_per_g: int = 1
+    # DESIGN §3a candidates
+    grouping: str = "class"
+    embedding: str = "moments"
+    head_weight: float = 1.0  # per-record real/fake head in the DP-SGD release (0 disables)
+    feature_matching: float = 1.0  # G matches released class means (post-processing)
+    feature_channels: int = 16
+    z_dim: int = 64
+    # execution
+    iterations: int | None = None  # None: derived from the budget (rule 12)
+    max_iterations: int | None = None  # compute cap; with `iterations` None, noise is raised to fit
+    time_budget_minutes: float | None = None
+    grad_engine: str = "functorch"
+    checkpoint_every: int = 500
+    log_every: int = 50
+    num_threads: int | None = None
+    extra_fixed_releases: list[dict[str, Any]] = field(default_factory=list)
+
+    def validate(self, n_records: int | None = None) -> "TrainConfig":
+        def bad(opt: str, msg: str) -> None:
+            raise ConfigError(f"--{opt.replace('_', '-')}: {msg}")
+
+        if self.model not in MODELS:
+            bad("model", f"must be one of {MODELS}, got {self.model!r}")
+        if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):
+            bad("epsilon", f"must be a finite number > 0, got {self.epsilon}; e.g. --epsilon 10")
+        if not (0 < self.delta < 1):
+            bad("delta", f"must lie strictly between 0 and 1, got {self.delta}; e.g. --delta 1e-5")
+        if not (0 <= self.validation_fraction < 1):
+            bad("validation_fraction", f"must lie in [0, 1), got {self.validation_fraction}")
+        for name in ("batch_size", "group_size", "sgd_every", "d_steps_per_g", "feature_channels", "z_dim",
+                     "checkpoint_every", "log_every"):
+            if int(getattr(self, name)) < 1:
+                bad(name, f"must be an integer >= 1, got {getattr(self, name)}")
+        for name in ("sigma_agg", "sigma_sgd", "clip_agg", "clip_sgd", "kappa", "lr_d", "lr_g"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                bad(name, f"must be > 0, got {v}")
+        for name in ("head_weight", "feature_matching"):
+            if getattr(self, name) < 0:
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.grouping not in ("class", "mixed"):
+            bad("grouping", f"must be 'class' or 'mixed', got {self.grouping!r}")
+        if self.embedding not in ("linear", "moments", "rff"):
+            bad("embedding", f"must be 'linear', 'moments' or 'rff', got {self.embedding!r}")
+        if self.grad_engine not in GRAD_ENGINES:
+            bad("grad_engine", f"must be one of {GRAD_ENGINES}, got {self.grad_engine!r}")
+        if self.iterations is not None and self.iterations < 1:
+            bad("iterations", f"must be >= 1, got {self.iterations}")
+        if self.max_iterations is not None and self.max_iterations < 1:
+            bad("max_iterations", f"must be >= 1, got {self.max_iterations}")
+        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
+            bad("time_budget_minutes", f"must be > 0, got {self.time_budget_minutes}")
+        if self.group_size > self.batch_size:
+            bad("group_size", f"b = {self.group_size} is larger than the batch B = {self.batch_size}; use b <= B")
+        if n_records is not None and self.batch_size > n_records:
+            bad("batch_size", f"B = {self.batch_size} exceeds the {n_records} training records (q = B/N > 1); "
+                "lower --batch-size")
+        return self
+
+    def sampling_rate(self, n_records: int) -> float:
+        return self.batch_size / n_records
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; valid options: {sorted(names)}")
+        return cls(**d)

@@ -1,0 +1,153 @@
+"""The split discriminator D = rear ∘ DPAGG ∘ front (DESIGN §2).
+
+- `PublicFeatures` (conv1): fixed from a public seed, never updated from private data.
+- `PrivateFeatures` (conv2 + per-record real/fake head): the only parameters whose
+  update reads private records, always through one clipped-and-noised DP-SGD release.
+- `Rear` (conv3, FC, class projection): sees released aggregates and generated
+  images only, so training it is post-processing.
+No BatchNorm anywhere before DPAGG: it would mix records.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .architecture import Architecture
+
+EMBEDDINGS = ("linear", "moments", "rff")
+
+
+class PublicFeatures(nn.Module):
+    """conv1: random convolutions drawn from a public seed (frozen)."""
+
+    def __init__(self, arch: Architecture, public_seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(public_seed)
+        layers: list[nn.Module] = []
+        c = arch.channels
+        for i in range(arch.fixed_stages):
+            out = arch.fixed_width * 2 ** i
+            conv = nn.Conv2d(c, out, 4, stride=2, padding=1)
+            with torch.no_grad():
+                fan_in = c * 16
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
+                conv.bias.zero_()
+            layers += [conv, nn.LeakyReLU(0.2)]
+            c = out
+        self.net = nn.Sequential(*layers)
+        self.out_channels = c
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PrivateFeatures(nn.Module):
+    """conv2 and the per-record real/fake head: trained only by DP-SGD on real records.
+
+    Returns the pooled conv2 feature map φ (n, c, p, p) and the head's per-record logit.
+    The head gives the generator a per-sample signal (DESIGN §3a) at no extra privacy
+    cost: its per-record gradient is clipped together with conv2's.
+    """
+
+    def __init__(self, arch: Architecture, in_channels: int, num_classes: int, feature_channels: int = 16) -> None:
+        super().__init__()
+        self.pooled = arch.pooled
+        self.conv2 = nn.Conv2d(in_channels, feature_channels, 4, stride=2, padding=1)
+        m = feature_channels * arch.pooled ** 2
+        self.head = nn.Linear(m, 1)
+        self.head_projection = nn.Embedding(num_classes, m)
+        nn.init.normal_(self.head_projection.weight, std=0.02)
+        self.feature_dim = m
+
+    def forward(self, h1: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        phi = F.adaptive_avg_pool2d(F.leaky_relu(self.conv2(h1), 0.2), self.pooled)
+        flat = phi.flatten(1)
+        logit = self.head(flat).squeeze(1) + (self.head_projection(labels) * flat).sum(1)
+        return phi, logit
+
+
+class RecordEmbedding(nn.Module):
+    """The non-linear per-record embedding that DPAGG sums (DESIGN §3a).
+
+    - ``linear``: φ itself; group means only show first moments.
+    - ``moments``: [φ, φ⊙φ]; group sums carry second moments, so a collapsed group
+      (one image repeated) differs from a diverse one with the same mean.
+    - ``rff``: random Fourier features of φ from a public seed; group means approximate
+      a kernel mean embedding, which characterises the whole distribution.
+    """
+
+    def __init__(self, kind: str, feature_channels: int, pooled: int, rff_dim: int = 512, public_seed: int = 1) -> None:
+        super().__init__()
+        if kind not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {kind!r}")
+        self.kind = kind
+        m = feature_channels * pooled ** 2
+        if kind == "linear":
+            self.out_shape = (feature_channels, pooled, pooled)
+        elif kind == "moments":
+            self.out_shape = (2 * feature_channels, pooled, pooled)
+        else:
+            g = torch.Generator().manual_seed(public_seed)
+            # Length scale √m·0.1 is a public constant, not a statistic of private data.
+            self.register_buffer("omega", torch.randn(m, rff_dim // 2, generator=g) / (0.1 * math.sqrt(m)))
+            self.out_shape = (rff_dim, 1, 1)
+        self.dim = int(math.prod(self.out_shape))
+
+    def forward(self, phi: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return phi.flatten(1)
+        if self.kind == "moments":
+            return torch.cat([phi, phi * phi], dim=1).flatten(1)
+        proj = phi.flatten(1) @ self.omega
+        return torch.cat([proj.cos(), proj.sin()], dim=1) * math.sqrt(2.0 / proj.shape[1] / 2)
+
+
+class Rear(nn.Module):
+    """conv3 + FC + class-conditional projection, on normalised group aggregates.
+
+    `class_weights` (μ, K) says which classes a group holds: one-hot for class-pure
+    groups, the released noisy histogram for mixed groups.
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, width: int = 64, hidden: int = 256) -> None:
+        super().__init__()
+        c, s, _ = in_shape
+        self.in_shape = in_shape
+        self.conv3 = nn.Conv2d(c, width, 3, padding=1)
+        self.fc = nn.Linear(width * s * s, hidden)
+        self.out = nn.Linear(hidden, 1)
+        self.projection = nn.Linear(num_classes, hidden, bias=False)
+        nn.init.normal_(self.projection.weight, std=0.02)
+
+    def forward(self, group_means: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+        h = group_means.view(-1, *self.in_shape)
+        h = F.leaky_relu(self.conv3(h), 0.2).flatten(1)
+        h = F.leaky_relu(self.fc(h), 0.2)
+        return self.out(h).squeeze(1) + (self.projection(class_weights) * h).sum(1)
+
+
+class BaselineDiscriminator(nn.Module):
+    """The same D without DPAGG, for the DP-SGD GAN baseline: every layer after the
+    public conv1 is trained by DP-SGD on per-record losses."""
+
+    def __init__(self, arch: Architecture, in_channels: int, num_classes: int, feature_channels: int = 16,
+                 width: int = 64, hidden: int = 256) -> None:
+        super().__init__()
+        self.pooled = arch.pooled
+        self.conv2 = nn.Conv2d(in_channels, feature_channels, 4, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(feature_channels, width, 3, padding=1)
+        self.fc = nn.Linear(width * arch.pooled ** 2, hidden)
+        self.out = nn.Linear(hidden, 1)
+        self.projection = nn.Embedding(num_classes, hidden)
+        nn.init.normal_(self.projection.weight, std=0.02)
+
+    def forward(self, h1: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        phi = F.adaptive_avg_pool2d(F.leaky_relu(self.conv2(h1), 0.2), self.pooled)
+        h = F.leaky_relu(self.conv3(phi), 0.2).flatten(1)
+        h = F.leaky_relu(self.fc(h), 0.2)
+        return self.out(h).squeeze(1) + (self.projection(labels) * h).sum(1)

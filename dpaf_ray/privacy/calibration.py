@@ -1,0 +1,166 @@
+"""Derive the number of iterations (or the noise) from a target (ε, δ) — DESIGN rule 12.
+
+The plan here only decides how long to train; the ε that is reported always comes
+from the ledger of what was executed.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .ledger import (
+    RDP_ORDERS,
+    Entry,
+    PoissonGaussian,
+    PrivacyConfigError,
+    effective_noise_multiplier,
+    epsilon_from_rdp,
+    rdp_curve,
+    validate_budget,
+)
+
+
+@dataclass(frozen=True)
+class IterationSchedule:
+    """The private release of each iteration, as a repeating cycle of noise multipliers.
+
+    DPAF with conv2 updated every k-th iteration: (σ_eff, σ_agg, …, σ_agg) of length k.
+    The DP-SGD GAN baseline: (σ_sgd,).
+    """
+
+    sampling_rate: float
+    cycle: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not (0 < self.sampling_rate <= 1):
+            raise PrivacyConfigError(
+                f"sampling rate q = B/N must lie in (0, 1], got {self.sampling_rate}; "
+                "lower the batch size B or use more data"
+            )
+        for s in self.cycle:
+            if not (s > 0 and math.isfinite(s)):
+                raise PrivacyConfigError(f"noise multipliers must be > 0, got {s}; pass e.g. --sigma-agg 1.0")
+
+    @classmethod
+    def dpaf(cls, sampling_rate: float, sigma_agg: float, sigma_sgd: float, sgd_every: int) -> "IterationSchedule":
+        if sgd_every < 1:
+            raise PrivacyConfigError(f"k (conv2 update period) must be >= 1, got {sgd_every}")
+        if sigma_agg <= 0 or sigma_sgd <= 0:
+            raise PrivacyConfigError(
+                f"noise multipliers must be > 0, got σ_agg={sigma_agg}, σ_sgd={sigma_sgd}"
+            )
+        eff = effective_noise_multiplier(sigma_agg, sigma_sgd)
+        return cls(sampling_rate, (eff,) + (sigma_agg,) * (sgd_every - 1))
+
+    @classmethod
+    def dpsgd(cls, sampling_rate: float, sigma: float) -> "IterationSchedule":
+        return cls(sampling_rate, (sigma,))
+
+    def noise_at(self, iteration: int) -> float:
+        return self.cycle[iteration % len(self.cycle)]
+
+    def scaled(self, factor: float) -> "IterationSchedule":
+        return IterationSchedule(self.sampling_rate, tuple(s * factor for s in self.cycle))
+
+    def entries(self, iterations: int) -> list[Entry]:
+        """Ledger entries of the first `iterations` iterations (what the ledger will hold)."""
+        counts: dict[float, int] = {}
+        k = len(self.cycle)
+        for i, s in enumerate(self.cycle):
+            n = max(0, math.ceil((iterations - i) / k))
+            counts[s] = counts.get(s, 0) + n
+        return [PoissonGaussian(self.sampling_rate, s, n) for s, n in counts.items() if n > 0]
+
+    def rdp(self, iterations: int, orders: Sequence[float] = RDP_ORDERS) -> np.ndarray:
+        # RDP composes additively: compute each distinct mechanism once, then scale.
+        total = np.zeros(len(orders))
+        for e in self.entries(iterations):
+            total += e.count * rdp_curve([PoissonGaussian(e.sampling_rate, e.noise_multiplier, 1)], orders)
+        return total
+
+
+def warn_large_delta(delta: float, n_records: int) -> None:
+    if n_records > 0 and delta > 1.0 / n_records:
+        warnings.warn(
+            f"delta = {delta:g} is above 1/N = {1.0 / n_records:g}: a mechanism that publishes one "
+            "whole record with probability delta would satisfy this guarantee; use delta < 1/N",
+            stacklevel=2,
+        )
+
+
+def iterations_for_budget(
+    schedule: IterationSchedule,
+    epsilon: float,
+    delta: float,
+    extra: Sequence[Entry] = (),
+    max_iterations: int = 10_000_000,
+) -> int:
+    """Largest T whose ε (with the `extra` releases, e.g. a noisy score) stays ≤ the target."""
+    validate_budget(epsilon, delta)
+    base = rdp_curve(extra) if extra else np.zeros(len(RDP_ORDERS))
+
+    def eps(t: int) -> float:
+        return epsilon_from_rdp(base + schedule.rdp(t), delta)
+
+    if eps(1) > epsilon:
+        raise PrivacyConfigError(
+            f"the budget ε={epsilon:g}, δ={delta:g} is too small for even one iteration "
+            f"(one iteration costs ε={eps(1):.3g}); raise --epsilon, raise the noise multipliers "
+            "or lower the batch size"
+        )
+    lo, hi = 1, 2
+    while hi <= max_iterations and eps(hi) <= epsilon:
+        lo, hi = hi, hi * 2
+    if hi > max_iterations:
+        return max_iterations
+    while hi - lo > 1:  # invariant: eps(lo) <= epsilon < eps(hi)
+        mid = (lo + hi) // 2
+        if eps(mid) <= epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def noise_scale_for_iterations(
+    schedule: IterationSchedule,
+    iterations: int,
+    epsilon: float,
+    delta: float,
+    extra: Sequence[Entry] = (),
+    rel_tol: float = 1e-3,
+) -> float:
+    """Smallest factor s (to rel_tol) such that `schedule.scaled(s)` for T iterations meets (ε, δ).
+
+    Keeps the ratio between the noise multipliers fixed; the caller multiplies them by s.
+    """
+    validate_budget(epsilon, delta)
+    if iterations < 1:
+        raise PrivacyConfigError(f"iterations must be >= 1, got {iterations}")
+    base = rdp_curve(extra) if extra else np.zeros(len(RDP_ORDERS))
+    if epsilon_from_rdp(base, delta) >= epsilon:
+        raise PrivacyConfigError(
+            f"the fixed releases alone already spend ε >= {epsilon:g}; raise --epsilon"
+        )
+
+    def eps(s: float) -> float:
+        return epsilon_from_rdp(base + schedule.scaled(s).rdp(iterations), delta)
+
+    lo, hi = 1e-3, 1.0
+    while eps(hi) > epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise PrivacyConfigError("no noise level meets this budget; raise --epsilon")
+    if eps(lo) <= epsilon:
+        return lo
+    while hi / lo > 1 + rel_tol:
+        mid = math.sqrt(lo * hi)
+        if eps(mid) <= epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return hi

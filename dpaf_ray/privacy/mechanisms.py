@@ -1,0 +1,48 @@
+"""Clipping and Gaussian noise: where private values become releasable.
+
+A release is `Σ (bounded per-record values) + N(0, std² I)`, with the noise added
+exactly once however many workers hold records (DESIGN §5): rank 0 adds it to its
+local sum before the all-reduce.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..distributed.collectives import Collective, all_reduce_many
+
+
+def clip_rows(x: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale each row to L2 norm at most `max_norm` (rows are records)."""
+    norms = x.flatten(1).norm(dim=1)
+    factor = (max_norm / (norms + 1e-12)).clamp(max=1.0)
+    return x * factor.view(-1, *([1] * (x.dim() - 1)))
+
+
+def clip_and_sum_per_record(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
+    """Clip each record's whole gradient (all tensors jointly) to `max_norm`, then sum over records.
+
+    `grads[j]` has shape (n, *param_j.shape). With n = 0 the sums are zeros.
+    """
+    if not grads:
+        return []
+    n = grads[0].shape[0]
+    if n == 0:
+        return [torch.zeros(g.shape[1:], dtype=g.dtype, device=g.device) for g in grads]
+    sq = sum(g.reshape(n, -1).pow(2).sum(1) for g in grads)
+    factor = (max_norm / (sq.sqrt() + 1e-12)).clamp(max=1.0)
+    return [torch.einsum("n,n...->...", factor, g) for g in grads]
+
+
+def gaussian_release(
+    local_sums: list[torch.Tensor],
+    noise_std: float,
+    noise_generator: torch.Generator,
+    collective: Collective,
+) -> list[torch.Tensor]:
+    """Global sum plus N(0, noise_std²) per coordinate, noise drawn once (on rank 0)."""
+    if collective.rank == 0:
+        local_sums = [
+            s + noise_std * torch.randn(s.shape, generator=noise_generator, dtype=s.dtype).to(s.device)
+            for s in local_sums
+        ]
+    return all_reduce_many(collective, local_sums)

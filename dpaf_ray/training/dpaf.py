@@ -1,0 +1,194 @@
+"""One DPAF iteration, top to bottom (DESIGN §2–§3).
+
+    real Poisson sample S ──conv1 (public)──conv2──embed──bound──Σ per group──+noise──▶ A  (DPAGG release)
+    generated batch       ──conv1──────────conv2──embed──bound──Σ per group──+noise──▶ A' (same noise, rule 5)
+    rear(A, A') → loss → rear update                               (post-processing)
+    every k-th iteration: per-record ∇conv2,head of <stopgrad(b·∂L/∂A_g(i)), v_i> + λ·head loss,
+        clipped to C_sgd, summed, +N(0, σ_sgd²C_sgd²), ÷ B                  (DP-SGD release)
+        + the ordinary gradient of the generated records ÷ B              (rule 7)
+    every d_steps_per_g iterations: a generator step through D on generated images only.
+
+The ledger is charged by the caller before the iteration runs, so a crash can only
+over-count.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from ..models import dpagg
+from ..models.discriminator import PrivateFeatures, Rear, RecordEmbedding
+from ..privacy.grad_sample import PerRecordGradients
+from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release
+from ..distributed.collectives import all_reduce_many
+from .gan import GANTrainerBase
+
+
+class DPAFTrainer(GANTrainerBase):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = self.cfg
+        self.private = PrivateFeatures(self.arch, self.conv1.out_channels, self.num_classes,
+                                       cfg.feature_channels).to(self.device)
+        self.embed = RecordEmbedding(cfg.embedding, cfg.feature_channels, self.arch.pooled).to(self.device)
+        K = self.num_classes
+        if cfg.grouping == "class":
+            per_class = max(1, round(cfg.batch_size / (cfg.group_size * K)))
+            mixed = 1
+            expected = cfg.batch_size / (K * per_class)
+        else:
+            per_class = 1
+            mixed = max(1, round(cfg.batch_size / cfg.group_size))
+            expected = cfg.batch_size / mixed
+        self.spec = dpagg.DPAggSpec(
+            num_classes=K, embedding_dim=self.embed.dim, clip_norm=cfg.clip_agg, kappa=cfg.kappa,
+            sigma=cfg.sigma_agg, grouping=cfg.grouping, groups_per_class=per_class,
+            num_mixed_groups=mixed, expected_group_size=expected,
+        )
+        self.rear = Rear(self.embed.out_shape, K).to(self.device)
+        self.opt_rear = torch.optim.Adam(self.rear.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999))
+        self.opt_private = torch.optim.Adam(self.private.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999))
+        self.per_record = PerRecordGradients(self.private, cfg.grad_engine)
+        # EMA of released real class means: feature-matching target for G (post-processing).
+        self.real_class_means = torch.zeros(K, self.embed.dim, device=self.device)
+        self.ema_initialised = False
+
+    # ------------------------------------------------------------------------------
+    def bounded(self, h1: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        phi, logit = self.private(h1, y)
+        return dpagg.bound_records(self.embed(phi), y, self.spec), logit
+
+    def released(self, v: torch.Tensor, y: torch.Tensor, gu: torch.Tensor, noise: torch.Generator) -> torch.Tensor:
+        groups = dpagg.assign_groups(y, gu, self.spec)
+        local = dpagg.group_sums(v, groups, self.spec.num_groups)
+        return dpagg.release(local, self.spec, noise, self.collective)
+
+    def rear_scores(self, A: torch.Tensor) -> torch.Tensor:
+        means, weights = dpagg.normalise(A, self.spec)
+        return self.rear(means, weights)
+
+    def d_iteration(self, t: int) -> dict[str, float]:
+        cfg, spec = self.cfg, self.spec
+        real = self.real_sample(t)
+        z, yf, guf = self.fake_codes(t, "fake/d")
+        with torch.no_grad():
+            xf = self.generator(z, yf)
+            h1r, h1f = self.conv1(real.x), self.conv1(xf)
+            vr, _ = self.bounded(h1r, real.y)
+            vf, _ = self.bounded(h1f, yf)
+            A_real = self.released(vr, real.y, real.group_uniforms, self.noise_generator(t, "dpagg/real"))
+            A_fake = self.released(vf, yf, guf, self.noise_generator(t, "dpagg/fake"))
+
+        # Rear update: a function of the releases only (rule 4).
+        A_real.requires_grad_(True)
+        A_fake.requires_grad_(True)
+        loss_d = F.softplus(-self.rear_scores(A_real)).mean() + F.softplus(self.rear_scores(A_fake)).mean()
+        self.opt_rear.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_rear.step()
+        self.update_feature_target(A_real.detach())
+
+        stats = {"loss_d": float(loss_d)}
+        if t % cfg.sgd_every == 0:
+            scale = spec.expected_group_size  # public: makes C_sgd ≈ 1 meaningful (rule 6)
+            g_real = (scale * A_real.grad).detach()
+            g_fake = (scale * A_fake.grad).detach()
+            stats.update(self.private_update(t, real, h1r, g_real, h1f, yf, guf, g_fake))
+        return stats
+
+    def private_update(self, t, real, h1r, g_real, h1f, yf, guf, g_fake) -> dict[str, float]:
+        """The DP-SGD release of conv2 and the per-record head (rules 6–8)."""
+        cfg, spec = self.cfg, self.spec
+        lam = cfg.head_weight
+        groups_r = dpagg.assign_groups(real.y, real.group_uniforms, spec)
+
+        def real_record_loss(out, y, g_row):
+            phi, logit = out
+            v = dpagg.bound_records(self.embed(phi), y, spec)
+            return (g_row * v).sum(1) + lam * F.softplus(-logit)
+
+        per_record = self.per_record((h1r, real.y), real_record_loss, (real.y, g_real[groups_r]))
+        clipped = clip_and_sum_per_record(per_record, cfg.clip_sgd)
+        noisy = gaussian_release(clipped, cfg.sigma_sgd * cfg.clip_sgd,
+                                 self.noise_generator(t, "dpsgd/conv2"), self.collective)
+
+        # Generated records: ordinary batch gradient, public normaliser (rule 7).
+        params = self.per_record.params
+        groups_f = dpagg.assign_groups(yf, guf, spec)
+        vf, logit_f = self.bounded(h1f, yf)
+        fake_obj = (g_fake[groups_f] * vf).sum() + lam * F.softplus(logit_f).sum()
+        fake_grads = torch.autograd.grad(fake_obj, params, allow_unused=True)
+        fake_grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(fake_grads, params)]
+        fake_grads = all_reduce_many(self.collective, fake_grads)
+
+        B = cfg.batch_size  # the expected batch qN, never the realised size
+        for p, gn, gf in zip(params, noisy, fake_grads):
+            p.grad = gn / B + gf / self.fake_batch
+        self.opt_private.step()
+        return {}
+
+    def update_feature_target(self, A_real: torch.Tensor) -> None:
+        if self.spec.grouping != "class" or self.cfg.feature_matching == 0:
+            return
+        m, K = self.spec.embedding_dim, self.num_classes
+        per_class = self.spec.groups_per_class
+        feats = A_real[:, :m].view(K, per_class, m).sum(1)
+        counts = (A_real[:, m:] / self.spec.kappa).view(K, per_class, K).sum(1).diagonal()
+        means = feats / counts.clamp(min=max(1.0, 0.25 * self.spec.expected_group_size)).unsqueeze(1)
+        if not self.ema_initialised:
+            self.real_class_means.copy_(means)
+            self.ema_initialised = True
+        else:
+            self.real_class_means.mul_(0.95).add_(0.05 * means)
+
+    # ------------------------------------------------------------------------------
+    def g_step(self, t: int) -> dict[str, float]:
+        """Generator update through D on generated images only (no privacy cost)."""
+        cfg, spec = self.cfg, self.spec
+        z, yf, guf = self.fake_codes(t, "fake/g")
+        xf = self.generator(z, yf)
+        vf, logit_f = self.bounded(self.conv1(xf), yf)
+        groups = dpagg.assign_groups(yf, guf, spec)
+        local = dpagg.group_sums(vf, groups, spec.num_groups)
+        m, K = spec.embedding_dim, self.num_classes
+        onehot = F.one_hot(yf, K).to(vf.dtype)
+        local_class = onehot.t() @ vf[:, :m]  # (K, m) sums per class, for feature matching
+        with torch.no_grad():
+            A = dpagg.release(local.detach(), spec, self.noise_generator(t, "dpagg/g"), self.collective)
+            class_sums = all_reduce_many(self.collective, [local_class.detach()])[0]
+            class_counts = all_reduce_many(self.collective, [onehot.sum(0)])[0]
+        A.requires_grad_(True)
+        class_sums.requires_grad_(True)
+        loss_rear = F.softplus(-self.rear_scores(A)).mean()
+        loss = loss_rear
+        fm = torch.zeros(())
+        if cfg.feature_matching > 0 and self.ema_initialised:
+            fake_means = class_sums / class_counts.clamp(min=1).unsqueeze(1)
+            fm = (fake_means - self.real_class_means).pow(2).sum(1).mean()
+            loss = loss + cfg.feature_matching * fm
+        grads = torch.autograd.grad(loss, [A, class_sums], allow_unused=True)
+        gA = grads[0]
+        gC = grads[1] if grads[1] is not None else torch.zeros_like(class_sums)
+        # Local surrogate whose gradient, summed over ranks, is the gradient of the global loss.
+        surrogate = (gA[groups] * vf).sum() + (gC * local_class).sum()
+        loss_head = F.softplus(-logit_f).sum() / self.fake_batch
+        surrogate = surrogate + cfg.head_weight * loss_head
+        self.opt_g.zero_grad(set_to_none=True)
+        surrogate.backward()
+        self.step_replicated(self.generator, self.opt_g)
+        return {"loss_g": float(loss_rear), "feature_matching": float(fm)}
+
+    # ------------------------------------------------------------------------------
+    def modules(self):
+        return {**super().modules(), "private": self.private, "rear": self.rear}
+
+    def optimizers(self):
+        return {**super().optimizers(), "private": self.opt_private, "rear": self.opt_rear}
+
+    def extra_state(self) -> dict:
+        return {"real_class_means": self.real_class_means.clone(), "ema_initialised": self.ema_initialised}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state:
+            self.real_class_means.copy_(state["real_class_means"])
+            self.ema_initialised = bool(state["ema_initialised"])

@@ -1,0 +1,116 @@
+"""What DPAF and the DP-SGD GAN baseline share: the generator, the public conv1, the
+Poisson sample of the local shard, the generated batch and the conv1 features.
+
+Sharding: rank r owns the records [offset, offset + n_local) of the global order and
+the slice r of the generated batch. Each iteration's uniforms are drawn for all N
+records from a stream keyed by the iteration, so the union of the ranks' samples is
+one Poisson sample at rate q, identical for any number of workers (DESIGN §5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..data.dataset import ImageDataset
+from ..distributed.collectives import Collective, LocalCollective, all_reduce_many
+from ..models.architecture import architecture_for
+from ..models.discriminator import PublicFeatures
+from ..models.generator import ConditionalGenerator
+from .rng import stream
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor
+    group_uniforms: torch.Tensor  # each record's own draw for its DPAGG group (rule 1)
+
+
+class GANTrainerBase:
+    def __init__(self, cfg: TrainConfig, shard: ImageDataset, n_total: int, offset: int = 0,
+                 collective: Collective | None = None, device: str = "cpu") -> None:
+        self.cfg, self.shard, self.n_total, self.offset = cfg, shard, n_total, offset
+        self.collective = collective or LocalCollective()
+        self.device = torch.device(device)
+        self.num_classes = shard.num_classes
+        self.q = cfg.sampling_rate(n_total)
+        self.fake_batch = cfg.batch_size  # public size of the generated batch
+        self.arch = architecture_for(shard.shape)
+        torch.manual_seed(cfg.seed)  # model initialisation only; identical on every rank
+        self.generator = ConditionalGenerator(self.arch, self.num_classes, cfg.z_dim).to(self.device)
+        self.conv1 = PublicFeatures(self.arch, public_seed=0).to(self.device)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
+        w, r = self.collective.world_size, self.collective.rank
+        self.fake_slice = slice(r * self.fake_batch // w, (r + 1) * self.fake_batch // w)
+
+    # --- per-iteration data -------------------------------------------------------
+    def real_sample(self, t: int) -> Batch:
+        g = stream(self.cfg.seed, "poisson", t)
+        u = torch.rand(self.n_total, generator=g)[self.offset:self.offset + len(self.shard)]
+        gu = torch.rand(self.n_total, generator=g)[self.offset:self.offset + len(self.shard)]
+        idx = torch.nonzero(u < self.q).squeeze(1)
+        x = self.shard.as_float(idx).to(self.device)
+        return Batch(x, self.shard.labels[idx].to(self.device), gu[idx].to(self.device))
+
+    def fake_codes(self, t: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents, uniform labels and group draws of this rank's slice of the generated batch."""
+        g = stream(self.cfg.seed, name, t)
+        z = torch.randn(self.fake_batch, self.cfg.z_dim, generator=g)[self.fake_slice]
+        y = torch.randint(self.num_classes, (self.fake_batch,), generator=g)[self.fake_slice]
+        gu = torch.rand(self.fake_batch, generator=g)[self.fake_slice]
+        return z.to(self.device), y.to(self.device), gu.to(self.device)
+
+    def noise_generator(self, t: int, release: str) -> torch.Generator:
+        return stream(self.cfg.seed, "noise/" + release, t)
+
+    # --- replicated updates ---------------------------------------------------------
+    def step_replicated(self, module: nn.Module, opt: torch.optim.Optimizer) -> None:
+        """Sum the local gradients of a replicated module over ranks, then step."""
+        params = [p for p in module.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for p, g in zip(params, all_reduce_many(self.collective, grads)):
+            p.grad = g
+        opt.step()
+
+    def sample_images(self, labels: torch.Tensor, seed: int = 12345, batch: int = 500) -> torch.Tensor:
+        """Generated images for `labels` (post-processing: no privacy cost)."""
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        self.generator.eval()
+        with torch.no_grad():
+            for i in range(0, len(labels), batch):
+                y = labels[i:i + batch].to(self.device)
+                z = torch.randn(len(y), self.cfg.z_dim, generator=g).to(self.device)
+                out.append(self.generator(z, y).cpu())
+        self.generator.train()
+        return torch.cat(out) if out else torch.zeros(0, *self.shard.shape)
+
+    # --- checkpoint state -------------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"generator": self.opt_g}
+
+    def state_dict(self) -> dict:
+        return {
+            "modules": {k: m.state_dict() for k, m in self.modules().items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, m in self.modules().items():
+            m.load_state_dict(state["modules"][k])
+        for k, o in self.optimizers().items():
+            o.load_state_dict(state["optimizers"][k])
+        self.load_extra_state(state.get("extra", {}))
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
