@@ -27,7 +27,7 @@ class TrainConfig:
     delta: float = 1e-5
     validation_fraction: float = 0.1
     model: str = "dpaf"
-    seed: int = 0
+    seed: int | None = None  # None: drawn from a cryptographic RNG (the noise must not be predictable)
     # DESIGN §4 knobs
     batch_size: int = 256  # B = qN, expected real records per iteration
     group_size: int = 128  # b

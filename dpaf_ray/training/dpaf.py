@@ -88,7 +88,7 @@ class DPAFTrainer(GANTrainerBase):
         self.opt_rear.step()
         self.update_feature_target(A_real.detach())
 
-        stats = {"loss_d": float(loss_d)}
+        stats = {"loss_d": loss_d.item()}
         if t % cfg.sgd_every == 0:
             scale = spec.expected_group_size  # public: makes C_sgd ≈ 1 meaningful (rule 6)
             g_real = (scale * A_real.grad).detach()

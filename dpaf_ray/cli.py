@@ -1,0 +1,104 @@
+"""`python -m dpaf_ray train | evaluate | privacy`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import ConfigError, TrainConfig
+from .data.dataset import DataError
+from .privacy.ledger import PrivacyConfigError
+
+_TYPES = {"data_root": str, "seed": int, "iterations": int, "max_iterations": int,
+          "time_budget_minutes": float, "num_threads": int}
+_HIDDEN = {"extra_fixed_releases"}
+_HELP = {
+    "batch_size": "B = qN, expected real records per iteration",
+    "group_size": "b, DPAGG group size",
+    "sgd_every": "k: conv2 is updated every k-th iteration",
+    "sigma_agg": "noise multiplier of the DPAGG release",
+    "sigma_sgd": "noise multiplier of the conv2 DP-SGD release",
+    "clip_agg": "C_agg, per-record feature bound",
+    "clip_sgd": "C_sgd, per-record gradient bound",
+    "iterations": "fixed T (default: derived from the budget)",
+    "seed": "makes a run reproducible (default: a cryptographic random seed)",
+    "time_budget_minutes": "stop early at a checkpoint boundary; the ledger stays exact",
+}
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _HIDDEN:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        typ = _TYPES.get(f.name, type(default) if default is not None else str)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=default,
+                       help=_HELP.get(f.name, "") + f" (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - _HIDDEN
+    return TrainConfig(**{n: getattr(args, n) for n in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dpaf_ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a DPAF (or DP-SGD GAN) generator under a privacy budget")
+    add_config_arguments(t)
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--num-synthetic", type=int, default=10_000, help="size of synthetic.parquet")
+    t.add_argument("--num-workers", type=int, default=0, help="Ray Train workers (0: in-process, no Ray)")
+    t.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    t.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    t.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left in --out")
+
+    e = sub.add_parser("evaluate", help="downstream accuracy, FID and diversity of a trained generator")
+    e.add_argument("run_dir")
+    e.add_argument("--test-data", required=True, help="data set name or path; its test split is used")
+    e.add_argument("--train-data", default=None, help="real training data for the domain-FID classifier "
+                   "(default: the train split of --test-data)")
+    e.add_argument("--data-root", default=None)
+    e.add_argument("--num-synthetic", type=int, default=60_000)
+    e.add_argument("--epochs", type=int, default=3)
+    e.add_argument("--max-train-records", type=int, default=None)
+    e.add_argument("--inception-weights", default=None, help="local Inception-V3 weights (or DPAF_INCEPTION_WEIGHTS)")
+    e.add_argument("--seed", type=int, default=0)
+
+    pr = sub.add_parser("privacy", help="recompute ε from a privacy_report.json")
+    pr.add_argument("report")
+    pr.add_argument("--delta", type=float, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from .training.run import run_train
+
+            cfg = config_from_args(args)
+            run_train(cfg, args.out, args.num_synthetic, args.num_workers, args.use_gpu, args.address,
+                      resume=not args.no_resume)
+        elif args.command == "evaluate":
+            from .evaluation.run import evaluate_run
+
+            metrics = evaluate_run(Path(args.run_dir), args.test_data, args.train_data, args.data_root,
+                                   args.num_synthetic, args.epochs, args.max_train_records,
+                                   args.inception_weights, args.seed)
+            print(json.dumps(metrics, indent=1))
+        elif args.command == "privacy":
+            from .privacy.ledger import PrivacyLedger
+
+            report: dict[str, Any] = json.loads(Path(args.report).read_text())
+            delta = args.delta if args.delta is not None else report["delta"]
+            eps = PrivacyLedger.from_json(report).epsilon(delta)
+            print(json.dumps({"epsilon": eps, "delta": delta, "reported_epsilon": report.get("epsilon")}))
+    except (ConfigError, DataError, PrivacyConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
