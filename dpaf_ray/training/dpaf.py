@@ -176,7 +176,7 @@ class DPAFTrainer(GANTrainerBase):
         self.opt_g.zero_grad(set_to_none=True)
         surrogate.backward()
         self.step_replicated(self.generator, self.opt_g)
-        return {"loss_g": float(loss_rear), "feature_matching": float(fm)}
+        return {"loss_g": loss_rear.item(), "feature_matching": fm.item()}
 
     # ------------------------------------------------------------------------------
     def modules(self):

@@ -47,7 +47,8 @@ def make_trainer(cfg: TrainConfig, shard: ImageDataset, n_total: int, offset: in
 
 def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: int = 0,
                collective: Collective | None = None, sink: CheckpointSink | None = None,
-               progress: Progress | None = print, device: str = "cpu") -> TrainResult:
+               progress: Progress | None = print, device: str = "cpu",
+               before_iteration: Callable[[int], None] | None = None) -> TrainResult:
     cfg, T = plan.config, plan.iterations
     collective = collective or LocalCollective()
     if cfg.num_threads:
@@ -83,6 +84,8 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
             for i in range(max(t, charged_through), end):  # charge before anything is released
                 ledger.charge_poisson_gaussian(plan.schedule.sampling_rate, plan.schedule.noise_at(i))
             charged_through = max(charged_through, end)
+        if before_iteration is not None:
+            before_iteration(t)
         stats.update(trainer.d_iteration(t))
         if (t + 1) % cfg.d_steps_per_g == 0:
             stats.update(trainer.g_step(t))

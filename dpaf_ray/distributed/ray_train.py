@@ -1,0 +1,164 @@
+"""Ray Train glue: shard one training run over W workers with `TorchTrainer` (DESIGN §5).
+
+Each worker reads the data itself and keeps only its contiguous shard; the Poisson
+sample, the generated batch and the noise come from iteration-keyed streams, so the
+run matches W = 1 up to floating-point summation order. Noise is added once, on rank 0,
+before the all-reduce (see `privacy.mechanisms.gaussian_release`).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..distributed.collectives import LocalCollective, TorchDistributedCollective
+from ..training.checkpoint import RayTrainCheckpointSink, read_checkpoint_dir
+from ..training.loop import TrainResult, make_trainer, train_loop
+from ..training.plan import TrainingPlan
+
+FAIL_AT_ENV = "DPAF_TEST_FAIL_AT"  # "ITERATION:RANK:MARKER_FILE": kill that worker once (fault tests)
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot give the run the resources it asks for."""
+
+
+def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
+    """Attach to `address` / RAY_ADDRESS, or start a local Ray on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **init_kwargs)
+    else:
+        init_kwargs.setdefault("include_dashboard", False)
+        ray.init(_node_ip_address="127.0.0.1", **init_kwargs)
+
+
+def worker_resources(use_gpu: bool, cpus_per_worker: float) -> dict[str, float]:
+    return {"GPU": 1.0, "CPU": cpus_per_worker} if use_gpu else {"CPU": cpus_per_worker}
+
+
+def check_resources(num_workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
+    """Fail at once, naming what is missing, instead of waiting for resources that do not exist."""
+    import ray
+
+    total = ray.cluster_resources()
+    need = {k: v * num_workers for k, v in worker_resources(use_gpu, cpus_per_worker).items()}
+    missing = {k: (v, total.get(k, 0.0)) for k, v in need.items() if total.get(k, 0.0) < v}
+    if missing:
+        parts = ", ".join(f"{k}: need {v:g}, cluster has {have:g}" for k, (v, have) in missing.items())
+        raise ResourceError(
+            f"{num_workers} Ray Train workers need {parts}; lower --num-workers, drop --use-gpu, "
+            "or add nodes to the cluster"
+        )
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+
+    from ..data import shard_indices
+    from ..training.run import load_training_data
+
+    plan: TrainingPlan = config["plan"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    train, _ = load_training_data(plan.config)  # read by this worker, not shipped from the driver
+    idx = shard_indices(len(train), rank, world)
+    shard = train.subset(idx)
+    collective = TorchDistributedCollective() if world > 1 else LocalCollective()
+    device = "cpu"
+    if config["use_gpu"]:
+        import ray.train.torch
+
+        device = str(ray.train.torch.get_device())
+    hook = _failure_hook(rank)
+    train_loop(plan, shard, len(train), int(idx[0]) if len(idx) else 0, collective,
+               RayTrainCheckpointSink(rank), print if rank == 0 else None, device, before_iteration=hook)
+
+
+def _failure_hook(rank: int) -> Callable[[int], None] | None:
+    spec = os.environ.get(FAIL_AT_ENV)
+    if not spec:
+        return None
+    at, fail_rank, marker = spec.split(":", 2)
+    if int(fail_rank) != rank:
+        return None
+
+    def hook(t: int) -> None:
+        if t == int(at) and not Path(marker).exists():
+            Path(marker).write_text(str(t))
+            os._exit(1)  # a worker process dying mid-run, as a lost node would
+
+    return hook
+
+
+def fit_with_ray_train(plan: TrainingPlan, train_example: Any, num_workers: int, use_gpu: bool = False,
+                       address: str | None = None, out: str | Path | None = None,
+                       progress: Callable[[str], None] | None = print, *, name: str | None = None,
+                       max_failures: int = 2, cpus_per_worker: float = 1.0, threads_per_worker: int | None = None,
+                       storage_path: str | None = None) -> TrainResult:
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ensure_ray(address)
+    check_resources(num_workers, use_gpu, cpus_per_worker)
+    threads = threads_per_worker or plan.config.num_threads or max(1, int(cpus_per_worker))
+    storage = storage_path or str(Path(out or tempfile.mkdtemp()).absolute() / "ray_train")
+    run_name = name or f"dpaf-train-{int(time.time())}"
+    env = {k: v for k, v in os.environ.items() if k == FAIL_AT_ENV}
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"plan": plan, "threads": threads, "use_gpu": use_gpu},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=worker_resources(use_gpu, cpus_per_worker)),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=3),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env} if env else None,
+            callbacks=_tune_callbacks(),
+        ),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {run_name} finished without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        state = read_checkpoint_dir(Path(d))
+    return result_from_state(plan, state, train_example, time.time() - t0)
+
+
+def result_from_state(plan: TrainingPlan, state: dict[str, Any], train_example: Any, seconds: float) -> TrainResult:
+    """Rebuild the trained models on the driver from the final checkpoint."""
+    from ..privacy.ledger import PrivacyLedger
+
+    trainer = make_trainer(plan.config, train_example, len(train_example), 0, LocalCollective(), "cpu")
+    trainer.load_state_dict(state["trainer"])
+    ledger = PrivacyLedger.from_json(state["ledger"])
+    t = int(state["iteration"])
+    return TrainResult(trainer, ledger, plan, t, t < plan.iterations, seconds, state["history"])
+
+
+def _tune_callbacks() -> list[Any]:
+    """Inside a Tune trial, forward Train reports to Tune (DESIGN §9)."""
+    try:
+        import ray.tune
+
+        if ray.tune.get_context().get_trial_id() is None:
+            return []
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        return [TuneReportCallback()]
+    except Exception:
+        return []
