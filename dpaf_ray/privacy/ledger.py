@@ -88,7 +88,7 @@ class RepeatAndSelect:
 
     def dp_event(self) -> dp_accounting.DpEvent:
         inner = dp_accounting.ComposedDpEvent([e.dp_event() for e in self.events])
-        return dp_accounting.RepeatAndSelectDpEvent(inner, self.mean, self.shape)
+        return dp_accounting.dp_event.RepeatAndSelectDpEvent(inner, self.mean, self.shape)
 
     def to_json(self) -> dict[str, Any]:
         return {
