@@ -45,6 +45,7 @@ class TrainConfig:
     embedding: str = "moments"
     head_weight: float = 1.0  # per-record real/fake head in the DP-SGD release (0 disables)
     feature_matching: float = 1.0  # G matches released class means (post-processing)
+    feature_ema: float = 0.99  # decay of the running average of released class means (the FM target)
     feature_channels: int = 16
     z_dim: int = 64
     # execution
@@ -77,6 +78,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 bad(name, f"must be > 0, got {v}")
+        if not (0 <= self.feature_ema < 1):
+            bad("feature_ema", f"must lie in [0, 1), got {self.feature_ema}")
         for name in ("head_weight", "feature_matching"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")

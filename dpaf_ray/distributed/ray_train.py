@@ -82,7 +82,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         device = str(ray.train.torch.get_device())
     hook = _failure_hook(rank)
     train_loop(plan, shard, len(train), int(idx[0]) if len(idx) else 0, collective,
-               RayTrainCheckpointSink(rank), print if rank == 0 else None, device, before_iteration=hook)
+               RayTrainCheckpointSink(rank, config.get("report_defaults")), print if rank == 0 else None, device, before_iteration=hook)
 
 
 def _failure_hook(rank: int) -> Callable[[int], None] | None:
@@ -105,7 +105,7 @@ def fit_with_ray_train(plan: TrainingPlan, train_example: Any, num_workers: int,
                        address: str | None = None, out: str | Path | None = None,
                        progress: Callable[[str], None] | None = print, *, name: str | None = None,
                        max_failures: int = 2, cpus_per_worker: float = 1.0, threads_per_worker: int | None = None,
-                       storage_path: str | None = None) -> TrainResult:
+                       storage_path: str | None = None, report_defaults: dict[str, Any] | None = None) -> TrainResult:
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -118,7 +118,7 @@ def fit_with_ray_train(plan: TrainingPlan, train_example: Any, num_workers: int,
     env = {k: v for k, v in os.environ.items() if k == FAIL_AT_ENV}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"plan": plan, "threads": threads, "use_gpu": use_gpu},
+        train_loop_config={"plan": plan, "threads": threads, "use_gpu": use_gpu, "report_defaults": report_defaults},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_resources(use_gpu, cpus_per_worker)),

@@ -61,8 +61,10 @@ class LocalCheckpointSink:
 class RayTrainCheckpointSink:
     """Ray Train: every rank calls `ray.train.report`; only rank 0 attaches the checkpoint."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, defaults: dict[str, Any] | None = None) -> None:
         self.rank = rank
+        # Keys every report must carry (e.g. Tune's metric, NaN until the trial is scored).
+        self.defaults = defaults or {}
 
     def latest(self) -> dict[str, Any] | None:
         import ray.train
@@ -82,12 +84,12 @@ class RayTrainCheckpointSink:
             if self.rank == 0:
                 write_checkpoint_dir(Path(d), state)
                 checkpoint = Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report({**self.defaults, **metrics}, checkpoint=checkpoint)
 
     def report(self, metrics: dict[str, Any]) -> None:
         import ray.train
 
-        ray.train.report(metrics)
+        ray.train.report({**self.defaults, **metrics})
 
 
 def cpu_state(obj: Any) -> Any:

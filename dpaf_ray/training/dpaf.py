@@ -139,7 +139,8 @@ class DPAFTrainer(GANTrainerBase):
             self.real_class_means.copy_(means)
             self.ema_initialised = True
         else:
-            self.real_class_means.mul_(0.95).add_(0.05 * means)
+            decay = self.cfg.feature_ema
+            self.real_class_means.mul_(decay).add_((1 - decay) * means)
 
     # ------------------------------------------------------------------------------
     def g_step(self, t: int) -> dict[str, float]:

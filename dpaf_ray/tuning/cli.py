@@ -1,0 +1,75 @@
+"""Command line of tune.py: a search-space file plus overrides, validated once."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ..config import ConfigError
+from ..data.dataset import DataError
+from ..privacy.ledger import PrivacyConfigError
+from .search_space import SearchSpace, load_search_space, validate_search_space
+
+DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python tune.py", description="private DPAF hyperparameter search")
+    p.add_argument("--search-space", default=None, help=f"YAML file (default: {DEFAULT_SPACE.name})")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--epsilon", type=float, default=None)
+    p.add_argument("--delta", type=float, default=None)
+    p.add_argument("--search", choices=["random", "tpe"], default=None)
+    p.add_argument("--expected-trials", type=float, default=None)
+    p.add_argument("--trials-distribution", choices=["tnb", "logarithmic", "geometric", "poisson"], default=None)
+    p.add_argument("--tnb-shape", type=float, default=None)
+    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers per trial")
+    p.add_argument("--use-gpu", action="store_true", default=None)
+    p.add_argument("--public-validation", default=None, help="score on this public data set (free) instead")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<timestamp>)")
+    p.add_argument("--resume", default=None, help="continue the search in this run directory")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--storage-path", default=None, help="shared storage for Tune/Train (multi-node clusters)")
+    return p
+
+
+def search_space_from_args(args: argparse.Namespace) -> SearchSpace:
+    path = args.search_space or str(DEFAULT_SPACE)
+    ss = load_search_space(path)
+    overrides = {k: getattr(args, k) for k in ("dataset", "data_root", "epsilon", "delta", "search", "expected_trials",
+                                               "trials_distribution", "tnb_shape", "num_workers", "use_gpu",
+                                               "public_validation") if getattr(args, k) is not None}
+    ss = dataclasses.replace(ss, **overrides)
+    return validate_search_space(ss)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.resume:
+            out = Path(args.resume)
+            state = out / "trials" / "search_state.json"
+            if not state.exists():
+                raise ConfigError(f"--resume {out}: no search state there (expected {state})")
+            saved = json.loads(state.read_text())["search_space"]
+            ss = validate_search_space(SearchSpace(**{**saved, "params": []}))
+            ss.params = load_search_space(saved["path"]).params
+        else:
+            ss = search_space_from_args(args)
+            out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+        if ss.epsilon <= 0:
+            raise PrivacyConfigError(f"--epsilon must be > 0, got {ss.epsilon}")
+        from .tuner import run_search
+
+        release = run_search(ss, out, resume=bool(args.resume), address=args.address,
+                             storage_path=args.storage_path)
+        print(f"release written to {release}")
+    except (ConfigError, DataError, PrivacyConfigError, FileExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,228 @@
+"""Search-space files (YAML), validated once with errors that name the file, the key and the fix."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, TrainConfig
+
+TOP_KEYS = {"dataset", "data_root", "epsilon", "delta", "search", "expected_trials", "trials_distribution",
+            "tnb_shape", "reference", "score", "trial", "fixed", "params"}
+REFERENCE_KEYS = {"batch_size", "noise_multiplier"}
+SCORE_KEYS = {"noise_multiplier", "classifier_epochs", "classifier_max_steps", "public_validation"}
+TRIAL_KEYS = {"min_iterations", "max_iterations", "time_budget_minutes", "num_synthetic", "num_workers",
+              "use_gpu", "cpus_per_worker", "max_concurrent_trials"}
+# Knobs a trial derives itself: never searched or fixed by the user.
+DERIVED = {"epsilon", "delta", "dataset", "data_root", "iterations", "max_iterations", "seed",
+           "time_budget_minutes", "extra_fixed_releases"}
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+class SearchSpaceError(ConfigError):
+    pass
+
+
+@dataclass
+class Param:
+    name: str
+    kind: str  # choice | int | float
+    values: list[Any] = field(default_factory=list)
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+
+    def optuna_distribution(self) -> Any:
+        import optuna.distributions as d
+
+        if self.kind == "choice":
+            return d.CategoricalDistribution(self.values)
+        if self.kind == "int":
+            return d.IntDistribution(int(self.low), int(self.high), log=self.log)
+        return d.FloatDistribution(float(self.low), float(self.high), log=self.log)
+
+    def extremes(self) -> list[Any]:
+        return list(self.values) if self.kind == "choice" else [self.low, self.high]
+
+
+@dataclass
+class SearchSpace:
+    path: str
+    dataset: str = "mnist-5k"
+    data_root: str | None = None
+    epsilon: float = 10.0
+    delta: float = 1e-5
+    search: str = "random"
+    expected_trials: float = 2.0
+    trials_distribution: str = "tnb"
+    tnb_shape: float = 1.0
+    reference_batch_size: int = 128
+    reference_noise: float = 1.0
+    score_noise: float = 20.0
+    classifier_epochs: int = 2
+    classifier_max_steps: int | None = 300
+    public_validation: str | None = None
+    min_iterations: int = 50
+    max_iterations: int = 400
+    time_budget_minutes: float | None = None
+    num_synthetic: int = 4000
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_concurrent_trials: int = 1
+    fixed: dict[str, Any] = field(default_factory=dict)
+    params: list[Param] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _err(path: str, key: str, msg: str) -> SearchSpaceError:
+    return SearchSpaceError(f"{path}: `{key}`: {msg}")
+
+
+def _unknown(path: str, section: str, got: dict, allowed: set[str]) -> None:
+    extra = sorted(set(got) - allowed)
+    if extra:
+        where = f"{section}." if section else ""
+        raise _err(path, where + extra[0], f"unknown key; allowed keys here: {sorted(allowed)}")
+
+
+def _number(path: str, key: str, v: Any, positive: bool = True) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _err(path, key, f"must be a number, got {v!r}")
+    if positive and v <= 0:
+        raise _err(path, key, f"must be > 0, got {v}")
+    return float(v)
+
+
+def parse_param(path: str, name: str, spec: Any) -> Param:
+    key = f"params.{name}"
+    if name not in TRAIN_FIELDS or name in DERIVED:
+        allowed = sorted(TRAIN_FIELDS - DERIVED)
+        raise _err(path, key, f"not a searchable knob; searchable: {allowed}")
+    if not isinstance(spec, dict) or len(set(spec) & {"choice", "int", "float"}) != 1:
+        raise _err(path, key, "give exactly one of {choice: [a, b, ...]}, {int: [low, high]}, {float: [low, high]}"
+                   " (optionally with log: true)")
+    _unknown(path, key, spec, {"choice", "int", "float", "log"})
+    log = bool(spec.get("log", False))
+    if "choice" in spec:
+        values = spec["choice"]
+        if not isinstance(values, list) or not values:
+            raise _err(path, key, "choice must be a non-empty list of values")
+        return Param(name, "choice", values=list(values))
+    kind = "int" if "int" in spec else "float"
+    rng = spec[kind]
+    if not isinstance(rng, list) or len(rng) != 2:
+        raise _err(path, key, f"{kind} must be a list [low, high]")
+    low, high = (_number(path, key, v, positive=False) for v in rng)
+    if kind == "int" and (low != int(low) or high != int(high)):
+        raise _err(path, key, f"int range needs whole numbers, got {rng}")
+    if not low < high:
+        raise _err(path, key, f"empty or inverted range [{rng[0]}, {rng[1]}]: low must be < high")
+    if log and low <= 0:
+        raise _err(path, key, f"log scale needs low > 0, got {low}")
+    return Param(name, kind, low=low, high=high, log=log)
+
+
+def load_search_space(path: str | Path) -> SearchSpace:
+    path = Path(path)
+    p = str(path)
+    if not path.exists():
+        raise SearchSpaceError(f"{p}: search-space file not found; see search_spaces/ for examples")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SearchSpaceError(f"{p}: not valid YAML ({e}); fix the syntax") from e
+    if not isinstance(raw, dict):
+        raise SearchSpaceError(f"{p}: the top level must be a mapping of keys to values")
+    _unknown(p, "", raw, TOP_KEYS)
+    ss = SearchSpace(path=p)
+    for k in ("dataset", "data_root", "search", "trials_distribution"):
+        if k in raw:
+            setattr(ss, k, raw[k])
+    for k in ("epsilon", "delta", "expected_trials", "tnb_shape"):
+        if k in raw:
+            setattr(ss, k, _number(p, k, raw[k]))
+    sections = {"reference": REFERENCE_KEYS, "score": SCORE_KEYS, "trial": TRIAL_KEYS}
+    for sec, allowed in sections.items():
+        d = raw.get(sec, {}) or {}
+        if not isinstance(d, dict):
+            raise _err(p, sec, "must be a mapping")
+        _unknown(p, sec, d, allowed)
+    ref, score, trial = (raw.get(s, {}) or {} for s in sections)
+    if "batch_size" in ref:
+        ss.reference_batch_size = int(_number(p, "reference.batch_size", ref["batch_size"]))
+    if "noise_multiplier" in ref:
+        ss.reference_noise = _number(p, "reference.noise_multiplier", ref["noise_multiplier"])
+    if "noise_multiplier" in score:
+        ss.score_noise = _number(p, "score.noise_multiplier", score["noise_multiplier"])
+    if "classifier_epochs" in score:
+        ss.classifier_epochs = int(_number(p, "score.classifier_epochs", score["classifier_epochs"]))
+    if "classifier_max_steps" in score:
+        v = score["classifier_max_steps"]
+        ss.classifier_max_steps = None if v is None else int(_number(p, "score.classifier_max_steps", v))
+    ss.public_validation = score.get("public_validation")
+    for k in ("min_iterations", "max_iterations", "num_synthetic", "max_concurrent_trials"):
+        if k in trial:
+            setattr(ss, k, int(_number(p, f"trial.{k}", trial[k])))
+    if "num_workers" in trial:
+        ss.num_workers = int(_number(p, "trial.num_workers", trial["num_workers"], positive=False))
+    if "time_budget_minutes" in trial:
+        v = trial["time_budget_minutes"]
+        ss.time_budget_minutes = None if v is None else _number(p, "trial.time_budget_minutes", v)
+    if "cpus_per_worker" in trial:
+        ss.cpus_per_worker = _number(p, "trial.cpus_per_worker", trial["cpus_per_worker"])
+    ss.use_gpu = bool(trial.get("use_gpu", False))
+    fixed = raw.get("fixed", {}) or {}
+    if not isinstance(fixed, dict):
+        raise _err(p, "fixed", "must be a mapping of knob: value")
+    for k in fixed:
+        if k not in TRAIN_FIELDS or k in DERIVED:
+            raise _err(p, f"fixed.{k}", f"not a knob that can be fixed; allowed: {sorted(TRAIN_FIELDS - DERIVED)}")
+    ss.fixed = dict(fixed)
+    params = raw.get("params", {}) or {}
+    if not isinstance(params, dict):
+        raise _err(p, "params", "must be a mapping of knob: {choice|int|float: ...}")
+    ss.params = [parse_param(p, k, v) for k, v in params.items()]
+    both = sorted(set(ss.fixed) & {q.name for q in ss.params})
+    if both:
+        raise _err(p, f"params.{both[0]}", "is also in `fixed`; keep it in one place")
+    return validate_search_space(ss)
+
+
+def validate_search_space(ss: SearchSpace) -> SearchSpace:
+    """Checks that need the values together: each extreme of each range must be a valid run."""
+    p = ss.path
+    if ss.search not in ("random", "tpe"):
+        raise _err(p, "search", f"must be 'random' or 'tpe', got {ss.search!r}")
+    if ss.trials_distribution not in ("tnb", "logarithmic", "geometric", "poisson"):
+        raise _err(p, "trials_distribution", "must be one of tnb, logarithmic, geometric, poisson")
+    if not (0 < ss.delta < 1):
+        raise _err(p, "delta", f"must lie strictly between 0 and 1, got {ss.delta}")
+    if ss.search == "tpe" and ss.expected_trials != int(ss.expected_trials):
+        raise _err(p, "expected_trials", "TPE runs a fixed number of trials: give a whole number")
+    if ss.search == "random" and ss.expected_trials <= 1 and ss.trials_distribution != "poisson":
+        raise _err(p, "expected_trials", "the truncated negative binomial needs a mean > 1, e.g. 2")
+    if ss.min_iterations > ss.max_iterations:
+        raise _err(p, "trial.min_iterations", f"{ss.min_iterations} > trial.max_iterations {ss.max_iterations}")
+    # Each extreme of each range, with the other searched knobs at their first value.
+    base = {**ss.fixed, **{q.name: q.extremes()[0] for q in ss.params}}
+    if "group_size" in {q.name for q in ss.params} and "batch_size" not in base:
+        base["batch_size"] = max(base.get("batch_size", 0), max(
+            q.extremes()[-1] for q in ss.params if q.name == "group_size"))
+    for param in ss.params:
+        for v in param.extremes():
+            try:
+                TrainConfig.from_dict({**base, param.name: v}).validate()
+            except (ConfigError, TypeError) as e:
+                raise _err(p, f"params.{param.name}", f"value {v!r} is not a valid run: {e}") from e
+    try:
+        TrainConfig.from_dict(base).validate()
+    except (ConfigError, TypeError) as e:
+        raise _err(p, "fixed", str(e)) from e
+    return ss

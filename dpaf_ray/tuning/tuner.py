@@ -1,0 +1,276 @@
+"""Private hyperparameter search with Ray Tune + Optuna (DESIGN §6).
+
+    K ← TNB/logarithmic/Poisson(mean) from a cryptographic RNG      (random search; TPE: fixed K)
+    reference ← largest curve whose repeat-and-select (or K-fold composition) meets (ε, δ)
+    each trial: config ~ Optuna (RandomSampler or TPE), T and σ fitted under the reference,
+                train (Ray Train, W workers), noisy validation score, ledger checked ≤ reference
+    release: the best trial by noisy score + the search's privacy report
+
+Trials run FIFO, never stopped early from other trials' results. Tune and the dashboard see
+only DP values: noisy scores, ε, losses computed from released aggregates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import TrainConfig
+from ..privacy.ledger import PrivacyLedger
+from ..privacy.tuning import (
+    Reference,
+    calibrate_reference,
+    check_trial_under_reference,
+    distribution_shape,
+    fit_trial,
+    sample_num_trials,
+    search_entries,
+)
+from .search_space import SearchSpace
+
+STATE_FILE = "search_state.json"
+
+
+# --- the search plan (kept in the trusted run directory) -------------------------------------
+def plan_search(ss: SearchSpace, n_train: int) -> dict[str, Any]:
+    shape = distribution_shape(ss.trials_distribution, ss.tnb_shape)
+    score_noise = None if ss.public_validation else ss.score_noise
+    q_ref = ss.reference_batch_size / n_train
+    reference = calibrate_reference(ss.epsilon, ss.delta, q_ref, ss.reference_noise, score_noise,
+                                    ss.search, ss.expected_trials, shape)
+    if ss.search == "random":
+        k = sample_num_trials(ss.expected_trials, shape)  # cryptographic; never re-drawn
+    else:
+        k = int(ss.expected_trials)
+    return {"num_trials": k, "shape": shape, "reference": dataclasses.asdict(reference),
+            "sampler_seed": secrets.randbits(31), "created": time.time(), "search_space": ss.to_dict()}
+
+
+def reference_from(state: dict[str, Any]) -> Reference:
+    r = dict(state["reference"])
+    r["orders"] = tuple(r["orders"])
+    return Reference(**r)
+
+
+def search_privacy_report(ss: SearchSpace, state: dict[str, Any], best_knobs: dict[str, Any] | None) -> dict[str, Any]:
+    """The release's report: ε of the whole search, from the search ledger."""
+    reference = reference_from(state)
+    ledger = PrivacyLedger(search_entries(reference, ss.search, ss.expected_trials, state["shape"]), reference.orders)
+    report = {
+        "epsilon": ledger.epsilon(ss.delta),
+        "target_epsilon": ss.epsilon,
+        "delta": ss.delta,
+        **ledger.to_json(),
+        "search": ss.search,
+        "trials_distribution": {"kind": ss.trials_distribution, "mean": ss.expected_trials,
+                                "shape": "inf" if math.isinf(state["shape"]) else state["shape"]},
+        "reference": {"sampling_rate": reference.sampling_rate, "noise_multiplier": reference.noise_multiplier,
+                      "iterations": reference.iterations, "score_noise_multiplier": reference.score_noise},
+        "knobs": best_knobs,
+    }
+    return report
+
+
+# --- one trial ---------------------------------------------------------------------------------
+def run_trial(config: dict[str, Any]) -> None:
+    """A Tune function trainable: fit T under the reference, train, score, report."""
+    import ray.tune
+    from ray.tune import Checkpoint
+
+    from ..training.loop import train_loop
+    from ..training.outputs import generate, save_generator, generate_for_labels
+    from ..training.plan import TrainingPlan, schedule_for
+    from ..training.run import load_training_data
+    from ..evaluation.grid import save_sample_grid
+    from ..data import load_dataset
+    from .scoring import score_trial
+
+    static = config["_static"]
+    ss = SearchSpace(**{**static["search_space"], "params": []})
+    reference = reference_from(static)
+    sampled = {k: v for k, v in config.items() if k != "_static"}
+    cfg = TrainConfig.from_dict({**ss.fixed, **sampled, "dataset": ss.dataset, "data_root": ss.data_root,
+                                 "epsilon": ss.epsilon, "delta": ss.delta,
+                                 "seed": secrets.randbits(31), "time_budget_minutes": ss.time_budget_minutes})
+    # A sampled group larger than the sampled batch becomes one group per batch (public rule).
+    cfg = dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))
+    train, val = load_training_data(cfg)
+    score_noise = None if ss.public_validation else ss.score_noise
+    fit = fit_trial(schedule_for(cfg, len(train)), score_noise, reference, ss.min_iterations, ss.max_iterations)
+    cfg = dataclasses.replace(cfg, iterations=fit.iterations, sigma_agg=cfg.sigma_agg * fit.noise_factor,
+                              sigma_sgd=cfg.sigma_sgd * fit.noise_factor)
+    cfg.validate(len(train))
+    plan = TrainingPlan(cfg, schedule_for(cfg, len(train)), fit.iterations, float("nan"), fit.noise_factor)
+    trial_name = ray.tune.get_context().get_trial_name()
+    if ss.num_workers == 0:
+        result = train_loop(plan, train, len(train), progress=None)
+    else:
+        from ..distributed.ray_train import fit_with_ray_train
+
+        result = fit_with_ray_train(plan, train, ss.num_workers, ss.use_gpu, None, None, None,
+                                    name=f"{trial_name}-train", max_failures=0,
+                                    cpus_per_worker=ss.cpus_per_worker,
+                                    storage_path=static["train_storage"],
+                                    report_defaults={"score": float("nan")})
+    ledger = result.ledger
+    generator = result.trainer.generator.eval()
+    synthetic = generate(generator, ss.num_synthetic, train.num_classes, seed=1)
+    validation = load_dataset(ss.public_validation, "test", ss.data_root) if ss.public_validation else val
+    score = score_trial(synthetic, validation, ledger, score_noise, ss.classifier_epochs, ss.classifier_max_steps)
+    check_trial_under_reference(ledger.entries, reference)
+
+    trial_dir = Path(static["trials_dir"]) / trial_name
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    save_generator(trial_dir / "generator.pt", generator, train.shape, train.num_classes)
+    from ..data import write_parquet
+
+    write_parquet(synthetic, trial_dir / "synthetic.parquet")
+    import torch
+
+    labels = torch.arange(train.num_classes).repeat_interleave(10)
+    save_sample_grid(generate_for_labels(generator, labels), labels, train.num_classes, trial_dir / "samples.png")
+    knobs = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "data_root", "extra_fixed_releases")}
+    summary = {"trial": trial_name, "score": score.value, "score_kind": score.kind,
+               "score_noise_multiplier": score.noise_multiplier, "num_validation": score.num_validation,
+               "iterations": result.iterations_done, "noise_factor": fit.noise_factor,
+               "epsilon_trial": ledger.epsilon(ss.delta), "knobs": knobs, "sampled": sampled,
+               "ledger": ledger.to_json()}
+    (trial_dir / "trial.json").write_text(json.dumps(summary, indent=1))
+    ray.tune.report({"score": score.value, "epsilon_trial": summary["epsilon_trial"],
+                     "iterations": result.iterations_done, "noise_factor": fit.noise_factor},
+                    checkpoint=Checkpoint.from_directory(str(trial_dir)))
+
+
+# --- the search --------------------------------------------------------------------------------
+def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | None = None,
+               storage_path: str | None = None, progress: Callable[[str], None] = print) -> Path:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+    import optuna
+
+    from ..training.run import load_training_data
+
+    out = out.absolute()
+    trials_dir = out / "trials"
+    trials_dir.mkdir(parents=True, exist_ok=True)
+    state_path = trials_dir / STATE_FILE
+    if resume:
+        if not state_path.exists():
+            raise FileNotFoundError(f"--resume {out}: no {STATE_FILE} there; start a new search with --out")
+        state = json.loads(state_path.read_text())
+        progress(f"resuming the search in {out}")
+    else:
+        if state_path.exists():
+            raise FileExistsError(f"{out} already holds a search; use --resume {out} or another --out")
+        base = TrainConfig.from_dict({**ss.fixed, "dataset": ss.dataset, "data_root": ss.data_root})
+        train, _ = load_training_data(base)
+        state = plan_search(ss, len(train))
+        state["n_train"] = len(train)
+        _atomic_json(state_path, state)  # K is fixed before any trial runs
+    reference = reference_from(state)
+    k = state["num_trials"]
+    report_eps = search_privacy_report(ss, state, None)["epsilon"]
+    progress(f"private {ss.search} search on {ss.dataset}: total ε={report_eps:.3f} (target {ss.epsilon:g}, "
+             f"δ={ss.delta:g}) covers training, scoring and the search; expected trials {ss.expected_trials:g} "
+             f"({ss.trials_distribution}); reference: q={reference.sampling_rate:.4g}, σ={reference.noise_multiplier:g},"
+             f" T={reference.iterations}")
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    from ..distributed.ray_train import ensure_ray
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        ensure_ray(address)  # the cluster's head must offer the `trial_slot` resource (see clusters/)
+    else:
+        ensure_ray(None, resources={"trial_slot": ss.max_concurrent_trials}, include_dashboard=True)
+    static = {**state, "trials_dir": str(trials_dir),
+              "train_storage": storage_path or str(trials_dir / "ray_train")}
+    # The trial itself only waits on its Train workers: it holds a `trial_slot`, not a CPU,
+    # so a trial plus its workers never deadlock on a small machine (DESIGN §9).
+    resources = {"CPU": 0, "trial_slot": 1} if ss.num_workers > 0 else {"CPU": 1}
+    trainable = tune.with_resources(_trainable_with_static(static), resources)
+    storage = storage_path or str(trials_dir / "ray_tune")
+    name = "search"
+    if k == 0:
+        progress("the drawn number of trials is 0 (Poisson): nothing is trained; the release holds only the report")
+        results = None
+    elif resume and (Path(storage) / name).exists():
+        tuner = tune.Tuner.restore(str(Path(storage) / name), trainable=trainable,
+                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
+        results = tuner.fit()
+    else:
+        space = {p.name: p.optuna_distribution() for p in ss.params}
+        sampler = (optuna.samplers.RandomSampler(seed=state["sampler_seed"]) if ss.search == "random"
+                   else optuna.samplers.TPESampler(seed=state["sampler_seed"]))
+        searcher = OptunaSearch(space=space or None, metric="score", mode="max", sampler=sampler)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=FIFOScheduler(), num_samples=k,
+                                        max_concurrent_trials=ss.max_concurrent_trials),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+        results = tuner.fit()
+    return finish_search(ss, state, out, results, progress)
+
+
+def _trainable_with_static(static: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    def dpaf_trial(config: dict[str, Any]) -> None:
+        run_trial({**config, "_static": static})
+
+    return dpaf_trial
+
+
+def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: Any,
+                  progress: Callable[[str], None]) -> Path:
+    from .release import write_release
+
+    trials = []
+    for p in sorted((out / "trials").glob("*/trial.json")):
+        trials.append(json.loads(p.read_text()))
+    best = max(trials, key=lambda t: t["score"]) if trials else None
+    report = search_privacy_report(ss, state, best["knobs"] if best else None)
+    score = None
+    if best:
+        score = {"score": best["score"], "kind": best["score_kind"],
+                 "noise_multiplier": best["score_noise_multiplier"], "num_validation": best["num_validation"]}
+    release = write_release(out, out / "trials" / best["trial"] if best else None, score, report)
+    _plot_trials(trials, out / "trials" / "comparison.png")
+    progress(f"release: {release} (ε={report['epsilon']:.3f}, δ={ss.delta:g}; best noisy score "
+             f"{best['score']:.3f})" if best else f"release: {release} (no trial finished)")
+    return release
+
+
+def _plot_trials(trials: list[dict[str, Any]], path: Path) -> None:
+    """Scores against each searched knob, for the operator (kept in trials/)."""
+    if not trials:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    knobs = sorted({k for t in trials for k in t["sampled"]}) or ["iterations"]
+    fig, axes = plt.subplots(1, len(knobs), figsize=(3.2 * len(knobs), 3), squeeze=False)
+    for ax, k in zip(axes[0], knobs):
+        xs = [t["sampled"].get(k, t.get(k)) for t in trials]
+        ax.scatter(xs, [t["score"] for t in trials])
+        ax.set_xlabel(k)
+        ax.set_ylabel("noisy validation score")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
+
+
