@@ -194,6 +194,11 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     # The trial itself only waits on its Train workers: it holds a `trial_slot`, not a CPU,
     # so a trial plus its workers never deadlock on a small machine (DESIGN §9).
     resources = {"CPU": 0, "trial_slot": 1} if ss.num_workers > 0 else {"CPU": 1}
+    if ss.num_workers > 0 and ray.cluster_resources().get("trial_slot", 0) < 1:
+        progress("warning: the cluster offers no `trial_slot` resource (start the head with "
+                 "--resources='{\"trial_slot\": 1}'); trials take 0.01 CPU instead, which can starve "
+                 "Train workers on small nodes")
+        resources = {"CPU": 0.01}
     trainable = tune.with_resources(_trainable_with_static(static), resources)
     storage = storage_path or str(trials_dir / "ray_tune")
     name = "search"
