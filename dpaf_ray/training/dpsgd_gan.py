@@ -41,7 +41,7 @@ class DPSGDGANTrainer(GANTrainerBase):
         for p, gn, gf in zip(params, noisy, fake_grads):
             p.grad = gn / cfg.batch_size + gf / self.fake_batch
         self.opt_d.step()
-        return {"loss_d_fake": float(loss_fake) / max(1, len(yf))}
+        return {"loss_d_fake": loss_fake.item() / max(1, len(yf))}
 
     def g_step(self, t: int) -> dict[str, float]:
         z, yf, _ = self.fake_codes(t, "fake/g")
