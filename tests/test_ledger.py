@@ -9,7 +9,7 @@ integer orders α (Mironov, Talwar, Zhang 2019, add/remove-one neighbours)
 composed by adding curves, and converted to (ε, δ) with either the plain conversion
 ε = min_α RDP(α) + log(1/δ)/(α-1) (Mironov 2017), or the improved one that dp_accounting uses,
 ε = min_α RDP(α) + log((α-1)/α) - (log δ + log α)/(α-1) (Canonne, Kamath, Steinke 2020). The plain
-one is always larger; for ε ≈ 5–10 at δ = 1e-5 it is larger by ~10–15 %.
+one is always larger; at δ = 1e-5 it is larger by ~15 % for ε ≈ 6 and ~35 % for ε ≈ 1.4.
 """
 from __future__ import annotations
 
@@ -109,12 +109,13 @@ def check_against_independent(ledger: PrivacyLedger, events: list[tuple[float, f
     assert PrivacyLedger(list(ledger.entries), INT_ORDERS).epsilon(delta) == pytest.approx(
         eps_improved(indep, delta), rel=1e-9)
     eps = ledger.epsilon(delta)
-    # the ledger's grid adds fractional orders, so its ε can only be lower than the integer-order one,
-    # and the plain conversion is looser still (documented: by up to ~15-20 % at these ε)
+    # the ledger's grid adds fractional orders, so its ε can only be lower than the integer-order one
+    # (by < 5 % here), and the plain conversion is looser still: by ~15 % at ε ≈ 6, ~27 % at ε ≈ 1.4
+    # (the log(1/δ)/(α-1) term dominates at small ε)
     assert eps <= eps_improved(indep, delta) + 1e-9
     assert eps >= 0.9 * eps_improved(indep, delta)
     assert eps <= eps_plain(indep, delta) + 1e-9
-    assert eps >= 0.8 * eps_plain(indep, delta)
+    assert eps >= 0.7 * eps_plain(indep, delta)
     return eps
 
 
@@ -153,8 +154,10 @@ def test_dpaf_iteration_is_charged_as_one_poisson_gaussian_with_sigma_eff(monkey
 
     # DPAGG alone would cost less: the DP-SGD release is not free
     assert eps > PrivacyLedger([PoissonGaussian(q, s_agg, T)]).epsilon(DELTA)
-    # The forbidden accounting (two separately subsampled curves added) under-counts here; the
-    # ledger must not match it.
+    # The forbidden accounting (two separately subsampled curves added) under-counts: at q = 1/8,
+    # T = 20, σ_agg = 2, σ_sgd = 1 it gives ε ≈ 6.0 (plain conversion) against ≈ 7.4 for one
+    # subsampled Gaussian with σ_eff ≈ 0.894 (the curves only add up without subsampling, where
+    # α/(2σ_eff²) = α/(2σ_agg²) + α/(2σ_sgd²)). The ledger must not match it.
     naive = curve([(q, s_agg, T), (q, s_sgd, T)])
     assert eps_improved(naive, DELTA) < 0.95 * eps_improved(indep, DELTA)
     assert eps > 1.03 * eps_improved(naive, DELTA)
@@ -325,10 +328,6 @@ def test_completed_run_with_checkpoints_charges_exactly_what_ran(tmp_path):
     assert on_disk.entries == res.ledger.entries
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG dpaf_ray/training/loop.py train_loop: at a window boundary the checkpoint is saved BEFORE the "
-    "coming window is charged, so the checkpoint's ledger does not cover the window; a crash inside it "
-    "loses the charges of the iterations that ran (15 + 10 d_iterations executed, 20 charged)"))
 def test_crash_inside_a_window_never_under_counts(tmp_path, monkeypatch):
     N, T = 64, 20
     plan = plan_training(make_cfg(iterations=T, checkpoint_every=10, log_every=5), N)

@@ -138,10 +138,6 @@ def test_bound_records_norm_and_block_structure(grouping):
     assert torch.allclose(v[~small, :7].norm(dim=1), torch.full(((~small).sum(),), 2.5), rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG dpaf_ray/privacy/mechanisms.py clip_rows / clip_and_sum_per_record: a row with an inf or NaN "
-    "entry gets factor C/inf=0 or NaN and 0*inf=NaN, so the 'bounded' vector is NaN and poisons the "
-    "released sum (NaN + noise = NaN) -- the sensitivity bound does not hold for non-finite inputs"))
 def test_bounding_holds_for_non_finite_records():
     spec = DPAggSpec(num_classes=3, embedding_dim=4, clip_norm=1.0, kappa=1.0, sigma=1.0, grouping="mixed",
                      groups_per_class=1, num_mixed_groups=2, expected_group_size=2.0)

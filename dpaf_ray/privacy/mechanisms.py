@@ -13,6 +13,7 @@ from ..distributed.collectives import Collective, all_reduce_many
 
 def clip_rows(x: torch.Tensor, max_norm: float) -> torch.Tensor:
     """Scale each row to L2 norm at most `max_norm` (rows are records)."""
+    x = _zero_non_finite(x, torch.isfinite(x.flatten(1)).all(1))
     norms = x.flatten(1).norm(dim=1)
     factor = (max_norm / (norms + 1e-12)).clamp(max=1.0)
     return x * factor.view(-1, *([1] * (x.dim() - 1)))
@@ -28,9 +29,16 @@ def clip_and_sum_per_record(grads: list[torch.Tensor], max_norm: float) -> list[
     n = grads[0].shape[0]
     if n == 0:
         return [torch.zeros(g.shape[1:], dtype=g.dtype, device=g.device) for g in grads]
+    finite = torch.stack([torch.isfinite(g.reshape(n, -1)).all(1) for g in grads]).all(0)
+    grads = [_zero_non_finite(g, finite) for g in grads]
     sq = sum(g.reshape(n, -1).pow(2).sum(1) for g in grads)
     factor = (max_norm / (sq.sqrt() + 1e-12)).clamp(max=1.0)
     return [torch.einsum("n,n...->...", factor, g) for g in grads]
+
+
+def _zero_non_finite(x: torch.Tensor, finite_rows: torch.Tensor) -> torch.Tensor:
+    """A record whose values overflowed contributes zero: NaN·0 would otherwise leak its presence."""
+    return torch.where(finite_rows.view(-1, *([1] * (x.dim() - 1))), x, torch.zeros((), dtype=x.dtype))
 
 
 def gaussian_release(

@@ -75,15 +75,15 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
     t = start
     while t < T:
         if t % window == 0 or t == start:
-            if t != start and sink is not None:
-                save(sink, trainer, ledger, history, t, cfg.delta)
             if _out_of_time(cfg, t0, t - start, window, collective):
-                stopped_early = True
+                stopped_early = True  # nothing of the next window is charged or run
                 break
             end = min(T, (t // window + 1) * window)
             for i in range(max(t, charged_through), end):  # charge before anything is released
                 ledger.charge_poisson_gaussian(plan.schedule.sampling_rate, plan.schedule.noise_at(i))
             charged_through = max(charged_through, end)
+            if t != start and sink is not None:  # the saved ledger already covers this window
+                save(sink, trainer, ledger, history, t, cfg.delta)
         if before_iteration is not None:
             before_iteration(t)
         stats.update(trainer.d_iteration(t))
