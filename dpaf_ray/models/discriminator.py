@@ -71,6 +71,18 @@ class PrivateFeatures(nn.Module):
         return phi, logit
 
 
+def soft_bound(e: torch.Tensor) -> torch.Tensor:
+    """e / sqrt(1 + ||e||²): norm < 1 and strictly increasing in ||e||.
+
+    DPAGG's hard clip to C_agg keeps only the direction of a record whose embedding is
+    longer than C_agg; with raw pooled features (norm 3–6 at C_agg = 1) every record is
+    clipped, so a group mean cannot tell a faint image from a saturated one and the
+    generator drifts to saturated textures. This public, per-record map keeps the norm
+    information (compressed) and makes the hard clip a no-op for C_agg >= 1.
+    """
+    return e / (1 + e.pow(2).sum(1, keepdim=True)).sqrt()
+
+
 class RecordEmbedding(nn.Module):
     """The non-linear per-record embedding that DPAGG sums (DESIGN §3a).
 
@@ -81,8 +93,10 @@ class RecordEmbedding(nn.Module):
       a kernel mean embedding, which characterises the whole distribution.
     """
 
-    def __init__(self, kind: str, feature_channels: int, pooled: int, rff_dim: int = 512, public_seed: int = 1) -> None:
+    def __init__(self, kind: str, feature_channels: int, pooled: int, rff_dim: int = 512, public_seed: int = 1,
+                 scale: float = 0.25) -> None:
         super().__init__()
+        self.scale = scale  # public: brings typical pooled conv2 features (norm ≈ 3–6) to norm ≈ 1
         if kind not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {kind!r}")
         self.kind = kind
@@ -99,11 +113,12 @@ class RecordEmbedding(nn.Module):
         self.dim = int(math.prod(self.out_shape))
 
     def forward(self, phi: torch.Tensor) -> torch.Tensor:
-        if self.kind == "linear":
-            return phi.flatten(1)
-        if self.kind == "moments":
-            return torch.cat([phi, phi * phi], dim=1).flatten(1)
-        proj = phi.flatten(1) @ self.omega
+        if self.kind == "rff":
+            proj = phi.flatten(1) @ self.omega
+            return torch.cat([proj.cos(), proj.sin()], dim=1) * math.sqrt(2.0 / proj.shape[1] / 2)  # norm 1
+        u = self.scale * phi
+        e = (u if self.kind == "linear" else torch.cat([u, u * u], dim=1)).flatten(1)
+        return soft_bound(e)
         return torch.cat([proj.cos(), proj.sin()], dim=1) * math.sqrt(2.0 / proj.shape[1] / 2)
 
 

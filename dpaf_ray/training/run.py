@@ -46,9 +46,9 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, ImageDataset, ImageDataset, 
 def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, num_workers: int = 0,
               use_gpu: bool = False, address: str | None = None, resume: bool = True,
               progress: Callable[[str], None] | None = print) -> dict[str, Any]:
+    cfg, train, _val, plan = prepare(cfg)  # every check before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg, train, _val, plan = prepare(cfg)
     if progress:
         progress(f"{cfg.model} on {cfg.dataset}: N={len(train)} training records, q={plan.schedule.sampling_rate:.4g}, "
                  f"T={plan.iterations} iterations for ε={cfg.epsilon:g}, δ={cfg.delta:g}"
