@@ -49,15 +49,9 @@ def load_generator(path: str | Path) -> ConditionalGenerator:
 
 def generate(generator: ConditionalGenerator, n: int, num_classes: int, seed: int = 0, batch: int = 500) -> ImageDataset:
     """n labelled images, classes drawn uniformly (no privacy cost), as uint8."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(num_classes, (n,), generator=g)
-    out = []
-    with torch.no_grad():
-        for i in range(0, n, batch):
-            y = labels[i:i + batch]
-            z = torch.randn(len(y), generator.z_dim, generator=g)
-            out.append(generator(z, y))
-    x = torch.cat(out) if out else torch.zeros(0, generator.arch.channels, generator.arch.size, generator.arch.size)
+    labels = torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+    parts = [generate_for_labels(generator, labels[i:i + batch], seed=seed * 100_003 + i) for i in range(0, n, batch)]
+    x = torch.cat(parts) if parts else torch.zeros(0, generator.arch.channels, generator.arch.size, generator.arch.size)
     images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return ImageDataset(images, labels, num_classes, "synthetic")
 
