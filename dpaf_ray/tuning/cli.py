@@ -12,7 +12,7 @@ from typing import Sequence
 from ..config import ConfigError
 from ..data.dataset import DataError
 from ..privacy.ledger import PrivacyConfigError
-from .search_space import SearchSpace, load_search_space, validate_search_space
+from .search_space import Param, SearchSpace, load_search_space, validate_search_space
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default.yaml"
 
@@ -57,17 +57,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not state.exists():
                 raise ConfigError(f"--resume {out}: no search state there (expected {state})")
             saved = json.loads(state.read_text())["search_space"]
-            ss = validate_search_space(SearchSpace(**{**saved, "params": []}))
-            ss.params = load_search_space(saved["path"]).params
+            # The search distribution is the one saved when K was drawn, not the file as it is now.
+            ss = validate_search_space(SearchSpace(**{**saved, "params": [Param(**q) for q in saved["params"]]}))
         else:
             ss = search_space_from_args(args)
             out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
         if ss.epsilon <= 0:
             raise PrivacyConfigError(f"--epsilon must be > 0, got {ss.epsilon}")
-        from .tuner import run_search
+        from .tuner import SearchInterrupted, run_search
 
-        release = run_search(ss, out, resume=bool(args.resume), address=args.address,
-                             storage_path=args.storage_path)
+        try:
+            release = run_search(ss, out, resume=bool(args.resume), address=args.address,
+                                 storage_path=args.storage_path)
+        except SearchInterrupted as err:
+            print(f"interrupted: {err}", file=sys.stderr)
+            return 3
         print(f"release written to {release}")
     except (ConfigError, DataError, PrivacyConfigError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -93,6 +93,11 @@ def _unknown(path: str, section: str, got: dict, allowed: set[str]) -> None:
 
 
 def _number(path: str, key: str, v: Any, positive: bool = True) -> float:
+    if isinstance(v, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
+        try:
+            v = float(v)
+        except ValueError:
+            pass
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise _err(path, key, f"must be a number, got {v!r}")
     if positive and v <= 0:
@@ -195,6 +200,21 @@ def load_search_space(path: str | Path) -> SearchSpace:
     return validate_search_space(ss)
 
 
+def clamp_group(knobs: dict[str, Any]) -> dict[str, Any]:
+    """A sampled group larger than the sampled batch becomes one group per batch (public rule)."""
+    b, B = knobs.get("group_size", TrainConfig.group_size), knobs.get("batch_size", TrainConfig.batch_size)
+    if isinstance(b, (int, float)) and isinstance(B, (int, float)) and b > B:
+        return {**knobs, "group_size": B}
+    return knobs
+
+
+def check_run(path: str, key: str, knobs: dict[str, Any], prefix: str = "") -> None:
+    try:
+        TrainConfig.from_dict(clamp_group(knobs)).validate()
+    except (ConfigError, TypeError) as e:
+        raise _err(path, key, f"{prefix}{e}") from e
+
+
 def validate_search_space(ss: SearchSpace) -> SearchSpace:
     """Checks that need the values together: each extreme of each range must be a valid run."""
     p = ss.path
@@ -208,21 +228,16 @@ def validate_search_space(ss: SearchSpace) -> SearchSpace:
         raise _err(p, "expected_trials", "TPE runs a fixed number of trials: give a whole number")
     if ss.search == "random" and ss.expected_trials <= 1 and ss.trials_distribution != "poisson":
         raise _err(p, "expected_trials", "the truncated negative binomial needs a mean > 1, e.g. 2")
+    if ss.expected_trials < 1:
+        raise _err(p, "expected_trials", f"must be >= 1 (the repeat-and-select bound needs it), got {ss.expected_trials}")
     if ss.min_iterations > ss.max_iterations:
         raise _err(p, "trial.min_iterations", f"{ss.min_iterations} > trial.max_iterations {ss.max_iterations}")
-    # Each extreme of each range, with the other searched knobs at their first value.
-    base = {**ss.fixed, **{q.name: q.extremes()[0] for q in ss.params}}
-    if "group_size" in {q.name for q in ss.params} and "batch_size" not in base:
-        base["batch_size"] = max(base.get("batch_size", 0), max(
-            q.extremes()[-1] for q in ss.params if q.name == "group_size"))
+    # `fixed` alone, then each extreme of each range against `fixed`, then all first values
+    # together. A group larger than the batch is clamped to it, as a trial does.
+    check_run(p, "fixed", ss.fixed)
     for param in ss.params:
         for v in param.extremes():
-            try:
-                TrainConfig.from_dict({**base, param.name: v}).validate()
-            except (ConfigError, TypeError) as e:
-                raise _err(p, f"params.{param.name}", f"value {v!r} is not a valid run: {e}") from e
-    try:
-        TrainConfig.from_dict(base).validate()
-    except (ConfigError, TypeError) as e:
-        raise _err(p, "fixed", str(e)) from e
+            check_run(p, f"params.{param.name}", {**ss.fixed, param.name: v}, f"value {v!r} is not a valid run: ")
+    check_run(p, "params", {**ss.fixed, **{q.name: q.extremes()[0] for q in ss.params}},
+              "the first values together are not a valid run: ")
     return ss

@@ -97,8 +97,7 @@ def run_trial(config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_dict({**ss.fixed, **sampled, "dataset": ss.dataset, "data_root": ss.data_root,
                                  "epsilon": ss.epsilon, "delta": ss.delta,
                                  "seed": secrets.randbits(31), "time_budget_minutes": ss.time_budget_minutes})
-    # A sampled group larger than the sampled batch becomes one group per batch (public rule).
-    cfg = dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))
+    cfg = dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))  # as clamp_group
     train, val = load_training_data(cfg)
     score_noise = None if ss.public_validation else ss.score_noise
     fit = fit_trial(schedule_for(cfg, len(train)), score_noise, reference, ss.min_iterations, ss.max_iterations)
@@ -222,7 +221,17 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
         results = tuner.fit()
+    if results is not None:
+        done = results.num_terminated + results.num_errors
+        if done < k:  # e.g. Ctrl-C: releasing the best of fewer than K runs would truncate K
+            raise SearchInterrupted(
+                f"the search stopped after {done} finished trials; nothing was released. "
+                f"Continue it with: python tune.py --resume {out}")
     return finish_search(ss, state, out, results, progress)
+
+
+class SearchInterrupted(RuntimeError):
+    pass
 
 
 def _trainable_with_static(static: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
