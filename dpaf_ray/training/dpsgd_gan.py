@@ -50,7 +50,7 @@ class DPSGDGANTrainer(GANTrainerBase):
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self.step_replicated(self.generator, self.opt_g)
-        return {"loss_g": float(loss) * self.collective.world_size}
+        return {"loss_g": loss.item() * self.collective.world_size}
 
     def modules(self):
         return {**super().modules(), "disc": self.disc}
