@@ -13,12 +13,13 @@ Outputs: bench/results/dpaf_candidates.json (+ .md table), bench/results/dpaf_ca
 whose directory already holds metrics.json for the same configuration is reused
 (--retrain forces training again), so the script can be resumed or run in parts (--only).
 
-Time: one training process with one thread. On the 2-CPU development box a DPAF iteration
-at B = 256 takes ≈ 0.4–0.5 s and evaluation ≈ 1 min, so the default (7 candidates × 500
-iterations) finishes in ≈ 40 min; `--time-budget-minutes` additionally stops each run early
-at a checkpoint boundary (the ledger then covers exactly what ran).
+Time: one training process with one thread. On the shared 2-CPU development box a DPAF
+iteration at B = 256 takes ≈ 0.4 s (up to 1.3 s for the DP-SGD GAN when other jobs load the
+CPUs) and evaluation ≈ 40 s, so the default (8 candidates × 250 iterations, each run also
+stopped at a 50-iteration checkpoint boundary after 4 min) finishes in ≈ 25 min (measured:
+20.5 min). A run stopped by the time limit reports the ε its ledger actually spent.
 
-    /work/venv/bin/python bench/dpaf_candidates.py [--iterations 500] [--only a_naive,c_moments]
+    /work/venv/bin/python bench/dpaf_candidates.py [--iterations 250] [--only a_naive,h_moments_fm]
 """
 from __future__ import annotations
 
@@ -55,14 +56,16 @@ CANDIDATES: list[tuple[str, str, dict]] = [
     ("e_moments_head", "class + moments + per-record head",
      {**NAIVE, "grouping": "class", "embedding": "moments", "head_weight": 1.0}),
     ("f_moments_head_fm", "class + moments + head + feature matching",
-     {**NAIVE, "grouping": "class", "embedding": "moments", "head_weight": 1.0, "feature_matching": 1.0}),
+     {**NAIVE, "grouping": "class", "embedding": "moments", "head_weight": 1.0, "feature_matching": 10.0}),
+    ("h_moments_fm", "class + moments + feature matching, no head",
+     {**NAIVE, "grouping": "class", "embedding": "moments", "feature_matching": 10.0}),
     ("g_dpsgd_gan", "DP-SGD GAN baseline (same G, D without DPAGG)", {"model": "dpsgd-gan"}),
 ]
 OPTIONAL: list[tuple[str, str, dict]] = [
-    ("h_fm_only", "class + moments + feature matching, no head",
-     {**NAIVE, "grouping": "class", "embedding": "moments", "feature_matching": 1.0}),
+    ("j_rff_fm", "class + rff + feature matching, no head",
+     {**NAIVE, "grouping": "class", "embedding": "rff", "feature_matching": 10.0}),
     ("i_f_B512", "f with B = 512, b = 51 (one group per class)",
-     {**NAIVE, "grouping": "class", "embedding": "moments", "head_weight": 1.0, "feature_matching": 1.0,
+     {**NAIVE, "grouping": "class", "embedding": "moments", "head_weight": 1.0, "feature_matching": 10.0,
       "batch_size": 512, "group_size": 51}),
 ]
 
@@ -167,15 +170,15 @@ def main() -> int:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--epsilon", type=float, default=10.0)
     p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--iterations", type=int, default=500, help="iteration cap T of every run")
-    p.add_argument("--time-budget-minutes", type=float, default=None, help="per-run training time limit")
+    p.add_argument("--iterations", type=int, default=250, help="iteration cap T of every run")
+    p.add_argument("--time-budget-minutes", type=float, default=4.0, help="per-run training time limit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-threads", type=int, default=1)
     p.add_argument("--num-synthetic", type=int, default=10_000)
     p.add_argument("--eval-epochs", type=int, default=2)
     p.add_argument("--max-train-records", type=int, default=20_000)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--only", default=None, help="comma-separated candidate names (default: all required ones)")
     p.add_argument("--with-optional", action="store_true", help="also run the B/b variants")
     p.add_argument("--retrain", action="store_true")

@@ -86,11 +86,13 @@ def soft_bound(e: torch.Tensor) -> torch.Tensor:
 class RecordEmbedding(nn.Module):
     """The non-linear per-record embedding that DPAGG sums (DESIGN §3a).
 
-    - ``linear``: φ itself; group means only show first moments.
-    - ``moments``: [φ, φ⊙φ]; group sums carry second moments, so a collapsed group
+    - ``linear``: scale·φ; group means only show first moments.
+    - ``moments``: scale·[φ, φ⊙φ]; group sums carry second moments, so a collapsed group
       (one image repeated) differs from a diverse one with the same mean.
-    - ``rff``: random Fourier features of φ from a public seed; group means approximate
-      a kernel mean embedding, which characterises the whole distribution.
+    - ``rff``: random Fourier features of φ from a public seed (norm exactly 1); group
+      means approximate a kernel mean embedding, which characterises the whole distribution.
+    ``linear`` and ``moments`` pass through `soft_bound`, so their norm stays below 1 and
+    still tells records apart by magnitude (a hard clip of the raw features would not).
     """
 
     def __init__(self, kind: str, feature_channels: int, pooled: int, rff_dim: int = 512, public_seed: int = 1,
@@ -116,9 +118,10 @@ class RecordEmbedding(nn.Module):
         if self.kind == "rff":
             proj = phi.flatten(1) @ self.omega
             return torch.cat([proj.cos(), proj.sin()], dim=1) * math.sqrt(2.0 / proj.shape[1] / 2)  # norm 1
-        u = self.scale * phi
-        e = (u if self.kind == "linear" else torch.cat([u, u * u], dim=1)).flatten(1)
-        return soft_bound(e)
+        # Second moments of φ itself (not of the scaled φ), so that both blocks carry
+        # comparable weight after the common public scale.
+        e = phi if self.kind == "linear" else torch.cat([phi, phi * phi], dim=1)
+        return soft_bound(self.scale * e.flatten(1))
         return torch.cat([proj.cos(), proj.sin()], dim=1) * math.sqrt(2.0 / proj.shape[1] / 2)
 
 
