@@ -6,6 +6,8 @@ a benchmark only: test-split numbers never feed back into tuning (DESIGN.md §7)
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -79,20 +81,7 @@ def downstream_accuracy(
     )[1]
 
 
-def real_data_accuracy(
-    real_train: ImageDataset,
-    real_test: ImageDataset,
-    epochs: int = DEFAULT_EPOCHS,
-    seed: int = 0,
-    *,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    max_train_records: int | None = None,
-    max_steps: int | None = None,
-    device: str | torch.device = "cpu",
-) -> float:
+def real_data_accuracy(real_train: ImageDataset, real_test: ImageDataset, epochs: int = DEFAULT_EPOCHS,
+                       seed: int = 0, **kwargs: Any) -> float:
     """Reference: the same CNN, same budget, trained on real training data."""
-    return train_and_score(
-        real_train, real_test, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
-        max_train_records=max_train_records, max_steps=max_steps, device=device,
-    )[1]
+    return downstream_accuracy(real_train, real_test, epochs, seed, **kwargs)
