@@ -1,0 +1,128 @@
+"""Ray Train sharding (DESIGN §5): W = 1 equals in-process, W = 2 agrees, same seed and W repeat
+exactly, a dying worker resumes from its checkpoint and is charged again, missing resources fail
+at once, workers land on two nodes of a ray.cluster_utils.Cluster."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from dpaf_ray.config import TrainConfig
+from dpaf_ray.distributed.collectives import LocalCollective
+from dpaf_ray.distributed.ray_train import FAIL_AT_ENV, ResourceError, fit_with_ray_train
+from dpaf_ray.training.loop import make_trainer, train_loop
+from dpaf_ray.training.run import prepare
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+def plan_for(model: str = "dpaf", iterations: int = 30, **kw):
+    cfg = TrainConfig(model=model, epsilon=20, iterations=iterations, seed=3, log_every=10, checkpoint_every=10,
+                      num_threads=1, batch_size=64, group_size=32, feature_channels=8, **kw)
+    cfg, train, _, plan = prepare(cfg)
+    return plan, train
+
+
+def flat(trainer) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([p.detach().flatten() for p in m.parameters()]) for k, m in trainer.modules().items()}
+
+
+def charged(ledger) -> int:
+    return sum(e.count for e in ledger.entries)
+
+
+@pytest.mark.parametrize("model", ["dpaf", "dpsgd-gan"])
+def test_one_worker_equals_in_process_and_two_workers_agree(local_ray, tmp_path, model):
+    plan, train = plan_for(model)
+    init = flat(make_trainer(plan.config, train, len(train), 0, LocalCollective(), "cpu"))
+    local = train_loop(plan, train, len(train), progress=None)
+    w1 = fit_with_ray_train(plan, train, 1, out=tmp_path / "w1", progress=None)
+    w2 = fit_with_ray_train(plan, train, 2, out=tmp_path / "w2", progress=None)
+    p0, p1, p2 = flat(local.trainer), flat(w1.trainer), flat(w2.trainer)
+    for k in p0:
+        assert torch.allclose(p0[k], p1[k], atol=1e-6), k
+        moved = (p1[k] - init[k]).norm()
+        assert moved > 0, k
+        rel = ((p2[k] - p1[k]).norm() / moved).item()
+        assert rel < 1e-2, f"{k}: W=2 differs from W=1 by {rel:.2e} of the distance trained"
+    assert local.ledger.entries == w1.ledger.entries == w2.ledger.entries
+    assert w2.iterations_done == plan.iterations
+
+
+def test_same_seed_and_workers_repeat_exactly(local_ray, tmp_path):
+    plan, train = plan_for(iterations=20)
+    a = flat(fit_with_ray_train(plan, train, 2, out=tmp_path / "a", progress=None).trainer)
+    b = flat(fit_with_ray_train(plan, train, 2, out=tmp_path / "b", progress=None).trainer)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_dying_worker_resumes_from_the_checkpoint_and_is_charged_again(local_ray, tmp_path, monkeypatch):
+    plan, train = plan_for(iterations=40)
+    marker = tmp_path / "died"
+    monkeypatch.setenv(FAIL_AT_ENV, f"25:1:{marker}")
+    res = fit_with_ray_train(plan, train, 2, out=tmp_path / "run", progress=None, max_failures=2)
+    assert marker.exists(), "the worker was not killed"
+    assert res.iterations_done == 40
+    # Iterations 20..29 ran twice (before the crash and after the restart from the checkpoint at 20).
+    assert charged(res.ledger) >= 40 + (25 - 20)
+    clean = train_loop(plan, train, len(train), progress=None)
+    assert res.ledger.epsilon(1e-5) >= clean.ledger.epsilon(1e-5)
+
+
+def test_missing_resources_fail_at_once_naming_them(local_ray, tmp_path):
+    plan, train = plan_for(iterations=5)
+    with pytest.raises(ResourceError, match="CPU"):
+        fit_with_ray_train(plan, train, 3, out=tmp_path, progress=None)
+    with pytest.raises(ResourceError, match="GPU"):
+        fit_with_ray_train(plan, train, 1, use_gpu=True, out=tmp_path, progress=None)
+
+
+def test_cli_trains_with_two_workers(tmp_path):
+    out = tmp_path / "cli"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "dpaf_ray", "train", "--epsilon", "10", "--iterations", "20",
+                        "--seed", "1", "--num-workers", "2", "--out", str(out), "--num-synthetic", "100",
+                        "--checkpoint-every", "10", "--log-every", "10", "--num-threads", "1"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "generator.pt").is_file() and (out / "privacy_report.json").is_file()
+
+
+def test_two_node_cluster_places_one_worker_per_node(tmp_path):
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        plan, train = plan_for(iterations=20)
+        res = fit_with_ray_train(plan, train, 2, out=tmp_path / "two", progress=None)
+        assert res.iterations_done == 20
+        nodes = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)}
+        assert len(nodes) == 2, f"workers ran on {nodes}"
+        local = train_loop(plan, train, len(train), progress=None)
+        a, b = flat(local.trainer), flat(res.trainer)
+        for k in a:
+            assert (a[k] - b[k]).norm() <= 1e-2 * a[k].norm(), k
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
