@@ -35,6 +35,10 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         typ = _TYPES.get(f.name, type(default) if default is not None else str)
+        if typ is bool:  # --flag / --no-flag
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=default, help=_HELP.get(f.name, ""))
+            continue
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=default,
                        help=_HELP.get(f.name, "") + f" (default: {default})")
 

@@ -40,6 +40,8 @@ class TrainConfig:
     lr_d: float = 2e-4
     lr_g: float = 1e-3  # G only sees generated data; a faster G uses the few private iterations better
     d_steps_per_g: int = 1
+    g_steps: int = 1  # generator steps per G phase: post-processing of released values, no privacy cost
+    adversarial_weight: float = 1.0  # weight of the rear's real/fake loss in G's objective
     # DESIGN §3a candidates
     grouping: str = "class"
     embedding: str = "moments"
@@ -47,6 +49,7 @@ class TrainConfig:
     feature_matching: float = 10.0  # G matches released class means (post-processing)
     feature_ema: float = 0.99  # decay of the running average of released class means (the FM target)
     feature_channels: int = 16
+    pixel_statistics: bool = False  # add public local intensity moments of each record to the DPAGG embedding
     z_dim: int = 64
     # execution
     iterations: int | None = None  # None: derived from the budget (rule 12)
@@ -70,7 +73,7 @@ class TrainConfig:
             bad("delta", f"must lie strictly between 0 and 1, got {self.delta}; e.g. --delta 1e-5")
         if not (0 <= self.validation_fraction < 1):
             bad("validation_fraction", f"must lie in [0, 1), got {self.validation_fraction}")
-        for name in ("batch_size", "group_size", "sgd_every", "d_steps_per_g", "feature_channels", "z_dim",
+        for name in ("batch_size", "group_size", "sgd_every", "d_steps_per_g", "g_steps", "feature_channels", "z_dim",
                      "checkpoint_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 bad(name, f"must be an integer >= 1, got {getattr(self, name)}")
@@ -80,7 +83,7 @@ class TrainConfig:
                 bad(name, f"must be > 0, got {v}")
         if not (0 <= self.feature_ema < 1):
             bad("feature_ema", f"must lie in [0, 1), got {self.feature_ema}")
-        for name in ("head_weight", "feature_matching"):
+        for name in ("head_weight", "feature_matching", "adversarial_weight"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.grouping not in ("class", "mixed"):

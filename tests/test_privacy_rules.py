@@ -71,18 +71,28 @@ DS = tiny_dataset()
 # ------------------------------------------------------------------ rules 2–3: DPAGG sensitivity
 
 
+def _pixels_of(tr: DPAFTrainer, h1: torch.Tensor) -> torch.Tensor | None:
+    """Stand-in pixel statistics that are a per-record function of h1 (any scale)."""
+    if not tr.cfg.pixel_statistics:
+        return None
+    p = tr.arch.pooled
+    return h1[:, :2 * tr.arch.channels, :p, :p] * 1e3
+
+
 def _sums(tr: DPAFTrainer, h1: torch.Tensor, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        v, _ = tr.bounded(h1, y)
+        v, _ = tr.bounded(h1, y, _pixels_of(tr, h1))
         return group_sums(v, assign_groups(y, u, tr.spec), tr.spec.num_groups)
 
 
-@pytest.mark.parametrize("embedding", EMBEDDINGS)
+@pytest.mark.parametrize("embedding,pixel_statistics",
+                         [(e, False) for e in EMBEDDINGS] + [("moments", True), ("linear", True)])
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_dpagg_add_or_remove_one_record_moves_all_group_sums_by_at_most_delta(grouping, embedding):
+def test_dpagg_add_or_remove_one_record_moves_all_group_sums_by_at_most_delta(grouping, embedding, pixel_statistics):
     C, kappa = 0.7, 1.3
     delta = math.sqrt(C ** 2 + kappa ** 2)
-    tr = make_trainer(DS, grouping=grouping, embedding=embedding, clip_agg=C, kappa=kappa)
+    tr = make_trainer(DS, grouping=grouping, embedding=embedding, clip_agg=C, kappa=kappa,
+                      pixel_statistics=pixel_statistics)
     assert tr.spec.sensitivity == pytest.approx(delta)
     assert tr.spec.num_groups > 1
     g = torch.Generator().manual_seed(11)
@@ -305,19 +315,20 @@ def _fixed_fake(tr: DPAFTrainer, seed: int):
     g = torch.Generator().manual_seed(seed)
     n = tr.fake_batch
     with torch.no_grad():
-        h1f = tr.conv1(torch.rand(n, 1, 28, 28, generator=g) * 2 - 1)
+        xf = torch.rand(n, 1, 28, 28, generator=g) * 2 - 1
+        h1f = tr.conv1(xf)
     yf = torch.randint(tr.num_classes, (n,), generator=g)
     guf = torch.rand(n, generator=g)
     g_fake = torch.randn(tr.spec.num_groups, tr.spec.embedding_dim + tr.num_classes, generator=g)
-    return h1f, yf, guf, g_fake
+    return (h1f, tr.pixels(xf)), yf, guf, g_fake
 
 
-def _real_batch(tr: DPAFTrainer, ds: ImageDataset, idx: list[int], uniforms: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+def _real_batch(tr: DPAFTrainer, ds: ImageDataset, idx: list[int], uniforms: torch.Tensor) -> tuple[Batch, tuple]:
     ix = torch.tensor(idx, dtype=torch.long)
     x = ds.as_float(ix)
     with torch.no_grad():
         h1 = tr.conv1(x)
-    return Batch(x, ds.labels[ix], uniforms[ix]), h1
+    return Batch(x, ds.labels[ix], uniforms[ix]), (h1, tr.pixels(x))
 
 
 def _capture_clip_inputs(monkeypatch, module) -> list[dict]:
@@ -352,15 +363,21 @@ def g_real_rows():
     return torch.randn(tr.spec.num_groups, tr.spec.embedding_dim + tr.num_classes, generator=g) * 20.0
 
 
-@pytest.mark.parametrize("engine", ["functorch", "opacus"])
-def test_per_record_gradient_depends_only_on_the_record_and_released_values(monkeypatch, engine, g_real_rows):
-    a = _per_record_grads(monkeypatch, engine, [5, 0, 1, 2, 3, 4, 6, 7], g_real_rows, fake_seed=0)
-    b = _per_record_grads(monkeypatch, engine, [20, 21, 22, 23, 24, 30, 5], g_real_rows, fake_seed=1)
+@pytest.mark.parametrize("engine,pixel_statistics", [("functorch", False), ("opacus", False), ("functorch", True)])
+def test_per_record_gradient_depends_only_on_the_record_and_released_values(monkeypatch, engine, pixel_statistics,
+                                                                             g_real_rows):
+    kw = {"pixel_statistics": pixel_statistics}
+    if pixel_statistics:  # a wider embedding: released rows of matching width
+        tr = make_trainer(DS, **kw)
+        g_real_rows = torch.randn(tr.spec.num_groups, tr.spec.embedding_dim + tr.num_classes,
+                                  generator=torch.Generator().manual_seed(3)) * 20.0
+    a = _per_record_grads(monkeypatch, engine, [5, 0, 1, 2, 3, 4, 6, 7], g_real_rows, fake_seed=0, **kw)
+    b = _per_record_grads(monkeypatch, engine, [20, 21, 22, 23, 24, 30, 5], g_real_rows, fake_seed=1, **kw)
     assert a["grads"][0].shape[0] == 8 and b["grads"][0].shape[0] == 7  # one gradient per REAL record
     for ga, gb in zip(a["grads"], b["grads"]):
         assert torch.allclose(ga[0], gb[-1], rtol=1e-5, atol=1e-7)  # record 5, other records all changed
     # ... but it does depend on the released rows it is paired with
-    c = _per_record_grads(monkeypatch, engine, [5, 0, 1, 2, 3, 4, 6, 7], g_real_rows * 0.5 + 1.0)
+    c = _per_record_grads(monkeypatch, engine, [5, 0, 1, 2, 3, 4, 6, 7], g_real_rows * 0.5 + 1.0, **kw)
     assert any(not torch.allclose(ga[0], gc[0]) for ga, gc in zip(a["grads"], c["grads"]))
 
 
@@ -415,8 +432,8 @@ def _captured_private_grad(monkeypatch, idx: list[int], B: int) -> tuple[torch.T
     monkeypatch.setattr(tr.opt_private, "step", capture_step)
     uniforms = torch.rand(len(DS), generator=torch.Generator().manual_seed(7))
     real, h1r = _real_batch(tr, DS, idx, uniforms)
-    h1f, yf, guf, g_fake = _fixed_fake(tr, 0)
-    tr.private_update(0, real, h1r, torch.zeros_like(g_fake), h1f, yf, guf, torch.zeros_like(g_fake))
+    front_f, yf, guf, g_fake = _fixed_fake(tr, 0)
+    tr.private_update(0, real, h1r, torch.zeros_like(g_fake), front_f, yf, guf, torch.zeros_like(g_fake))
     assert len(grads) == 1
     return grads[0], tr
 

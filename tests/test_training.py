@@ -68,6 +68,31 @@ def test_time_budget_stops_at_a_boundary_with_an_exact_ledger(monkeypatch):
     assert charged == res.iterations_done  # stopped before charging the next window
 
 
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_pixel_statistics_and_extra_generator_steps_cost_no_privacy(shape):
+    ds = random_images(shape, n=48)
+    common = dict(batch_size=16, group_size=8, seed=0, feature_channels=4, iterations=2, epsilon=50,
+                  num_threads=1, log_every=1, checkpoint_every=2)
+    plain = train_loop(plan_training(TrainConfig(**common), len(ds)), ds, len(ds), progress=None)
+    cfg = TrainConfig(**common, pixel_statistics=True, g_steps=3, adversarial_weight=0.5)
+    res = train_loop(plan_training(cfg, len(ds)), ds, len(ds), progress=None)
+    assert res.trainer.embed.dim == (2 * 4 + 2 * shape[0]) * res.trainer.arch.pooled ** 2
+    # generator steps and the public pixel map are post-processing: the ledger is unchanged
+    assert res.ledger.entries == plain.ledger.entries
+    assert not torch.equal(_params(res), _params(plain))
+
+
+def test_pixel_statistics_tell_speckle_from_a_smooth_image_with_the_same_local_means():
+    from dpaf_ray.models.discriminator import pixel_statistics
+
+    smooth = torch.zeros(1, 1, 28, 28)  # mid-grey everywhere: u = 0.5
+    g = torch.Generator().manual_seed(0)
+    speckle = (torch.rand(1, 1, 28, 28, generator=g) < 0.5).float() * 2 - 1  # u ∈ {0, 1}, mean ≈ 0.5
+    a, b = pixel_statistics(smooth, 4), pixel_statistics(speckle, 4)
+    assert torch.allclose(a[:, :1], b[:, :1], atol=0.12)  # local means alike
+    assert (b[:, 1:] - a[:, 1:]).min() > 0.12  # local energy: speckle ≈ 0.5, smooth 0.25
+
+
 @pytest.mark.slow
 def test_end_to_end_train_and_evaluate_on_mnist_5k(tmp_path):
     """The whole budget on the embedded data (T derived from ε), then the evaluation command."""

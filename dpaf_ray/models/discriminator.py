@@ -83,6 +83,17 @@ def soft_bound(e: torch.Tensor) -> torch.Tensor:
     return e / (1 + e.pow(2).sum(1, keepdim=True)).sqrt()
 
 
+def pixel_statistics(x: torch.Tensor, pooled: int) -> torch.Tensor:
+    """Local means of each record's intensity and squared intensity (a fixed, public map).
+
+    Pooled conv2 features barely see high-frequency content, so a generator can match their
+    class means with speckled textures. The mean of u² against the square of the mean of u
+    over a window exposes exactly that speckle, and the local means pin down the coarse shape.
+    """
+    u = (x + 1) / 2  # [0, 1]: background 0, so u² is small where the image is empty
+    return torch.cat([F.adaptive_avg_pool2d(u, pooled), F.adaptive_avg_pool2d(u * u, pooled)], dim=1)
+
+
 class RecordEmbedding(nn.Module):
     """The non-linear per-record embedding that DPAGG sums (DESIGN §3a).
 
@@ -96,9 +107,10 @@ class RecordEmbedding(nn.Module):
     """
 
     def __init__(self, kind: str, feature_channels: int, pooled: int, rff_dim: int = 512, public_seed: int = 1,
-                 scale: float = 0.25) -> None:
+                 scale: float = 0.25, pixel_channels: int = 0, pixel_scale: float = 0.5) -> None:
         super().__init__()
         self.scale = scale  # public: brings typical pooled conv2 features (norm ≈ 3–6) to norm ≈ 1
+        self.pixel_channels, self.pixel_scale = pixel_channels, pixel_scale
         if kind not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {kind!r}")
         self.kind = kind
@@ -112,17 +124,27 @@ class RecordEmbedding(nn.Module):
             # Length scale √m·0.1 is a public constant, not a statistic of private data.
             self.register_buffer("omega", torch.randn(m, rff_dim // 2, generator=g) / (0.1 * math.sqrt(m)))
             self.out_shape = (rff_dim, 1, 1)
+        if pixel_channels:
+            if kind == "rff":
+                raise ValueError("pixel statistics need a spatial embedding ('linear' or 'moments'), not 'rff'")
+            c, p, _ = self.out_shape
+            self.out_shape = (c + pixel_channels, p, p)
         self.dim = int(math.prod(self.out_shape))
 
-    def forward(self, phi: torch.Tensor) -> torch.Tensor:
+    def forward(self, phi: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
         if self.kind == "rff":
             proj = phi.flatten(1) @ self.omega
             return torch.cat([proj.cos(), proj.sin()], dim=1) * math.sqrt(2.0 / proj.shape[1] / 2)  # norm 1
         # Second moments of φ itself (not of the scaled φ), so that both blocks carry
         # comparable weight after the common public scale.
         e = phi if self.kind == "linear" else torch.cat([phi, phi * phi], dim=1)
-        return soft_bound(self.scale * e.flatten(1))
-        return torch.cat([proj.cos(), proj.sin()], dim=1) * math.sqrt(2.0 / proj.shape[1] / 2)
+        e = soft_bound(self.scale * e.flatten(1))
+        if not self.pixel_channels:
+            return e
+        if pixels is None:
+            raise ValueError("this embedding was built with pixel statistics; pass them")
+        # Each block has norm < 1; dividing by √2 keeps the whole embedding's norm below 1.
+        return torch.cat([e, soft_bound(self.pixel_scale * pixels.flatten(1))], dim=1) / math.sqrt(2.0)
 
 
 class Rear(nn.Module):

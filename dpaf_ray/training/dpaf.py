@@ -17,11 +17,11 @@ import torch
 from torch.nn import functional as F
 
 from ..models import dpagg
-from ..models.discriminator import PrivateFeatures, Rear, RecordEmbedding
+from ..models.discriminator import PrivateFeatures, Rear, RecordEmbedding, pixel_statistics
 from ..privacy.grad_sample import PerRecordGradients
 from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release
 from ..distributed.collectives import all_reduce_many
-from .gan import GANTrainerBase
+from .gan import GANTrainerBase, stream_name
 
 
 class DPAFTrainer(GANTrainerBase):
@@ -30,7 +30,8 @@ class DPAFTrainer(GANTrainerBase):
         cfg = self.cfg
         self.private = PrivateFeatures(self.arch, self.conv1.out_channels, self.num_classes,
                                        cfg.feature_channels).to(self.device)
-        self.embed = RecordEmbedding(cfg.embedding, cfg.feature_channels, self.arch.pooled).to(self.device)
+        self.embed = RecordEmbedding(cfg.embedding, cfg.feature_channels, self.arch.pooled,
+                                     pixel_channels=2 * self.arch.channels if cfg.pixel_statistics else 0).to(self.device)
         K = self.num_classes
         if cfg.grouping == "class":
             per_class = max(1, round(cfg.batch_size / (cfg.group_size * K)))
@@ -54,9 +55,12 @@ class DPAFTrainer(GANTrainerBase):
         self.ema_initialised = False
 
     # ------------------------------------------------------------------------------
-    def bounded(self, h1: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pixels(self, x: torch.Tensor) -> torch.Tensor | None:
+        return pixel_statistics(x, self.arch.pooled) if self.cfg.pixel_statistics else None
+
+    def bounded(self, h1: torch.Tensor, y: torch.Tensor, pix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         phi, logit = self.private(h1, y)
-        return dpagg.bound_records(self.embed(phi), y, self.spec), logit
+        return dpagg.bound_records(self.embed(phi, pix), y, self.spec), logit
 
     def released(self, v: torch.Tensor, y: torch.Tensor, gu: torch.Tensor, noise: torch.Generator) -> torch.Tensor:
         groups = dpagg.assign_groups(y, gu, self.spec)
@@ -74,8 +78,9 @@ class DPAFTrainer(GANTrainerBase):
         with torch.no_grad():
             xf = self.generator(z, yf)
             h1r, h1f = self.conv1(real.x), self.conv1(xf)
-            vr, _ = self.bounded(h1r, real.y)
-            vf, _ = self.bounded(h1f, yf)
+            pr, pf = self.pixels(real.x), self.pixels(xf)
+            vr, _ = self.bounded(h1r, real.y, pr)
+            vf, _ = self.bounded(h1f, yf, pf)
             A_real = self.released(vr, real.y, real.group_uniforms, self.noise_generator(t, "dpagg/real"))
             A_fake = self.released(vf, yf, guf, self.noise_generator(t, "dpagg/fake"))
 
@@ -93,21 +98,23 @@ class DPAFTrainer(GANTrainerBase):
             scale = spec.expected_group_size  # public: makes C_sgd ≈ 1 meaningful (rule 6)
             g_real = (scale * A_real.grad).detach()
             g_fake = (scale * A_fake.grad).detach()
-            stats.update(self.private_update(t, real, h1r, g_real, h1f, yf, guf, g_fake))
+            stats.update(self.private_update(t, real, (h1r, pr), g_real, (h1f, pf), yf, guf, g_fake))
         return stats
 
-    def private_update(self, t, real, h1r, g_real, h1f, yf, guf, g_fake) -> dict[str, float]:
+    def private_update(self, t, real, front_real, g_real, front_fake, yf, guf, g_fake) -> dict[str, float]:
         """The DP-SGD release of conv2 and the per-record head (rules 6–8)."""
         cfg, spec = self.cfg, self.spec
+        (h1r, pr), (h1f, pf) = front_real, front_fake
         lam = cfg.head_weight
         groups_r = dpagg.assign_groups(real.y, real.group_uniforms, spec)
 
-        def real_record_loss(out, y, g_row):
+        def real_record_loss(out, y, g_row, *pix):
             phi, logit = out
-            v = dpagg.bound_records(self.embed(phi), y, spec)
+            v = dpagg.bound_records(self.embed(phi, pix[0] if pix else None), y, spec)
             return (g_row * v).sum(1) + lam * F.softplus(-logit)
 
-        per_record = self.per_record((h1r, real.y), real_record_loss, (real.y, g_real[groups_r]))
+        extras = (real.y, g_real[groups_r]) + ((pr,) if pr is not None else ())
+        per_record = self.per_record((h1r, real.y), real_record_loss, extras)
         clipped = clip_and_sum_per_record(per_record, cfg.clip_sgd)
         noisy = gaussian_release(clipped, cfg.sigma_sgd * cfg.clip_sgd,
                                  self.noise_generator(t, "dpsgd/conv2"), self.collective)
@@ -115,7 +122,7 @@ class DPAFTrainer(GANTrainerBase):
         # Generated records: ordinary batch gradient, public normaliser (rule 7).
         params = self.per_record.params
         groups_f = dpagg.assign_groups(yf, guf, spec)
-        vf, logit_f = self.bounded(h1f, yf)
+        vf, logit_f = self.bounded(h1f, yf, pf)
         fake_obj = (g_fake[groups_f] * vf).sum() + lam * F.softplus(logit_f).sum()
         fake_grads = torch.autograd.grad(fake_obj, params, allow_unused=True)
         fake_grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(fake_grads, params)]
@@ -143,25 +150,25 @@ class DPAFTrainer(GANTrainerBase):
             self.real_class_means.mul_(decay).add_((1 - decay) * means)
 
     # ------------------------------------------------------------------------------
-    def g_step(self, t: int) -> dict[str, float]:
+    def g_step(self, t: int, step: int = 0) -> dict[str, float]:
         """Generator update through D on generated images only (no privacy cost)."""
         cfg, spec = self.cfg, self.spec
-        z, yf, guf = self.fake_codes(t, "fake/g")
+        z, yf, guf = self.fake_codes(t, stream_name("fake/g", step))
         xf = self.generator(z, yf)
-        vf, logit_f = self.bounded(self.conv1(xf), yf)
+        vf, logit_f = self.bounded(self.conv1(xf), yf, self.pixels(xf))
         groups = dpagg.assign_groups(yf, guf, spec)
         local = dpagg.group_sums(vf, groups, spec.num_groups)
         m, K = spec.embedding_dim, self.num_classes
         onehot = F.one_hot(yf, K).to(vf.dtype)
         local_class = onehot.t() @ vf[:, :m]  # (K, m) sums per class, for feature matching
         with torch.no_grad():
-            A = dpagg.release(local.detach(), spec, self.noise_generator(t, "dpagg/g"), self.collective)
+            A = dpagg.release(local.detach(), spec, self.noise_generator(t, stream_name("dpagg/g", step)), self.collective)
             class_sums = all_reduce_many(self.collective, [local_class.detach()])[0]
             class_counts = all_reduce_many(self.collective, [onehot.sum(0)])[0]
         A.requires_grad_(True)
         class_sums.requires_grad_(True)
         loss_rear = F.softplus(-self.rear_scores(A)).mean()
-        loss = loss_rear
+        loss = cfg.adversarial_weight * loss_rear
         fm = torch.zeros(())
         if cfg.feature_matching > 0 and self.ema_initialised:
             fake_means = class_sums / class_counts.clamp(min=1).unsqueeze(1)

@@ -11,7 +11,7 @@ from ..distributed.collectives import all_reduce_many
 from ..models.discriminator import BaselineDiscriminator
 from ..privacy.grad_sample import PerRecordGradients
 from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release
-from .gan import GANTrainerBase
+from .gan import GANTrainerBase, stream_name
 
 
 class DPSGDGANTrainer(GANTrainerBase):
@@ -43,8 +43,8 @@ class DPSGDGANTrainer(GANTrainerBase):
         self.opt_d.step()
         return {"loss_d_fake": loss_fake.item() / max(1, len(yf))}
 
-    def g_step(self, t: int) -> dict[str, float]:
-        z, yf, _ = self.fake_codes(t, "fake/g")
+    def g_step(self, t: int, step: int = 0) -> dict[str, float]:
+        z, yf, _ = self.fake_codes(t, stream_name("fake/g", step))
         logit = self.disc(self.conv1(self.generator(z, yf)), yf)
         loss = F.softplus(-logit).sum() / self.fake_batch
         self.opt_g.zero_grad(set_to_none=True)

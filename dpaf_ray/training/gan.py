@@ -22,6 +22,11 @@ from ..models.generator import ConditionalGenerator
 from .rng import stream
 
 
+def stream_name(base: str, step: int) -> str:
+    """Name of the random stream of the step-th generator step within one iteration."""
+    return base if step == 0 else f"{base}{step}"
+
+
 @dataclass
 class Batch:
     x: torch.Tensor

@@ -88,7 +88,8 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
             before_iteration(t)
         stats.update(trainer.d_iteration(t))
         if (t + 1) % cfg.d_steps_per_g == 0:
-            stats.update(trainer.g_step(t))
+            for step in range(cfg.g_steps):
+                stats.update(trainer.g_step(t, step))
         t += 1
         if t % cfg.log_every == 0 or t == T:
             eps = ledger.epsilon(cfg.delta)
