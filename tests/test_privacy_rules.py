@@ -75,7 +75,7 @@ def _pixels_of(tr: DPAFTrainer, h1: torch.Tensor) -> torch.Tensor | None:
     """Stand-in pixel statistics that are a per-record function of h1 (any scale)."""
     if not tr.cfg.pixel_statistics:
         return None
-    p = tr.arch.pooled
+    p = tr.arch.pixel_pooled
     return h1[:, :2 * tr.arch.channels, :p, :p] * 1e3
 
 

@@ -76,7 +76,8 @@ def test_pixel_statistics_and_extra_generator_steps_cost_no_privacy(shape):
     plain = train_loop(plan_training(TrainConfig(**common), len(ds)), ds, len(ds), progress=None)
     cfg = TrainConfig(**common, pixel_statistics=True, g_steps=3, adversarial_weight=0.5)
     res = train_loop(plan_training(cfg, len(ds)), ds, len(ds), progress=None)
-    assert res.trainer.embed.dim == (2 * 4 + 2 * shape[0]) * res.trainer.arch.pooled ** 2
+    arch = res.trainer.arch
+    assert res.trainer.embed.dim == 2 * 4 * arch.pooled ** 2 + 2 * shape[0] * arch.pixel_pooled ** 2
     # generator steps and the public pixel map are post-processing: the ledger is unchanged
     assert res.ledger.entries == plain.ledger.entries
     assert not torch.equal(_params(res), _params(plain))

@@ -18,6 +18,11 @@ class Architecture:
     fixed_width: int
     pooled: int = 4  # DPAGG feature map is (feature_channels, pooled, pooled)
 
+    @property
+    def pixel_pooled(self) -> int:
+        """Resolution of the public pixel statistics: fine for grayscale, at most 2·C·r² ≈ 400 values."""
+        return 14 if self.size == 28 else 8
+
 
 def architecture_for(shape: tuple[int, int, int]) -> Architecture:
     """Deeper generator and more fixed (public) downsampling as the resolution grows."""

@@ -86,9 +86,9 @@ def soft_bound(e: torch.Tensor) -> torch.Tensor:
 def pixel_statistics(x: torch.Tensor, pooled: int) -> torch.Tensor:
     """Local means of each record's intensity and squared intensity (a fixed, public map).
 
-    Pooled conv2 features barely see high-frequency content, so a generator can match their
-    class means with speckled textures. The mean of u² against the square of the mean of u
-    over a window exposes exactly that speckle, and the local means pin down the coarse shape.
+    Pooled conv2 features barely see fine spatial structure, so a generator can match their
+    class means with speckled textures. Local means of u pin down the shape, and the mean of
+    u² against the square of the mean of u over a window exposes speckle.
     """
     u = (x + 1) / 2  # [0, 1]: background 0, so u² is small where the image is empty
     return torch.cat([F.adaptive_avg_pool2d(u, pooled), F.adaptive_avg_pool2d(u * u, pooled)], dim=1)
@@ -104,13 +104,19 @@ class RecordEmbedding(nn.Module):
       means approximate a kernel mean embedding, which characterises the whole distribution.
     ``linear`` and ``moments`` pass through `soft_bound`, so their norm stays below 1 and
     still tells records apart by magnitude (a hard clip of the raw features would not).
+
+    With ``pixel_dim`` > 0 a second block, the soft-bounded public `pixel_statistics`, follows
+    the conv2 block; both are divided by √2 so the whole embedding has norm below 1.
+    `out_shape` is the spatial layout of the conv2 block only.
     """
 
     def __init__(self, kind: str, feature_channels: int, pooled: int, rff_dim: int = 512, public_seed: int = 1,
-                 scale: float = 0.25, pixel_channels: int = 0, pixel_scale: float = 0.5) -> None:
+                 scale: float = 0.25, pixel_dim: int = 0) -> None:
         super().__init__()
         self.scale = scale  # public: brings typical pooled conv2 features (norm ≈ 3–6) to norm ≈ 1
-        self.pixel_channels, self.pixel_scale = pixel_channels, pixel_scale
+        self.pixel_dim = pixel_dim
+        # public: brings typical pixel statistics (Fashion-MNIST: norm ≈ 0.37·√dim) to norm ≈ 1.5
+        self.pixel_scale = 4.0 / math.sqrt(pixel_dim) if pixel_dim else 0.0
         if kind not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {kind!r}")
         self.kind = kind
@@ -124,26 +130,21 @@ class RecordEmbedding(nn.Module):
             # Length scale √m·0.1 is a public constant, not a statistic of private data.
             self.register_buffer("omega", torch.randn(m, rff_dim // 2, generator=g) / (0.1 * math.sqrt(m)))
             self.out_shape = (rff_dim, 1, 1)
-        if pixel_channels:
-            if kind == "rff":
-                raise ValueError("pixel statistics need a spatial embedding ('linear' or 'moments'), not 'rff'")
-            c, p, _ = self.out_shape
-            self.out_shape = (c + pixel_channels, p, p)
-        self.dim = int(math.prod(self.out_shape))
+        self.dim = int(math.prod(self.out_shape)) + pixel_dim
 
     def forward(self, phi: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
         if self.kind == "rff":
             proj = phi.flatten(1) @ self.omega
-            return torch.cat([proj.cos(), proj.sin()], dim=1) * math.sqrt(2.0 / proj.shape[1] / 2)  # norm 1
-        # Second moments of φ itself (not of the scaled φ), so that both blocks carry
-        # comparable weight after the common public scale.
-        e = phi if self.kind == "linear" else torch.cat([phi, phi * phi], dim=1)
-        e = soft_bound(self.scale * e.flatten(1))
-        if not self.pixel_channels:
+            e = torch.cat([proj.cos(), proj.sin()], dim=1) * math.sqrt(2.0 / proj.shape[1] / 2)  # norm 1
+        else:
+            # Second moments of φ itself (not of the scaled φ), so that both blocks carry
+            # comparable weight after the common public scale.
+            e = phi if self.kind == "linear" else torch.cat([phi, phi * phi], dim=1)
+            e = soft_bound(self.scale * e.flatten(1))
+        if not self.pixel_dim:
             return e
         if pixels is None:
             raise ValueError("this embedding was built with pixel statistics; pass them")
-        # Each block has norm < 1; dividing by √2 keeps the whole embedding's norm below 1.
         return torch.cat([e, soft_bound(self.pixel_scale * pixels.flatten(1))], dim=1) / math.sqrt(2.0)
 
 
@@ -154,20 +155,25 @@ class Rear(nn.Module):
     groups, the released noisy histogram for mixed groups.
     """
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, width: int = 64, hidden: int = 256) -> None:
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, width: int = 64, hidden: int = 256,
+                 pixel_dim: int = 0) -> None:
         super().__init__()
         c, s, _ = in_shape
         self.in_shape = in_shape
+        self.spatial_dim = c * s * s
         self.conv3 = nn.Conv2d(c, width, 3, padding=1)
         self.fc = nn.Linear(width * s * s, hidden)
+        self.pixel_fc = nn.Linear(pixel_dim, hidden) if pixel_dim else None
         self.out = nn.Linear(hidden, 1)
         self.projection = nn.Linear(num_classes, hidden, bias=False)
         nn.init.normal_(self.projection.weight, std=0.02)
 
     def forward(self, group_means: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
-        h = group_means.view(-1, *self.in_shape)
-        h = F.leaky_relu(self.conv3(h), 0.2).flatten(1)
-        h = F.leaky_relu(self.fc(h), 0.2)
+        h = group_means[:, :self.spatial_dim].reshape(-1, *self.in_shape)
+        h = self.fc(F.leaky_relu(self.conv3(h), 0.2).flatten(1))
+        if self.pixel_fc is not None:
+            h = h + self.pixel_fc(group_means[:, self.spatial_dim:])
+        h = F.leaky_relu(h, 0.2)
         return self.out(h).squeeze(1) + (self.projection(class_weights) * h).sum(1)
 
 

@@ -30,8 +30,9 @@ class DPAFTrainer(GANTrainerBase):
         cfg = self.cfg
         self.private = PrivateFeatures(self.arch, self.conv1.out_channels, self.num_classes,
                                        cfg.feature_channels).to(self.device)
+        pixel_dim = 2 * self.arch.channels * self.arch.pixel_pooled ** 2 if cfg.pixel_statistics else 0
         self.embed = RecordEmbedding(cfg.embedding, cfg.feature_channels, self.arch.pooled,
-                                     pixel_channels=2 * self.arch.channels if cfg.pixel_statistics else 0).to(self.device)
+                                     pixel_dim=pixel_dim).to(self.device)
         K = self.num_classes
         if cfg.grouping == "class":
             per_class = max(1, round(cfg.batch_size / (cfg.group_size * K)))
@@ -46,17 +47,18 @@ class DPAFTrainer(GANTrainerBase):
             sigma=cfg.sigma_agg, grouping=cfg.grouping, groups_per_class=per_class,
             num_mixed_groups=mixed, expected_group_size=expected,
         )
-        self.rear = Rear(self.embed.out_shape, K).to(self.device)
+        self.rear = Rear(self.embed.out_shape, K, pixel_dim=pixel_dim).to(self.device)
         self.opt_rear = torch.optim.Adam(self.rear.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999))
         self.opt_private = torch.optim.Adam(self.private.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999))
         self.per_record = PerRecordGradients(self.private, cfg.grad_engine)
         # EMA of released real class means: feature-matching target for G (post-processing).
         self.real_class_means = torch.zeros(K, self.embed.dim, device=self.device)
         self.ema_initialised = False
+        self.target_updates = 0
 
     # ------------------------------------------------------------------------------
     def pixels(self, x: torch.Tensor) -> torch.Tensor | None:
-        return pixel_statistics(x, self.arch.pooled) if self.cfg.pixel_statistics else None
+        return pixel_statistics(x, self.arch.pixel_pooled) if self.cfg.pixel_statistics else None
 
     def bounded(self, h1: torch.Tensor, y: torch.Tensor, pix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         phi, logit = self.private(h1, y)
@@ -145,9 +147,15 @@ class DPAFTrainer(GANTrainerBase):
         if not self.ema_initialised:
             self.real_class_means.copy_(means)
             self.ema_initialised = True
-        else:
-            decay = self.cfg.feature_ema
-            self.real_class_means.mul_(decay).add_((1 - decay) * means)
+            self.target_updates = 1
+            return
+        self.target_updates += 1
+        # conv2 drifts, so its block follows a running average; the public pixel block never
+        # changes meaning, so its target is the plain mean of every release so far (less noise).
+        decay = torch.full((m,), self.cfg.feature_ema, device=means.device)
+        if self.embed.pixel_dim:
+            decay[m - self.embed.pixel_dim:] = max(self.cfg.feature_ema, 1 - 1 / self.target_updates)
+        self.real_class_means.mul_(decay).add_((1 - decay) * means)
 
     # ------------------------------------------------------------------------------
     def g_step(self, t: int, step: int = 0) -> dict[str, float]:
@@ -194,9 +202,11 @@ class DPAFTrainer(GANTrainerBase):
         return {**super().optimizers(), "private": self.opt_private, "rear": self.opt_rear}
 
     def extra_state(self) -> dict:
-        return {"real_class_means": self.real_class_means.clone(), "ema_initialised": self.ema_initialised}
+        return {"real_class_means": self.real_class_means.clone(), "ema_initialised": self.ema_initialised,
+                "target_updates": self.target_updates}
 
     def load_extra_state(self, state: dict) -> None:
         if state:
             self.real_class_means.copy_(state["real_class_means"])
             self.ema_initialised = bool(state["ema_initialised"])
+            self.target_updates = int(state.get("target_updates", 0))
