@@ -38,6 +38,10 @@ def main() -> None:
     ap.add_argument("--search-space", default="search_spaces/fashion-mnist.yaml")
     ap.add_argument("--max-iterations", type=int, default=1500)
     ap.add_argument("--out", default="bench/results/tuning_gain")
+    ap.add_argument("--expected-trials", type=float, default=None, help="override the search space's E[K]")
+    ap.add_argument("--num-workers", type=int, default=None, help="override the Ray Train workers per trial")
+    ap.add_argument("--time-budget-minutes", type=float, default=None, help="override the per-trial time budget")
+    ap.add_argument("--eval-synthetic", type=int, default=20_000)
     args = ap.parse_args()
     q = args.batch_size / args.n_train
     rows = []
@@ -68,14 +72,18 @@ def compare_trained(args: argparse.Namespace) -> dict:
 
     out = Path(args.out)
     ss = load_search_space(args.search_space)
+    overrides = {k: v for k, v in {"expected_trials": args.expected_trials, "num_workers": args.num_workers,
+                                   "time_budget_minutes": args.time_budget_minutes}.items() if v is not None}
     ss = dataclasses.replace(ss, epsilon=args.epsilon, delta=args.delta, max_iterations=args.max_iterations,
-                             min_iterations=min(ss.min_iterations, args.max_iterations))
+                             min_iterations=min(ss.min_iterations, args.max_iterations), **overrides)
     release = run_search(ss, out / "tuned")
     default_cfg = TrainConfig(dataset=ss.dataset, epsilon=args.epsilon, delta=args.delta,
                               max_iterations=args.max_iterations, **{k: v for k, v in ss.fixed.items()})
+    if ss.time_budget_minutes is not None:  # the same compute per run as one trial
+        default_cfg = dataclasses.replace(default_cfg, time_budget_minutes=ss.time_budget_minutes)
     run_train(default_cfg, out / "default", num_synthetic=ss.num_synthetic)
-    tuned = evaluate_run(release, ss.dataset, num_synthetic=20_000, epochs=2)
-    default = evaluate_run(out / "default", ss.dataset, num_synthetic=20_000, epochs=2)
+    tuned = evaluate_run(release, ss.dataset, num_synthetic=args.eval_synthetic, epochs=2)
+    default = evaluate_run(out / "default", ss.dataset, num_synthetic=args.eval_synthetic, epochs=2)
     eps_t = json.loads((release / "privacy_report.json").read_text())["epsilon"]
     eps_d = json.loads((out / "default" / "privacy_report.json").read_text())["epsilon"]
     print(f"tuned   (ε={eps_t:.3f}): downstream accuracy {tuned['downstream_accuracy']:.3f}")

@@ -46,7 +46,8 @@ class TrainConfig:
     grouping: str = "class"
     embedding: str = "moments"
     head_weight: float = 0.0  # per-record real/fake head in the DP-SGD release (0 disables; it hurt in bench/dpaf_candidates.py)
-    feature_matching: float = 10.0  # G matches released class means (post-processing)
+    feature_matching: float = 10.0  # G matches released class means of the conv2 block (post-processing)
+    pixel_matching: float = 10.0  # ... and of the public pixel-statistics block (with pixel_statistics)
     feature_ema: float = 0.99  # decay of the running average of released class means (the FM target)
     feature_channels: int = 16
     pixel_statistics: bool = False  # add public local intensity moments of each record to the DPAGG embedding
@@ -83,7 +84,7 @@ class TrainConfig:
                 bad(name, f"must be > 0, got {v}")
         if not (0 <= self.feature_ema < 1):
             bad("feature_ema", f"must lie in [0, 1), got {self.feature_ema}")
-        for name in ("head_weight", "feature_matching", "adversarial_weight"):
+        for name in ("head_weight", "feature_matching", "pixel_matching", "adversarial_weight"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.grouping not in ("class", "mixed"):

@@ -54,6 +54,10 @@ class DPAFTrainer(GANTrainerBase):
         # EMA of released real class means: feature-matching target for G (post-processing).
         self.real_class_means = torch.zeros(K, self.embed.dim, device=self.device)
         self.ema_initialised = False
+        # Per-coordinate weights of the feature-matching loss: conv2 block, then pixel block.
+        self.matching_weights = torch.full((self.embed.dim,), cfg.feature_matching, device=self.device)
+        if pixel_dim:
+            self.matching_weights[self.embed.dim - pixel_dim:] = cfg.pixel_matching
         self.target_updates = 0
 
     # ------------------------------------------------------------------------------
@@ -136,8 +140,11 @@ class DPAFTrainer(GANTrainerBase):
         self.opt_private.step()
         return {}
 
+    def matches_features(self) -> bool:
+        return self.spec.grouping == "class" and bool((self.matching_weights > 0).any())
+
     def update_feature_target(self, A_real: torch.Tensor) -> None:
-        if self.spec.grouping != "class" or self.cfg.feature_matching == 0:
+        if not self.matches_features():
             return
         m, K = self.spec.embedding_dim, self.num_classes
         per_class = self.spec.groups_per_class
@@ -178,10 +185,10 @@ class DPAFTrainer(GANTrainerBase):
         loss_rear = F.softplus(-self.rear_scores(A)).mean()
         loss = cfg.adversarial_weight * loss_rear
         fm = torch.zeros(())
-        if cfg.feature_matching > 0 and self.ema_initialised:
+        if self.matches_features() and self.ema_initialised:
             fake_means = class_sums / class_counts.clamp(min=1).unsqueeze(1)
-            fm = (fake_means - self.real_class_means).pow(2).sum(1).mean()
-            loss = loss + cfg.feature_matching * fm
+            fm = ((fake_means - self.real_class_means).pow(2) * self.matching_weights).sum(1).mean()
+            loss = loss + fm
         grads = torch.autograd.grad(loss, [A, class_sums], allow_unused=True)
         gA = grads[0]
         gC = grads[1] if grads[1] is not None else torch.zeros_like(class_sums)
