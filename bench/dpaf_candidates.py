@@ -47,7 +47,7 @@ from dpaf_ray.training.run import run_train  # noqa: E402
 
 # The §3a knobs are given explicitly in every candidate so that changing the TrainConfig
 # defaults does not silently change what a row means.
-NAIVE = dict(grouping="mixed", embedding="linear", head_weight=0.0, feature_matching=0.0)
+NAIVE = dict(grouping="mixed", embedding="linear", head_weight=0.0, feature_matching=0.0, pixel_statistics=False)
 CANDIDATES: list[tuple[str, str, dict]] = [
     ("a_naive", "mixed groups, linear features, no head, no FM", NAIVE),
     ("b_class", "class-pure groups", {**NAIVE, "grouping": "class"}),
@@ -59,6 +59,9 @@ CANDIDATES: list[tuple[str, str, dict]] = [
      {**NAIVE, "grouping": "class", "embedding": "moments", "head_weight": 1.0, "feature_matching": 10.0}),
     ("h_moments_fm", "class + moments + feature matching, no head",
      {**NAIVE, "grouping": "class", "embedding": "moments", "feature_matching": 10.0}),
+    ("k_moments_fm_pixels", "class + moments + public pixel statistics + feature matching (the default)",
+     {**NAIVE, "grouping": "class", "embedding": "moments", "feature_matching": 10.0, "pixel_statistics": True,
+      "pixel_matching": 10.0}),
     ("g_dpsgd_gan", "DP-SGD GAN baseline (same G, D without DPAGG)", {"model": "dpsgd-gan"}),
 ]
 OPTIONAL: list[tuple[str, str, dict]] = [

@@ -364,13 +364,11 @@ def g_real_rows():
 
 
 @pytest.mark.parametrize("engine,pixel_statistics", [("functorch", False), ("opacus", False), ("functorch", True)])
-def test_per_record_gradient_depends_only_on_the_record_and_released_values(monkeypatch, engine, pixel_statistics,
-                                                                             g_real_rows):
+def test_per_record_gradient_depends_only_on_the_record_and_released_values(monkeypatch, engine, pixel_statistics):
     kw = {"pixel_statistics": pixel_statistics}
-    if pixel_statistics:  # a wider embedding: released rows of matching width
-        tr = make_trainer(DS, **kw)
-        g_real_rows = torch.randn(tr.spec.num_groups, tr.spec.embedding_dim + tr.num_classes,
-                                  generator=torch.Generator().manual_seed(3)) * 20.0
+    tr = make_trainer(DS, **kw)  # released rows as wide as this embedding
+    g_real_rows = torch.randn(tr.spec.num_groups, tr.spec.embedding_dim + tr.num_classes,
+                              generator=torch.Generator().manual_seed(3)) * 20.0
     a = _per_record_grads(monkeypatch, engine, [5, 0, 1, 2, 3, 4, 6, 7], g_real_rows, fake_seed=0, **kw)
     b = _per_record_grads(monkeypatch, engine, [20, 21, 22, 23, 24, 30, 5], g_real_rows, fake_seed=1, **kw)
     assert a["grads"][0].shape[0] == 8 and b["grads"][0].shape[0] == 7  # one gradient per REAL record
