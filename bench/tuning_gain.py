@@ -79,8 +79,9 @@ def compare_trained(args: argparse.Namespace) -> dict:
     release = run_search(ss, out / "tuned")
     default_cfg = TrainConfig(dataset=ss.dataset, epsilon=args.epsilon, delta=args.delta,
                               max_iterations=args.max_iterations, **{k: v for k, v in ss.fixed.items()})
-    if ss.time_budget_minutes is not None:  # the same compute per run as one trial
-        default_cfg = dataclasses.replace(default_cfg, time_budget_minutes=ss.time_budget_minutes)
+    # the same compute as one trial: its time budget, and as many threads as a trial's workers have CPUs
+    default_cfg = dataclasses.replace(default_cfg, time_budget_minutes=ss.time_budget_minutes,
+                                      num_threads=max(1, int(ss.num_workers * ss.cpus_per_worker)))
     run_train(default_cfg, out / "default", num_synthetic=ss.num_synthetic)
     tuned = evaluate_run(release, ss.dataset, num_synthetic=args.eval_synthetic, epochs=2)
     default = evaluate_run(out / "default", ss.dataset, num_synthetic=args.eval_synthetic, epochs=2)
