@@ -222,7 +222,9 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
         )
         results = tuner.fit()
     if results is not None:
-        done = results.num_terminated + results.num_errors
+        # A trial stopped by Ctrl-C is "terminated" for Tune but never wrote its trial.json:
+        # count the trials that finished (trial.json) plus those that crashed (a crash is a run).
+        done = len(list((out / "trials").glob("*/trial.json"))) + results.num_errors
         if done < k:  # e.g. Ctrl-C: releasing the best of fewer than K runs would truncate K
             raise SearchInterrupted(
                 f"the search stopped after {done} finished trials; nothing was released. "
