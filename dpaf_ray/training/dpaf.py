@@ -53,12 +53,11 @@ class DPAFTrainer(GANTrainerBase):
         self.per_record = PerRecordGradients(self.private, cfg.grad_engine)
         # EMA of released real class means: feature-matching target for G (post-processing).
         self.real_class_means = torch.zeros(K, self.embed.dim, device=self.device)
-        self.ema_initialised = False
         # Per-coordinate weights of the feature-matching loss: conv2 block, then pixel block.
         self.matching_weights = torch.full((self.embed.dim,), cfg.feature_matching, device=self.device)
         if pixel_dim:
             self.matching_weights[self.embed.dim - pixel_dim:] = cfg.pixel_matching
-        self.target_updates = 0
+        self.target_updates = 0  # releases averaged into the target so far (0: no target yet)
 
     # ------------------------------------------------------------------------------
     def pixels(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -151,12 +150,10 @@ class DPAFTrainer(GANTrainerBase):
         feats = A_real[:, :m].view(K, per_class, m).sum(1)
         counts = (A_real[:, m:] / self.spec.kappa).view(K, per_class, K).sum(1).diagonal()
         means = feats / counts.clamp(min=max(1.0, 0.25 * self.spec.expected_group_size)).unsqueeze(1)
-        if not self.ema_initialised:
-            self.real_class_means.copy_(means)
-            self.ema_initialised = True
-            self.target_updates = 1
-            return
         self.target_updates += 1
+        if self.target_updates == 1:
+            self.real_class_means.copy_(means)
+            return
         # conv2 drifts, so its block follows a running average; the public pixel block never
         # changes meaning, so its target is the plain mean of every release so far (less noise).
         decay = torch.full((m,), self.cfg.feature_ema, device=means.device)
@@ -185,7 +182,7 @@ class DPAFTrainer(GANTrainerBase):
         loss_rear = F.softplus(-self.rear_scores(A)).mean()
         loss = cfg.adversarial_weight * loss_rear
         fm = torch.zeros(())
-        if self.matches_features() and self.ema_initialised:
+        if self.matches_features() and self.target_updates > 0:
             fake_means = class_sums / class_counts.clamp(min=1).unsqueeze(1)
             fm = ((fake_means - self.real_class_means).pow(2) * self.matching_weights).sum(1).mean()
             loss = loss + fm
@@ -209,11 +206,10 @@ class DPAFTrainer(GANTrainerBase):
         return {**super().optimizers(), "private": self.opt_private, "rear": self.opt_rear}
 
     def extra_state(self) -> dict:
-        return {"real_class_means": self.real_class_means.clone(), "ema_initialised": self.ema_initialised,
-                "target_updates": self.target_updates}
+        return {"real_class_means": self.real_class_means.clone(), "target_updates": self.target_updates}
 
     def load_extra_state(self, state: dict) -> None:
         if state:
             self.real_class_means.copy_(state["real_class_means"])
-            self.ema_initialised = bool(state["ema_initialised"])
-            self.target_updates = int(state.get("target_updates", 0))
+            # checkpoints written before target_updates existed only say whether a target exists
+            self.target_updates = int(state.get("target_updates", bool(state.get("ema_initialised"))))

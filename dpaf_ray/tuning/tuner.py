@@ -224,7 +224,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     if results is not None:
         # A trial stopped by Ctrl-C is "terminated" for Tune but never wrote its trial.json:
         # count the trials that finished (trial.json) plus those that crashed (a crash is a run).
-        done = len(list((out / "trials").glob("*/trial.json"))) + results.num_errors
+        done = len(finished_trial_files(out)) + results.num_errors
         if done < k:  # e.g. Ctrl-C: releasing the best of fewer than K runs would truncate K
             raise SearchInterrupted(
                 f"the search stopped after {done} finished trials; nothing was released. "
@@ -234,6 +234,11 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
 
 class SearchInterrupted(RuntimeError):
     pass
+
+
+def finished_trial_files(out: Path) -> list[Path]:
+    """trial.json is written only when a trial has trained and been scored."""
+    return sorted((out / "trials").glob("*/trial.json"))
 
 
 def _trainable_with_static(static: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
@@ -247,9 +252,7 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
                   progress: Callable[[str], None]) -> Path:
     from .release import write_release
 
-    trials = []
-    for p in sorted((out / "trials").glob("*/trial.json")):
-        trials.append(json.loads(p.read_text()))
+    trials = [json.loads(p.read_text()) for p in finished_trial_files(out)]
     best = max(trials, key=lambda t: t["score"]) if trials else None
     report = search_privacy_report(ss, state, best["knobs"] if best else None)
     score = None
