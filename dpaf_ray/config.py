@@ -12,6 +12,8 @@ from typing import Any
 
 MODELS = ("dpaf", "dpsgd-gan")
 GRAD_ENGINES = ("functorch", "opacus")
+# Local statistics of u = (x+1)/2 over each pooling window (see models.discriminator.pixel_statistics).
+PIXEL_MOMENTS = ("mean", "sq_mean", "mean_sq", "grad", "rff")
 
 
 class ConfigError(ValueError):
@@ -51,7 +53,10 @@ class TrainConfig:
     feature_ema: float = 0.99  # decay of the running average of released class means (the FM target)
     feature_channels: int = 16
     pixel_statistics: bool = True  # public local intensity moments of each record as a second DPAGG block (bench: 47 % → 66 %)
+    pixel_moments: str = "mean,sq_mean"  # which local statistics form that block (PIXEL_MOMENTS, comma-separated)
     z_dim: int = 64
+    smooth_output: bool = False  # G ends in a fixed 3×3 low-pass filter (no pixel-level speckle)
+    generator_average: float = 0.0  # decay of the running average of G's weights that is published (0: the last G)
     # execution
     iterations: int | None = None  # None: derived from the budget (rule 12)
     max_iterations: int | None = None  # compute cap; with `iterations` None, noise is raised to fit
@@ -82,8 +87,13 @@ class TrainConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 bad(name, f"must be > 0, got {v}")
-        if not (0 <= self.feature_ema < 1):
-            bad("feature_ema", f"must lie in [0, 1), got {self.feature_ema}")
+        for name in ("feature_ema", "generator_average"):
+            if not (0 <= getattr(self, name) < 1):
+                bad(name, f"must lie in [0, 1), got {getattr(self, name)}")
+        moments = [m.strip() for m in str(self.pixel_moments).split(",")]
+        if not moments or any(m not in PIXEL_MOMENTS for m in moments) or len(set(moments)) != len(moments):
+            bad("pixel_moments", f"must be distinct names from {PIXEL_MOMENTS} separated by commas, "
+                f"got {self.pixel_moments!r}; e.g. --pixel-moments mean,sq_mean")
         for name in ("head_weight", "feature_matching", "pixel_matching", "adversarial_weight"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")

@@ -12,6 +12,7 @@ import torch
 from dpaf_ray.config import TrainConfig
 from dpaf_ray.data.dataset import ImageDataset
 from dpaf_ray.models.architecture import SUPPORTED_SHAPES
+from dpaf_ray.models.discriminator import PIXEL_RFF_FEATURES
 from dpaf_ray.training.loop import make_trainer, train_loop
 from dpaf_ray.training.plan import plan_training
 from dpaf_ray.distributed.collectives import LocalCollective
@@ -89,9 +90,89 @@ def test_pixel_statistics_tell_speckle_from_a_smooth_image_with_the_same_local_m
     smooth = torch.zeros(1, 1, 28, 28)  # mid-grey everywhere: u = 0.5
     g = torch.Generator().manual_seed(0)
     speckle = (torch.rand(1, 1, 28, 28, generator=g) < 0.5).float() * 2 - 1  # u ∈ {0, 1}, mean ≈ 0.5
-    a, b = pixel_statistics(smooth, 4), pixel_statistics(speckle, 4)
-    assert torch.allclose(a[:, :1], b[:, :1], atol=0.12)  # local means alike
-    assert (b[:, 1:] - a[:, 1:]).min() > 0.12  # local energy: speckle ≈ 0.5, smooth 0.25
+    (a_mean, a_sq), (b_mean, b_sq) = pixel_statistics(smooth, 4).chunk(2, 1), pixel_statistics(speckle, 4).chunk(2, 1)
+    assert torch.allclose(a_mean, b_mean, atol=0.12)  # local means alike
+    assert (b_sq - a_sq).min() > 0.12  # local energy: speckle ≈ 0.5, smooth 0.25
+
+
+def test_pixel_moments_separate_diversity_from_speckle():
+    from dpaf_ray.models.discriminator import pixel_statistics
+
+    g = torch.Generator().manual_seed(0)
+    speckle = (torch.rand(1, 1, 28, 28, generator=g) < 0.5).float() * 2 - 1
+    flat = torch.zeros(1, 1, 28, 28)
+    moments = ("mean", "sq_mean", "mean_sq", "grad")
+    s, f = pixel_statistics(speckle, 14, moments), pixel_statistics(flat, 14, moments)
+    mean, sq_mean, mean_sq, grad = s.chunk(4, dim=1)
+    assert torch.allclose(mean_sq, mean * mean)
+    assert (sq_mean - mean_sq).min() >= 0  # window variance
+    assert (sq_mean - mean_sq).mean() > 0.1  # speckle has it
+    f_mean, f_sq_mean, f_mean_sq, f_grad = f.chunk(4, dim=1)
+    assert torch.allclose(f_sq_mean, f_mean_sq) and f_grad.abs().max() == 0  # a flat image has none
+    assert grad.mean() > 0.3
+
+
+def test_pixel_rff_inner_products_approximate_a_gaussian_kernel():
+    from dpaf_ray.models.discriminator import pixel_statistics
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 1, 28, 28, generator=g) * 2 - 1
+    x[3:] = (x[:3] + 0.3 * torch.randn(3, 1, 28, 28, generator=g)).clamp(-1, 1)  # some close pairs
+    f = pixel_statistics(x, 14, ("rff",))
+    u = ((x + 1) / 2).flatten(1)
+    ell = 0.3 * 28
+    kernel = torch.exp(-torch.cdist(u, u).pow(2) / (2 * ell ** 2))
+    approx = f @ f.t() / (0.25 * PIXEL_RFF_FEATURES / 2)
+    assert torch.allclose(approx, kernel, atol=0.15)
+    assert kernel.min() < 0.6  # the check is not trivial
+
+
+@pytest.mark.parametrize("bad", ["", "mean,mean", "mean,variance"])
+def test_unknown_or_repeated_pixel_moments_are_config_errors(bad):
+    from dpaf_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--pixel-moments"):
+        TrainConfig(pixel_moments=bad).validate()
+
+
+def test_pixel_moments_set_the_embedding_and_cost_no_privacy():
+    ds = random_images((1, 28, 28), n=200)
+    common = dict(batch_size=32, group_size=16, seed=3, iterations=3, epsilon=50, num_threads=1, log_every=1,
+                  checkpoint_every=3)
+    two = train_loop(plan_training(TrainConfig(**common), len(ds)), ds, len(ds), progress=None)
+    four = train_loop(plan_training(TrainConfig(**common, pixel_moments="mean,sq_mean,mean_sq,grad,rff"), len(ds)),
+                      ds, len(ds), progress=None)
+    pix = two.trainer.arch.pixel_pooled ** 2
+    assert four.trainer.embed.dim - two.trainer.embed.dim == 2 * pix + PIXEL_RFF_FEATURES
+    assert four.ledger.entries == two.ledger.entries
+
+
+def test_published_generator_is_the_running_average_of_the_generator_weights(tmp_path):
+    from dpaf_ray.training.checkpoint import LocalCheckpointSink
+
+    ds = random_images((1, 28, 28), n=200)
+    cfg = TrainConfig(batch_size=32, group_size=16, seed=4, iterations=1, epsilon=50, num_threads=1,
+                      generator_average=0.9)
+    initial = [p.detach().clone() for p in make_trainer(cfg, ds, len(ds), 0, LocalCollective(), "cpu")
+               .generator.parameters()]
+    res = train_loop(plan_training(cfg, len(ds)), ds, len(ds), progress=None)
+    tr = res.trainer
+    for a, p, p0 in zip(tr.published_generator.parameters(), tr.generator.parameters(), initial):
+        assert torch.allclose(a, 0.9 * p0 + 0.1 * p, atol=1e-6)
+    assert tr.published_generator is not tr.generator
+    assert not torch.equal(tr.sample_images(torch.arange(3)),
+                           tr.generator(torch.randn(3, cfg.z_dim, generator=torch.Generator().manual_seed(12345)),
+                                        torch.arange(3)).detach())
+    # a resumed run carries the average on: the same weights as one uninterrupted run
+    long = dict(batch_size=32, group_size=16, seed=4, epsilon=50, num_threads=1, generator_average=0.9,
+                checkpoint_every=2, log_every=2)
+    straight = train_loop(plan_training(TrainConfig(**long, iterations=4), len(ds)), ds, len(ds), progress=None)
+    train_loop(plan_training(TrainConfig(**long, iterations=2), len(ds)), ds, len(ds),
+               sink=LocalCheckpointSink(tmp_path), progress=None)
+    resumed = train_loop(plan_training(TrainConfig(**long, iterations=4), len(ds)), ds, len(ds),
+                         sink=LocalCheckpointSink(tmp_path), progress=None)
+    for a, b in zip(straight.trainer.published_generator.parameters(), resumed.trainer.published_generator.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 @pytest.mark.slow

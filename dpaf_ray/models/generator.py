@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .architecture import Architecture
 
@@ -11,9 +12,10 @@ class ConditionalGenerator(nn.Module):
     """DCGAN-style upsampling generator; GroupNorm (per-sample) so sharding the
     generated batch over workers does not change any sample."""
 
-    def __init__(self, arch: Architecture, num_classes: int, z_dim: int = 64) -> None:
+    def __init__(self, arch: Architecture, num_classes: int, z_dim: int = 64, smooth_output: bool = False) -> None:
         super().__init__()
         self.arch, self.num_classes, self.z_dim = arch, num_classes, z_dim
+        self.smooth_output = smooth_output
         w = arch.gen_width
         self.label_embedding = nn.Embedding(num_classes, z_dim)
         self.stem = nn.Sequential(nn.Linear(2 * z_dim, w * arch.gen_start ** 2), nn.LeakyReLU(0.2))
@@ -29,8 +31,18 @@ class ConditionalGenerator(nn.Module):
             w = out
         self.blocks = nn.Sequential(*blocks)
         self.to_image = nn.Conv2d(w, arch.channels, 3, padding=1)
+        if smooth_output:
+            # A fixed 3×3 binomial low-pass before tanh: the discriminator's stride-2 public
+            # features and 2×2 pixel windows cannot see pixel-level speckle, so G is not
+            # allowed to draw it.
+            b = torch.tensor([1.0, 2.0, 1.0])
+            k = (b[:, None] * b[None, :]) / 16
+            self.register_buffer("low_pass", k.expand(arch.channels, 1, 3, 3).clone())
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = torch.cat([z, self.label_embedding(labels)], dim=1)
         h = self.stem(h).view(z.shape[0], -1, self.arch.gen_start, self.arch.gen_start)
-        return torch.tanh(self.to_image(self.blocks(h)))
+        out = self.to_image(self.blocks(h))
+        if self.smooth_output:
+            out = F.conv2d(F.pad(out, (1, 1, 1, 1), mode="replicate"), self.low_pass, groups=self.arch.channels)
+        return torch.tanh(out)

@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from ..models import dpagg
-from ..models.discriminator import PrivateFeatures, Rear, RecordEmbedding, pixel_statistics
+from ..models.discriminator import PrivateFeatures, Rear, RecordEmbedding, pixel_statistics, pixel_statistics_dim
 from ..privacy.grad_sample import PerRecordGradients
 from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release
 from ..distributed.collectives import all_reduce_many
@@ -30,7 +30,9 @@ class DPAFTrainer(GANTrainerBase):
         cfg = self.cfg
         self.private = PrivateFeatures(self.arch, self.conv1.out_channels, self.num_classes,
                                        cfg.feature_channels).to(self.device)
-        pixel_dim = 2 * self.arch.channels * self.arch.pixel_pooled ** 2 if cfg.pixel_statistics else 0
+        self.pixel_moments = tuple(m.strip() for m in cfg.pixel_moments.split(","))
+        pixel_dim = (pixel_statistics_dim(self.pixel_moments, self.arch.channels, self.arch.pixel_pooled)
+                     if cfg.pixel_statistics else 0)
         self.embed = RecordEmbedding(cfg.embedding, cfg.feature_channels, self.arch.pooled,
                                      pixel_dim=pixel_dim).to(self.device)
         K = self.num_classes
@@ -61,7 +63,7 @@ class DPAFTrainer(GANTrainerBase):
 
     # ------------------------------------------------------------------------------
     def pixels(self, x: torch.Tensor) -> torch.Tensor | None:
-        return pixel_statistics(x, self.arch.pixel_pooled) if self.cfg.pixel_statistics else None
+        return pixel_statistics(x, self.arch.pixel_pooled, self.pixel_moments) if self.cfg.pixel_statistics else None
 
     def bounded(self, h1: torch.Tensor, y: torch.Tensor, pix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         phi, logit = self.private(h1, y)

@@ -36,12 +36,13 @@ def privacy_report(cfg: TrainConfig, ledger: PrivacyLedger, extra: dict[str, Any
 
 def save_generator(path: Path, generator: ConditionalGenerator, shape: tuple[int, int, int], num_classes: int) -> None:
     torch.save({"state_dict": generator.state_dict(), "shape": list(shape), "num_classes": num_classes,
-                "z_dim": generator.z_dim}, path)
+                "z_dim": generator.z_dim, "smooth_output": generator.smooth_output}, path)
 
 
 def load_generator(path: str | Path) -> ConditionalGenerator:
     blob = torch.load(path, map_location="cpu", weights_only=False)
-    g = ConditionalGenerator(architecture_for(tuple(blob["shape"])), blob["num_classes"], blob["z_dim"])
+    g = ConditionalGenerator(architecture_for(tuple(blob["shape"])), blob["num_classes"], blob["z_dim"],
+                             smooth_output=blob.get("smooth_output", False))
     g.load_state_dict(blob["state_dict"])
     g.eval()
     return g
@@ -60,7 +61,7 @@ def write_outputs(out: Path, result: TrainResult, num_synthetic: int, shape: tup
                   extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     trainer, cfg = result.trainer, result.plan.config
-    gen = trainer.generator.eval()
+    gen = trainer.published_generator.eval()
     save_generator(out / "generator.pt", gen, shape, trainer.num_classes)
     synthetic = generate(gen, num_synthetic, trainer.num_classes, seed=1)
     write_parquet(synthetic, out / "synthetic.parquet")
