@@ -15,9 +15,9 @@ whose directory already holds metrics.json for the same configuration is reused
 
 Time: one training process with one thread. On the shared 2-CPU development box a DPAF
 iteration at B = 256 takes ≈ 0.4 s (up to 1.3 s for the DP-SGD GAN when other jobs load the
-CPUs) and evaluation ≈ 40 s, so the default (8 candidates × 250 iterations, each run also
-stopped at a 50-iteration checkpoint boundary after 4 min) finishes in ≈ 25 min (measured:
-20.5 min). A run stopped by the time limit reports the ε its ledger actually spent.
+CPUs) and evaluation ≈ 40 s, so the default (11 candidates × 250 iterations, each run also
+stopped at a 50-iteration checkpoint boundary after 4 min) finishes in ≈ 35 min (measured with
+the first 8 candidates: 20.5 min). A run stopped by the time limit reports the ε its ledger actually spent.
 
     /work/venv/bin/python bench/dpaf_candidates.py [--iterations 250] [--only a_naive,h_moments_fm]
 """
@@ -47,7 +47,8 @@ from dpaf_ray.training.run import run_train  # noqa: E402
 
 # The §3a knobs are given explicitly in every candidate so that changing the TrainConfig
 # defaults does not silently change what a row means.
-NAIVE = dict(grouping="mixed", embedding="linear", head_weight=0.0, feature_matching=0.0, pixel_statistics=False)
+NAIVE = dict(grouping="mixed", embedding="linear", head_weight=0.0, feature_matching=0.0, pixel_statistics=False,
+             pixel_moments="mean,sq_mean", smooth_output=False)
 CANDIDATES: list[tuple[str, str, dict]] = [
     ("a_naive", "mixed groups, linear features, no head, no FM", NAIVE),
     ("b_class", "class-pure groups", {**NAIVE, "grouping": "class"}),
@@ -59,9 +60,15 @@ CANDIDATES: list[tuple[str, str, dict]] = [
      {**NAIVE, "grouping": "class", "embedding": "moments", "head_weight": 1.0, "feature_matching": 10.0}),
     ("h_moments_fm", "class + moments + feature matching, no head",
      {**NAIVE, "grouping": "class", "embedding": "moments", "feature_matching": 10.0}),
-    ("k_moments_fm_pixels", "class + moments + public pixel statistics + feature matching (the default)",
+    ("k_moments_fm_pixels", "class + moments + public 14×14 pixel moments + feature matching",
      {**NAIVE, "grouping": "class", "embedding": "moments", "feature_matching": 10.0, "pixel_statistics": True,
       "pixel_matching": 10.0}),
+    ("l_pixels_rff", "k + random Fourier features of the image in the pixel block",
+     {**NAIVE, "grouping": "class", "embedding": "moments", "feature_matching": 10.0, "pixel_statistics": True,
+      "pixel_matching": 10.0, "pixel_moments": "mean,sq_mean,rff"}),
+    ("m_pixels_rff_smooth", "l + a fixed low-pass at G's output (the default)",
+     {**NAIVE, "grouping": "class", "embedding": "moments", "feature_matching": 10.0, "pixel_statistics": True,
+      "pixel_matching": 10.0, "pixel_moments": "mean,sq_mean,rff", "smooth_output": True}),
     ("g_dpsgd_gan", "DP-SGD GAN baseline (same G, D without DPAGG)", {"model": "dpsgd-gan"}),
 ]
 OPTIONAL: list[tuple[str, str, dict]] = [

@@ -75,8 +75,7 @@ def _pixels_of(tr: DPAFTrainer, h1: torch.Tensor) -> torch.Tensor | None:
     """Stand-in pixel statistics that are a per-record function of h1 (any scale)."""
     if not tr.cfg.pixel_statistics:
         return None
-    p = tr.arch.pixel_pooled
-    return h1[:, :2 * tr.arch.channels, :p, :p] * 1e3
+    return h1.flatten(1)[:, :tr.embed.pixel_dim] * 1e3
 
 
 def _sums(tr: DPAFTrainer, h1: torch.Tensor, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -84,32 +84,29 @@ def soft_bound(e: torch.Tensor) -> torch.Tensor:
     return e / (1 + e.pow(2).sum(1, keepdim=True)).sqrt()
 
 
-PIXEL_RFF_FEATURES = 2 * 196  # cos and sin of 196 frequencies: as many values as two 14×14 window moments
+PIXEL_RFF_FEATURES = 2 * 196  # default: cos and sin of 196 frequencies, as many values as two 14×14 window moments
 
 
-def pixel_statistics_dim(moments: tuple[str, ...], channels: int, pooled: int) -> int:
-    return sum(PIXEL_RFF_FEATURES if m == "rff" else channels * pooled ** 2 for m in moments)
+def pixel_statistics_dim(moments: tuple[str, ...], channels: int, pooled: int,
+                         rff_features: int = PIXEL_RFF_FEATURES) -> int:
+    return sum(rff_features if m == "rff" else channels * pooled ** 2 for m in moments)
 
 
 @functools.lru_cache(maxsize=8)
-def _pixel_frequencies(d: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+def _pixel_frequencies(d: int, n: int, device: str, dtype: torch.dtype) -> torch.Tensor:
     g = torch.Generator().manual_seed(2)  # public
-    return (torch.randn(d, PIXEL_RFF_FEATURES // 2, generator=g) / (0.3 * math.sqrt(d))).to(device, dtype)
+    return (torch.randn(d, n, generator=g) / (0.3 * math.sqrt(d))).to(device, dtype)
 
 
-def pixel_statistics(x: torch.Tensor, pooled: int, moments: tuple[str, ...] = ("mean", "sq_mean")) -> torch.Tensor:
+def pixel_statistics(x: torch.Tensor, pooled: int, moments: tuple[str, ...] = ("mean", "sq_mean"),
+                     rff_features: int = PIXEL_RFF_FEATURES) -> torch.Tensor:
     """Local statistics of each record's intensity over a pooled grid (a fixed, public map).
 
     Pooled conv2 features barely see fine spatial structure, so a generator can match their
     class means with speckled textures; local means of u pin down the shape. With u = (x+1)/2:
 
     - ``mean``: window mean of u;
-    - ``sq_mean``: window mean of u²; its class mean mixes the spread between records with the
-      spread inside a window, so a generator can match it with speckle instead of diversity;
-    - ``mean_sq``: (window mean of u)²; with ``mean`` its class mean is the spread between
-      records alone, which together with ``sq_mean`` separates diversity from speckle;
-    - ``grad``: window mean of the squared differences to the right and lower neighbours,
-      large for speckle and small inside smooth regions;
+    - ``sq_mean``: window mean of u², so class means also carry the spread of each window;
     - ``rff``: random Fourier features of the whole image u (public seed, Gaussian kernel of
       length 0.3·√pixels): class means of them are kernel mean embeddings, which see how
       pixels vary together, where the window moments only see each window alone.
@@ -122,16 +119,10 @@ def pixel_statistics(x: torch.Tensor, pooled: int, moments: tuple[str, ...] = ("
             parts.append(mean.flatten(1))
         elif m == "sq_mean":
             parts.append(F.adaptive_avg_pool2d(u * u, pooled).flatten(1))
-        elif m == "mean_sq":
-            parts.append((mean * mean).flatten(1))
         elif m == "rff":
             flat = u.flatten(1)
-            proj = flat @ _pixel_frequencies(flat.shape[1], str(flat.device), flat.dtype)
+            proj = flat @ _pixel_frequencies(flat.shape[1], rff_features // 2, str(flat.device), flat.dtype)
             parts.append(0.5 * torch.cat([proj.cos(), proj.sin()], dim=1))
-        elif m == "grad":
-            dx = F.pad(u[..., :, 1:] - u[..., :, :-1], (0, 1, 0, 0))
-            dy = F.pad(u[..., 1:, :] - u[..., :-1, :], (0, 0, 0, 1))
-            parts.append(F.adaptive_avg_pool2d(dx * dx + dy * dy, pooled).flatten(1))
         else:
             raise ValueError(f"unknown pixel moment {m!r}")
     return torch.cat(parts, dim=1)  # (n, pixel_statistics_dim)

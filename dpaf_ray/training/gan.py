@@ -8,7 +8,6 @@ one Poisson sample at rate q, identical for any number of workers (DESIGN §5).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -50,11 +49,6 @@ class GANTrainerBase:
                                               smooth_output=cfg.smooth_output).to(self.device)
         self.conv1 = PublicFeatures(self.arch, public_seed=0).to(self.device)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
-        # Running average of G's weights (post-processing of G): it smooths out the step-to-step
-        # jitter that noisy releases put into G, and it is what a run publishes.
-        self.generator_average: ConditionalGenerator | None = None
-        if cfg.generator_average > 0:
-            self.generator_average = copy.deepcopy(self.generator).requires_grad_(False)
         w, r = self.collective.world_size, self.collective.rank
         self.fake_slice = slice(r * self.fake_batch // w, (r + 1) * self.fake_batch // w)
 
@@ -87,23 +81,11 @@ class GANTrainerBase:
             p.grad = g
         opt.step()
 
-    def update_generator_average(self) -> None:
-        if self.generator_average is None:
-            return
-        with torch.no_grad():
-            for a, p in zip(self.generator_average.parameters(), self.generator.parameters()):
-                a.lerp_(p, 1 - self.cfg.generator_average)
-
-    @property
-    def published_generator(self) -> ConditionalGenerator:
-        """The generator a run writes out and samples from."""
-        return self.generator_average if self.generator_average is not None else self.generator
-
     def sample_images(self, labels: torch.Tensor, seed: int = 12345, batch: int = 500) -> torch.Tensor:
         """Generated images for `labels` (post-processing: no privacy cost)."""
         g = torch.Generator().manual_seed(seed)
         out = []
-        gen = self.published_generator
+        gen = self.generator
         with torch.no_grad():
             for i in range(0, len(labels), batch):
                 y = labels[i:i + batch].to(self.device)
@@ -113,9 +95,7 @@ class GANTrainerBase:
 
     # --- checkpoint state -------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
-        if self.generator_average is None:
-            return {"generator": self.generator}
-        return {"generator": self.generator, "generator_average": self.generator_average}
+        return {"generator": self.generator}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"generator": self.opt_g}
@@ -129,9 +109,6 @@ class GANTrainerBase:
 
     def load_state_dict(self, state: dict) -> None:
         for k, m in self.modules().items():
-            if k == "generator_average" and k not in state["modules"]:  # checkpoint from before averaging
-                m.load_state_dict(state["modules"]["generator"])
-                continue
             m.load_state_dict(state["modules"][k])
         for k, o in self.optimizers().items():
             o.load_state_dict(state["optimizers"][k])

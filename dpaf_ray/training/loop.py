@@ -90,7 +90,6 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
         if (t + 1) % cfg.d_steps_per_g == 0:
             for step in range(cfg.g_steps):
                 stats.update(trainer.g_step(t, step))
-            trainer.update_generator_average()
         t += 1
         if t % cfg.log_every == 0 or t == T:
             eps = ledger.epsilon(cfg.delta)

@@ -61,7 +61,7 @@ def write_outputs(out: Path, result: TrainResult, num_synthetic: int, shape: tup
                   extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     trainer, cfg = result.trainer, result.plan.config
-    gen = trainer.published_generator.eval()
+    gen = trainer.generator.eval()
     save_generator(out / "generator.pt", gen, shape, trainer.num_classes)
     synthetic = generate(gen, num_synthetic, trainer.num_classes, seed=1)
     write_parquet(synthetic, out / "synthetic.parquet")

@@ -117,7 +117,7 @@ def run_trial(config: dict[str, Any]) -> None:
                                     storage_path=static["train_storage"],
                                     report_defaults={"score": float("nan")})
     ledger = result.ledger
-    generator = result.trainer.published_generator.eval()
+    generator = result.trainer.generator.eval()
     synthetic = generate(generator, ss.num_synthetic, train.num_classes, seed=1)
     validation = load_dataset(ss.public_validation, "test", ss.data_root) if ss.public_validation else val
     score = score_trial(synthetic, validation, ledger, score_noise, ss.classifier_epochs, ss.classifier_max_steps)
