@@ -12,7 +12,7 @@ from typing import Any
 
 MODELS = ("dpaf", "dpsgd-gan")
 GRAD_ENGINES = ("functorch", "opacus")
-# Local statistics of u = (x+1)/2 over each pooling window (see models.discriminator.pixel_statistics).
+# Public per-record statistics of u = (x+1)/2 in the pixel block (models.discriminator.pixel_statistics).
 PIXEL_MOMENTS = ("mean", "sq_mean", "rff")
 
 
@@ -54,8 +54,8 @@ class TrainConfig:
     feature_channels: int = 16
     pixel_statistics: bool = True  # public local intensity moments of each record as a second DPAGG block (bench: 47 % → 66 %)
     pixel_moments: str = "mean,sq_mean,rff"  # which public statistics form that block (PIXEL_MOMENTS; rff: bench 65 % → 70 %)
-    z_dim: int = 64
     pixel_rff_features: int = 392  # with "rff" in pixel_moments: number of random Fourier features (even)
+    z_dim: int = 64
     smooth_output: bool = True  # G ends in a fixed 3×3 low-pass filter: no pixel-level speckle (bench: fid_domain 63 → 35)
     # execution
     iterations: int | None = None  # None: derived from the budget (rule 12)

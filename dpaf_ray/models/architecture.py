@@ -20,7 +20,7 @@ class Architecture:
 
     @property
     def pixel_pooled(self) -> int:
-        """Resolution of the public pixel statistics: fine for grayscale, at most 2·C·r² ≈ 400 values."""
+        """Grid of the public window statistics: fine for grayscale, at most 2·C·r² ≈ 400 values."""
         return 14 if self.size == 28 else 8
 
 

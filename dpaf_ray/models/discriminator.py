@@ -100,7 +100,7 @@ def _pixel_frequencies(d: int, n: int, device: str, dtype: torch.dtype) -> torch
 
 def pixel_statistics(x: torch.Tensor, pooled: int, moments: tuple[str, ...] = ("mean", "sq_mean"),
                      rff_features: int = PIXEL_RFF_FEATURES) -> torch.Tensor:
-    """Local statistics of each record's intensity over a pooled grid (a fixed, public map).
+    """Statistics of each record's intensity: a fixed, public per-record map (like conv1).
 
     Pooled conv2 features barely see fine spatial structure, so a generator can match their
     class means with speckled textures; local means of u pin down the shape. With u = (x+1)/2:

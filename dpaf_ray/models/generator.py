@@ -10,7 +10,8 @@ from .architecture import Architecture
 
 class ConditionalGenerator(nn.Module):
     """DCGAN-style upsampling generator; GroupNorm (per-sample) so sharding the
-    generated batch over workers does not change any sample."""
+    generated batch over workers does not change any sample. Its architecture, including
+    the optional output low-pass, is public: G never reads private data."""
 
     def __init__(self, arch: Architecture, num_classes: int, z_dim: int = 64, smooth_output: bool = False) -> None:
         super().__init__()

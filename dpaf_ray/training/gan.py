@@ -85,12 +85,13 @@ class GANTrainerBase:
         """Generated images for `labels` (post-processing: no privacy cost)."""
         g = torch.Generator().manual_seed(seed)
         out = []
-        gen = self.generator
+        self.generator.eval()
         with torch.no_grad():
             for i in range(0, len(labels), batch):
                 y = labels[i:i + batch].to(self.device)
                 z = torch.randn(len(y), self.cfg.z_dim, generator=g).to(self.device)
-                out.append(gen(z, y).cpu())
+                out.append(self.generator(z, y).cpu())
+        self.generator.train()
         return torch.cat(out) if out else torch.zeros(0, *self.shard.shape)
 
     # --- checkpoint state -------------------------------------------------------------
