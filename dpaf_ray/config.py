@@ -91,8 +91,8 @@ class TrainConfig:
                 bad(name, f"must be > 0, got {v}")
         if not (0 <= self.feature_ema < 1):
             bad("feature_ema", f"must lie in [0, 1), got {self.feature_ema}")
-        moments = [m.strip() for m in str(self.pixel_moments).split(",")]
-        if not moments or any(m not in PIXEL_MOMENTS for m in moments) or len(set(moments)) != len(moments):
+        moments = self.pixel_moment_names
+        if any(m not in PIXEL_MOMENTS for m in moments) or len(set(moments)) != len(moments):
             bad("pixel_moments", f"must be distinct names from {PIXEL_MOMENTS} separated by commas, "
                 f"got {self.pixel_moments!r}; e.g. --pixel-moments mean,sq_mean")
         for name in ("head_weight", "feature_matching", "pixel_matching", "adversarial_weight"):
@@ -116,6 +116,10 @@ class TrainConfig:
             bad("batch_size", f"B = {self.batch_size} exceeds the {n_records} training records (q = B/N > 1); "
                 "lower --batch-size")
         return self
+
+    @property
+    def pixel_moment_names(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in str(self.pixel_moments).split(","))
 
     def sampling_rate(self, n_records: int) -> float:
         return self.batch_size / n_records

@@ -112,11 +112,10 @@ def pixel_statistics(x: torch.Tensor, pooled: int, moments: tuple[str, ...] = ("
       pixels vary together, where the window moments only see each window alone.
     """
     u = (x + 1) / 2  # [0, 1]: background 0, so u² is small where the image is empty
-    mean = F.adaptive_avg_pool2d(u, pooled)
     parts = []
     for m in moments:
         if m == "mean":
-            parts.append(mean.flatten(1))
+            parts.append(F.adaptive_avg_pool2d(u, pooled).flatten(1))
         elif m == "sq_mean":
             parts.append(F.adaptive_avg_pool2d(u * u, pooled).flatten(1))
         elif m == "rff":

@@ -30,8 +30,7 @@ class DPAFTrainer(GANTrainerBase):
         cfg = self.cfg
         self.private = PrivateFeatures(self.arch, self.conv1.out_channels, self.num_classes,
                                        cfg.feature_channels).to(self.device)
-        self.pixel_moments = tuple(m.strip() for m in cfg.pixel_moments.split(","))
-        pixel_dim = (pixel_statistics_dim(self.pixel_moments, self.arch.channels, self.arch.pixel_pooled,
+        pixel_dim = (pixel_statistics_dim(cfg.pixel_moment_names, self.arch.channels, self.arch.pixel_pooled,
                                          cfg.pixel_rff_features)
                      if cfg.pixel_statistics else 0)
         self.embed = RecordEmbedding(cfg.embedding, cfg.feature_channels, self.arch.pooled,
@@ -66,7 +65,7 @@ class DPAFTrainer(GANTrainerBase):
     def pixels(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.cfg.pixel_statistics:
             return None
-        return pixel_statistics(x, self.arch.pixel_pooled, self.pixel_moments, self.cfg.pixel_rff_features)
+        return pixel_statistics(x, self.arch.pixel_pooled, self.cfg.pixel_moment_names, self.cfg.pixel_rff_features)
 
     def bounded(self, h1: torch.Tensor, y: torch.Tensor, pix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         phi, logit = self.private(h1, y)
