@@ -41,6 +41,7 @@ class TrainConfig:
     kappa: float = 1.0
     lr_d: float = 2e-4
     lr_g: float = 1.5e-4  # bench/results/full_900: mean over seeds 64.8 % at 1e-3 (3 seeds), 67.4 % at 3e-4, 69.7 % at 1.5e-4 (4 each)
+    lr_g_schedule: str = "constant"  # "cosine": G's lr decays to lr_g/10 at the last planned iteration
     d_steps_per_g: int = 1
     g_steps: int = 1  # generator steps per G phase: post-processing of released values, no privacy cost
     adversarial_weight: float = 1.0  # weight of the rear's real/fake loss in G's objective
@@ -56,6 +57,7 @@ class TrainConfig:
     pixel_moments: str = "mean,sq_mean,rff"  # which public statistics form that block (PIXEL_MOMENTS; rff: bench 65 % → 70 %)
     pixel_rff_features: int = 392  # with "rff" in pixel_moments: number of random Fourier features (even)
     z_dim: int = 64
+    upsample: str = "nearest"  # G's ×2 upsampling: "nearest" or "bilinear" (public architecture)
     smooth_output: bool = True  # G ends in a fixed 3×3 low-pass filter: no pixel-level speckle (bench: fid_domain 63 → 35)
     # execution
     iterations: int | None = None  # None: derived from the budget (rule 12)
@@ -98,6 +100,10 @@ class TrainConfig:
         for name in ("head_weight", "feature_matching", "pixel_matching", "adversarial_weight"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.lr_g_schedule not in ("constant", "cosine"):
+            bad("lr_g_schedule", f"must be 'constant' or 'cosine', got {self.lr_g_schedule!r}")
+        if self.upsample not in ("nearest", "bilinear"):
+            bad("upsample", f"must be 'nearest' or 'bilinear', got {self.upsample!r}")
         if self.grouping not in ("class", "mixed"):
             bad("grouping", f"must be 'class' or 'mixed', got {self.grouping!r}")
         if self.embedding not in ("linear", "moments", "rff"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpaf_ray.config import TrainConfig
+from dpaf_ray.config import ConfigError, TrainConfig
 from dpaf_ray.data.dataset import ImageDataset
 from dpaf_ray.models.architecture import SUPPORTED_SHAPES
 from dpaf_ray.models.discriminator import PIXEL_RFF_FEATURES
@@ -151,6 +151,52 @@ def test_smooth_output_cannot_draw_a_pixel_checkerboard(tmp_path):
     loaded = load_generator(tmp_path / "g.pt")
     z, y = torch.randn(4, g.z_dim), torch.tensor([0, 1, 2, 0])
     assert loaded.smooth_output and torch.allclose(loaded(z, y), g.eval()(z, y))
+
+
+def test_generator_upsampling_mode_is_validated_and_saved(tmp_path):
+    from dpaf_ray.models.architecture import architecture_for
+    from dpaf_ray.models.generator import ConditionalGenerator
+    from dpaf_ray.training.outputs import load_generator, save_generator
+
+    with pytest.raises(ConfigError, match="--upsample"):
+        TrainConfig(upsample="bicubic").validate()
+    arch = architecture_for((3, 32, 32))
+    g = ConditionalGenerator(arch, 3, upsample="bilinear")
+    save_generator(tmp_path / "g.pt", g, (3, 32, 32), 3)
+    loaded = load_generator(tmp_path / "g.pt")
+    z, y = torch.randn(4, g.z_dim), torch.tensor([0, 1, 2, 0])
+    assert loaded.upsample == "bilinear" and torch.allclose(loaded(z, y), g.eval()(z, y))
+    nearest = ConditionalGenerator(arch, 3)
+    nearest.load_state_dict(g.state_dict())  # same weights, different (public) upsampling
+    assert not torch.allclose(nearest.eval()(z, y), g(z, y))
+
+
+def test_cosine_generator_lr_follows_the_planned_iterations_and_costs_no_privacy(monkeypatch):
+    import dpaf_ray.training.loop as loop_mod
+
+    ds = random_images((1, 28, 28), n=100)
+    common = dict(batch_size=16, group_size=8, seed=3, feature_channels=4, iterations=4, epsilon=50,
+                  num_threads=1, log_every=2, checkpoint_every=2)
+    trainers = []
+    original = loop_mod.make_trainer
+    monkeypatch.setattr(loop_mod, "make_trainer", lambda *a, **k: trainers.append(original(*a, **k)) or trainers[-1])
+    lrs: dict[str, list[float]] = {}
+    ledgers = {}
+    for schedule in ("constant", "cosine"):
+        seen: list[float] = []
+        # before_iteration(t) runs before the loop sets iteration t's lr: it sees iteration t-1's
+        res = train_loop(plan_training(TrainConfig(**common, lr_g_schedule=schedule), len(ds)), ds, len(ds),
+                         progress=None,
+                         before_iteration=lambda t: t and seen.append(trainers[-1].opt_g.param_groups[0]["lr"]))
+        lrs[schedule] = seen + [res.trainer.opt_g.param_groups[0]["lr"]]
+        ledgers[schedule] = res.ledger.entries
+    lr = TrainConfig().lr_g
+    assert lrs["constant"] == pytest.approx([lr] * 4)
+    assert lrs["cosine"][0] == pytest.approx(lr) and lrs["cosine"][-1] == pytest.approx(lr / 10)
+    assert all(a > b for a, b in zip(lrs["cosine"], lrs["cosine"][1:]))
+    assert ledgers["cosine"] == ledgers["constant"]  # G's schedule is post-processing
+    with pytest.raises(ConfigError, match="--lr-g-schedule"):
+        TrainConfig(lr_g_schedule="linear").validate()
 
 
 @pytest.mark.slow

@@ -7,16 +7,21 @@ from torch.nn import functional as F
 
 from .architecture import Architecture
 
+UPSAMPLE_MODES = ("nearest", "bilinear")
+
 
 class ConditionalGenerator(nn.Module):
     """DCGAN-style upsampling generator; GroupNorm (per-sample) so sharding the
     generated batch over workers does not change any sample. Its architecture, including
     the optional output low-pass, is public: G never reads private data."""
 
-    def __init__(self, arch: Architecture, num_classes: int, z_dim: int = 64, smooth_output: bool = False) -> None:
+    def __init__(self, arch: Architecture, num_classes: int, z_dim: int = 64, smooth_output: bool = False,
+                 upsample: str = "nearest") -> None:
         super().__init__()
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
         self.arch, self.num_classes, self.z_dim = arch, num_classes, z_dim
-        self.smooth_output = smooth_output
+        self.smooth_output, self.upsample = smooth_output, upsample
         w = arch.gen_width
         self.label_embedding = nn.Embedding(num_classes, z_dim)
         self.stem = nn.Sequential(nn.Linear(2 * z_dim, w * arch.gen_start ** 2), nn.LeakyReLU(0.2))
@@ -24,7 +29,9 @@ class ConditionalGenerator(nn.Module):
         for _ in range(arch.gen_blocks):
             out = max(16, w // 2)
             blocks += [
-                nn.Upsample(scale_factor=2, mode="nearest"),
+                # bilinear: nearest doubling leaves a block grid that the 3×3 conv turns into a
+                # cross-hatch at the 4-pixel period of two doublings
+                nn.Upsample(scale_factor=2, mode=upsample, **({} if upsample == "nearest" else {"align_corners": False})),
                 nn.Conv2d(w, out, 3, padding=1),
                 nn.GroupNorm(min(8, out // 4), out),
                 nn.LeakyReLU(0.2),

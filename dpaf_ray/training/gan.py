@@ -8,6 +8,7 @@ one Poisson sample at rate q, identical for any number of workers (DESIGN §5).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,7 @@ class GANTrainerBase:
         self.arch = architecture_for(shard.shape)
         torch.manual_seed(cfg.seed)  # model initialisation only; identical on every rank
         self.generator = ConditionalGenerator(self.arch, self.num_classes, cfg.z_dim,
-                                              smooth_output=cfg.smooth_output).to(self.device)
+                                              smooth_output=cfg.smooth_output, upsample=cfg.upsample).to(self.device)
         self.conv1 = PublicFeatures(self.arch, public_seed=0).to(self.device)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
         w, r = self.collective.world_size, self.collective.rank
@@ -71,6 +72,15 @@ class GANTrainerBase:
 
     def noise_generator(self, t: int, release: str) -> torch.Generator:
         return stream(self.cfg.seed, "noise/" + release, t)
+
+    def set_generator_lr(self, t: int, T: int) -> None:
+        """G's learning rate at iteration t of T: a public schedule (G only post-processes
+        released values), a function of t alone so a resumed run follows the same curve."""
+        lr = self.cfg.lr_g
+        if self.cfg.lr_g_schedule == "cosine" and T > 1:
+            lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / (T - 1)))
+        for group in self.opt_g.param_groups:
+            group["lr"] = lr
 
     # --- replicated updates ---------------------------------------------------------
     def step_replicated(self, module: nn.Module, opt: torch.optim.Optimizer) -> None:

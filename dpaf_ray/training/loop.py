@@ -86,6 +86,7 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
                 save(sink, trainer, ledger, history, t, cfg.delta)
         if before_iteration is not None:
             before_iteration(t)
+        trainer.set_generator_lr(t, T)
         stats.update(trainer.d_iteration(t))
         if (t + 1) % cfg.d_steps_per_g == 0:
             for step in range(cfg.g_steps):

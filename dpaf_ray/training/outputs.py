@@ -36,13 +36,15 @@ def privacy_report(cfg: TrainConfig, ledger: PrivacyLedger, extra: dict[str, Any
 
 def save_generator(path: Path, generator: ConditionalGenerator, shape: tuple[int, int, int], num_classes: int) -> None:
     torch.save({"state_dict": generator.state_dict(), "shape": list(shape), "num_classes": num_classes,
-                "z_dim": generator.z_dim, "smooth_output": generator.smooth_output}, path)
+                "z_dim": generator.z_dim, "smooth_output": generator.smooth_output,
+                "upsample": generator.upsample}, path)
 
 
 def load_generator(path: str | Path) -> ConditionalGenerator:
     blob = torch.load(path, map_location="cpu", weights_only=False)
     g = ConditionalGenerator(architecture_for(tuple(blob["shape"])), blob["num_classes"], blob["z_dim"],
-                             smooth_output=blob.get("smooth_output", False))
+                             smooth_output=blob.get("smooth_output", False),
+                             upsample=blob.get("upsample", "nearest"))
     g.load_state_dict(blob["state_dict"])
     g.eval()
     return g
