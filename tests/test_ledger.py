@@ -352,3 +352,20 @@ def test_crash_inside_a_window_never_under_counts(tmp_path, monkeypatch):
     assert res.iterations_done == T
     charged = sum(e.count for e in res.ledger.entries)
     assert charged >= len(executed), f"{len(executed)} iterations ran, {charged} charged"
+
+
+def test_alternating_mechanisms_compose_like_the_same_events_in_order():
+    """k > 1 alternates two mechanisms; ε must equal composing every executed event in order."""
+    led = PrivacyLedger()
+    for i in range(60):
+        led.charge_poisson_gaussian(0.01, 0.8 if i % 2 == 0 else 1.3)
+    led.charge_gaussian(20.0)
+    led.charge_poisson_gaussian(0.01, 0.8)
+    assert len(led.entries) == 62  # the ledger keeps the executed order
+    acc = dp_accounting.rdp.RdpAccountant(list(led.orders))
+    for e in led.entries:
+        acc.compose(e.dp_event())
+    assert led.epsilon(DELTA) == pytest.approx(acc.get_epsilon(DELTA), rel=1e-9)
+    check_against_independent(
+        PrivacyLedger([e for e in led.entries if isinstance(e, PoissonGaussian)]),
+        [(0.01, 0.8, 31), (0.01, 1.3, 30)], DELTA)

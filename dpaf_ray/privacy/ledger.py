@@ -116,8 +116,32 @@ def entry_from_json(d: dict[str, Any]) -> Entry:
     raise ValueError(f"unknown ledger entry kind {kind!r}")
 
 
+def coalesced(entries: Iterable[Entry]) -> list[Entry]:
+    """The same composition with each repeated mechanism counted once.
+
+    RDP composition is commutative, so a schedule that alternates two mechanisms
+    (k > 1: DPAGG-only iterations between shared-sample ones) costs two RDP evaluations
+    instead of one per iteration.
+    """
+    counts: dict[tuple, int] = {}
+    first: dict[tuple, Entry] = {}
+    rest: list[Entry] = []
+    for e in entries:
+        if isinstance(e, PoissonGaussian):
+            key: tuple = ("poisson_gaussian", e.sampling_rate, e.noise_multiplier)
+        elif isinstance(e, Gaussian):
+            key = ("gaussian", e.noise_multiplier)
+        else:
+            rest.append(e)
+            continue
+        counts[key] = counts.get(key, 0) + e.count
+        first.setdefault(key, e)
+    return [_with_count(first[k], n) for k, n in counts.items()] + rest  # type: ignore[arg-type]
+
+
 def rdp_curve(entries: Iterable[Entry], orders: Sequence[float] = RDP_ORDERS) -> np.ndarray:
     """RDP of the composition of `entries` at `orders` (add/remove-one neighbours)."""
+    entries = coalesced(entries)
     acc = dp_accounting.rdp.RdpAccountant(list(orders))
     absl_log = logging.getLogger("absl")
     level = absl_log.level
