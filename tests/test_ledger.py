@@ -133,7 +133,7 @@ def per_iteration_sigmas(ledger: PrivacyLedger) -> list[tuple[float, float]]:
 def test_dpaf_iteration_is_charged_as_one_poisson_gaussian_with_sigma_eff(monkeypatch):
     N, B, T, s_agg, s_sgd = 64, 8, 20, 2.0, 1.0
     ds = tiny_dataset(N)
-    plan = plan_training(make_cfg(batch_size=B, iterations=T, sigma_agg=s_agg, sigma_sgd=s_sgd), N)
+    plan = plan_training(make_cfg(batch_size=B, iterations=T, sigma_agg=s_agg, sigma_sgd=s_sgd, sgd_every=1), N)
     sgd_at: list[int] = []
     orig = DPAFTrainer.private_update
 
@@ -282,9 +282,11 @@ def test_privacy_report_lets_anyone_recompute_epsilon(cli_run, capsys):
     assert sum(e["count"] for e in events) == 20
     n_train = 3600  # mnist-5k: 4,000 train records minus the 10 % private validation split
     s_eff = (2.0 ** -2 + 1.0 ** -2) ** -0.5
+    k = TrainConfig().sgd_every  # conv2 (σ_eff) on iterations 0, k, 2k, ...; DPAGG alone (σ_agg = 2) between
+    sigmas = [e["noise_multiplier"] for e in events for _ in range(e["count"])]
+    assert sigmas == pytest.approx([s_eff if t % k == 0 else 2.0 for t in range(20)])
     for e in events:
         assert e["sampling_rate"] == pytest.approx(32 / n_train)
-        assert e["noise_multiplier"] == pytest.approx(s_eff)
 
     # 1) our own accountant, from the events alone
     eps = report["epsilon"]

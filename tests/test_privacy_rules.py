@@ -521,7 +521,7 @@ def test_train_loop_charges_and_executes_every_iteration_including_empty_ones(mo
 
 
 def test_clipped_sum_holds_exactly_the_real_records(monkeypatch):
-    tr = make_trainer(DS, batch_size=8, group_size=4)
+    tr = make_trainer(DS, batch_size=8, group_size=4, sgd_every=1)  # conv2's release on every iteration
     seen = _capture_clip_inputs(monkeypatch, dpaf_module)
     sizes = []
     for t in range(6):
