@@ -48,7 +48,7 @@ from dpaf_ray.training.run import run_train  # noqa: E402
 # The §3a knobs are given explicitly in every candidate so that changing the TrainConfig
 # defaults does not silently change what a row means.
 NAIVE = dict(grouping="mixed", embedding="linear", head_weight=0.0, feature_matching=0.0, pixel_statistics=False,
-             pixel_moments="mean,sq_mean", smooth_output=False)
+             pixel_moments="mean,sq_mean", smooth_output=False, lr_g=1e-3, sgd_every=1)
 CANDIDATES: list[tuple[str, str, dict]] = [
     ("a_naive", "mixed groups, linear features, no head, no FM", NAIVE),
     ("b_class", "class-pure groups", {**NAIVE, "grouping": "class"}),
@@ -66,10 +66,15 @@ CANDIDATES: list[tuple[str, str, dict]] = [
     ("l_pixels_rff", "k + random Fourier features of the image in the pixel block",
      {**NAIVE, "grouping": "class", "embedding": "moments", "feature_matching": 10.0, "pixel_statistics": True,
       "pixel_matching": 10.0, "pixel_moments": "mean,sq_mean,rff"}),
-    ("m_pixels_rff_smooth", "l + a fixed low-pass at G's output (the default)",
+    ("m_pixels_rff_smooth", "l + a fixed low-pass at G's output",
      {**NAIVE, "grouping": "class", "embedding": "moments", "feature_matching": 10.0, "pixel_statistics": True,
       "pixel_matching": 10.0, "pixel_moments": "mean,sq_mean,rff", "smooth_output": True}),
-    ("g_dpsgd_gan", "DP-SGD GAN baseline (same G, D without DPAGG)", {"model": "dpsgd-gan"}),
+    ("n_default", "m + lr_g 1.5e-4 + conv2 released every 2nd iteration (the default)",
+     {**NAIVE, "grouping": "class", "embedding": "moments", "feature_matching": 10.0, "pixel_statistics": True,
+      "pixel_matching": 10.0, "pixel_moments": "mean,sq_mean,rff", "smooth_output": True, "lr_g": 1.5e-4,
+      "sgd_every": 2}),
+    ("g_dpsgd_gan", "DP-SGD GAN baseline (same G, D without DPAGG)",
+     {"model": "dpsgd-gan", "smooth_output": False, "lr_g": 1e-3}),
 ]
 OPTIONAL: list[tuple[str, str, dict]] = [
     ("j_rff_fm", "class + rff + feature matching, no head",
