@@ -33,7 +33,7 @@ class TrainConfig:
     # DESIGN §4 knobs
     batch_size: int = 256  # B = qN, expected real records per iteration
     group_size: int = 128  # b
-    sgd_every: int = 2  # k; bench/results/full_900: 4 seeds at 900 it. mean 71.5 % at k = 2 against 69.7 % at k = 1
+    sgd_every: int = 2  # k; bench/results/k2_900: 5 seeds at 900 it., mean 71.1 % at k = 2 against 69.3 % at k = 1
     sigma_agg: float = 2.0
     sigma_sgd: float = 1.0
     clip_agg: float = 1.0  # C_agg
