@@ -14,6 +14,8 @@ MODELS = ("dpaf", "dpsgd-gan")
 GRAD_ENGINES = ("functorch", "opacus")
 # Public per-record statistics of u = (x+1)/2 in the pixel block (models.discriminator.pixel_statistics).
 PIXEL_MOMENTS = ("mean", "sq_mean", "rff")
+UPSAMPLE_MODES = ("nearest", "bilinear")  # G's ×2 upsampling (models.generator)
+LR_G_SCHEDULES = ("constant", "cosine")  # G's learning rate over the planned iterations (training.gan)
 
 
 class ConfigError(ValueError):
@@ -100,10 +102,10 @@ class TrainConfig:
         for name in ("head_weight", "feature_matching", "pixel_matching", "adversarial_weight"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.lr_g_schedule not in ("constant", "cosine"):
-            bad("lr_g_schedule", f"must be 'constant' or 'cosine', got {self.lr_g_schedule!r}")
-        if self.upsample not in ("nearest", "bilinear"):
-            bad("upsample", f"must be 'nearest' or 'bilinear', got {self.upsample!r}")
+        if self.lr_g_schedule not in LR_G_SCHEDULES:
+            bad("lr_g_schedule", f"must be one of {LR_G_SCHEDULES}, got {self.lr_g_schedule!r}")
+        if self.upsample not in UPSAMPLE_MODES:
+            bad("upsample", f"must be one of {UPSAMPLE_MODES}, got {self.upsample!r}")
         if self.grouping not in ("class", "mixed"):
             bad("grouping", f"must be 'class' or 'mixed', got {self.grouping!r}")
         if self.embedding not in ("linear", "moments", "rff"):

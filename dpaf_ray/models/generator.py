@@ -5,9 +5,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..config import UPSAMPLE_MODES
 from .architecture import Architecture
-
-UPSAMPLE_MODES = ("nearest", "bilinear")
 
 
 class ConditionalGenerator(nn.Module):
@@ -31,7 +30,7 @@ class ConditionalGenerator(nn.Module):
             blocks += [
                 # bilinear: nearest doubling leaves a block grid that the 3×3 conv turns into a
                 # cross-hatch at the 4-pixel period of two doublings
-                nn.Upsample(scale_factor=2, mode=upsample, **({} if upsample == "nearest" else {"align_corners": False})),
+                nn.Upsample(scale_factor=2, mode=upsample),
                 nn.Conv2d(w, out, 3, padding=1),
                 nn.GroupNorm(min(8, out // 4), out),
                 nn.LeakyReLU(0.2),

@@ -123,20 +123,17 @@ def coalesced(entries: Iterable[Entry]) -> list[Entry]:
     (k > 1: DPAGG-only iterations between shared-sample ones) costs two RDP evaluations
     instead of one per iteration.
     """
-    counts: dict[tuple, int] = {}
-    first: dict[tuple, Entry] = {}
+    merged: dict[tuple, PoissonGaussian | Gaussian] = {}
     rest: list[Entry] = []
     for e in entries:
-        if isinstance(e, PoissonGaussian):
-            key: tuple = ("poisson_gaussian", e.sampling_rate, e.noise_multiplier)
-        elif isinstance(e, Gaussian):
-            key = ("gaussian", e.noise_multiplier)
-        else:
+        key = _mechanism_key(e)
+        if key is None:
             rest.append(e)
-            continue
-        counts[key] = counts.get(key, 0) + e.count
-        first.setdefault(key, e)
-    return [_with_count(first[k], n) for k, n in counts.items()] + rest  # type: ignore[arg-type]
+        elif key in merged:
+            merged[key] = _with_count(merged[key], merged[key].count + e.count)  # type: ignore[union-attr]
+        else:
+            merged[key] = e  # type: ignore[assignment]
+    return [*merged.values(), *rest]
 
 
 def rdp_curve(entries: Iterable[Entry], orders: Sequence[float] = RDP_ORDERS) -> np.ndarray:
@@ -189,7 +186,7 @@ class PrivacyLedger:
         if entry.noise_multiplier <= 0 or not math.isfinite(entry.noise_multiplier):
             raise PrivacyConfigError(f"noise multiplier must be > 0, got {entry.noise_multiplier}")
         last = self.entries[-1] if self.entries else None
-        if type(last) is type(entry) and _same_mechanism(last, entry):
+        if last is not None and _mechanism_key(last) == _mechanism_key(entry):
             self.entries[-1] = _with_count(last, last.count + entry.count)  # type: ignore[arg-type]
         else:
             self.entries.append(entry)
@@ -234,12 +231,13 @@ class PrivacyLedger:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
-def _same_mechanism(a: Entry, b: Entry) -> bool:
-    if isinstance(a, PoissonGaussian) and isinstance(b, PoissonGaussian):
-        return a.sampling_rate == b.sampling_rate and a.noise_multiplier == b.noise_multiplier
-    if isinstance(a, Gaussian) and isinstance(b, Gaussian):
-        return a.noise_multiplier == b.noise_multiplier
-    return False
+def _mechanism_key(e: Entry) -> tuple | None:
+    """What identifies a mechanism apart from its count; None for entries that never merge."""
+    if isinstance(e, PoissonGaussian):
+        return ("poisson_gaussian", e.sampling_rate, e.noise_multiplier)
+    if isinstance(e, Gaussian):
+        return ("gaussian", e.noise_multiplier)
+    return None
 
 
 def _with_count(e: PoissonGaussian | Gaussian, count: int) -> PoissonGaussian | Gaussian:
