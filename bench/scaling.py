@@ -23,8 +23,9 @@ import ray
 
 from dpaf_ray.config import TrainConfig
 from dpaf_ray.distributed.ray_train import fit_with_ray_train
+from dpaf_ray.data.splits import SPLIT_LABEL
 from dpaf_ray.training.loop import train_loop
-from dpaf_ray.training.run import prepare
+from dpaf_ray.run import prepare
 
 
 def timed(fn) -> float:
@@ -45,22 +46,26 @@ def main() -> None:
         cfg = TrainConfig(dataset=args.dataset, epsilon=50, iterations=t, seed=0, batch_size=args.batch_size,
                           group_size=min(128, args.batch_size), num_threads=1, checkpoint_every=max(t, 1),
                           log_every=max(t, 1))
-        _, train, _, p = prepare(cfg)
-        return p, train
+        _, data, p, secret = prepare(cfg)
+        return p, data, secret
 
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     tmp = Path(tempfile.mkdtemp())
+    def ray(w: int):
+        return lambda p, d, s: fit_with_ray_train(p, d, w, out=tmp / f"w{w}-{p.iterations}", progress=None,
+                                                  secret=s, split_key=s.child(SPLIT_LABEL))
+
     settings = {
-        "in-process": lambda p, d: train_loop(p, d, len(d), progress=None),
-        "ray W=1": lambda p, d: fit_with_ray_train(p, d, 1, out=tmp / f"w1-{p.iterations}", progress=None),
-        "ray W=2": lambda p, d: fit_with_ray_train(p, d, 2, out=tmp / f"w2-{p.iterations}", progress=None),
+        "in-process": lambda p, d, s: train_loop(p, d.train, len(d.train), progress=None, secret=s),
+        "ray W=1": ray(1),
+        "ray W=2": ray(2),
     }
     rows = {}
     for name, run in settings.items():
-        p1, d = plan(args.t1)
-        p2, _ = plan(args.t2)
-        a = timed(lambda: run(p1, d))
-        b = timed(lambda: run(p2, d))
+        p1, d, s1 = plan(args.t1)
+        p2, _, s2 = plan(args.t2)
+        a = timed(lambda: run(p1, d, s1))
+        b = timed(lambda: run(p2, d, s2))
         per_iter = (b - a) / (args.t2 - args.t1)
         rows[name] = {"seconds_per_iteration": per_iter, "iterations_per_second": 1 / per_iter,
                       "startup_seconds": a - args.t1 * per_iter}

@@ -66,7 +66,7 @@ def main() -> None:
 def compare_trained(args: argparse.Namespace) -> dict:
     from dpaf_ray.config import TrainConfig
     from dpaf_ray.evaluation.run import evaluate_run
-    from dpaf_ray.training.run import run_train
+    from dpaf_ray.run import run_train
     from dpaf_ray.tuning.search_space import load_search_space
     from dpaf_ray.tuning.tuner import run_search
 

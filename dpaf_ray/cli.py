@@ -10,10 +10,11 @@ from typing import Any, Sequence
 
 from .config import ConfigError, TrainConfig
 from .data.dataset import DataError
+from .evaluation.run import EvaluationError
 from .privacy.ledger import PrivacyConfigError
 
 _TYPES = {"data_root": str, "seed": int, "iterations": int, "max_iterations": int,
-          "time_budget_minutes": float, "num_threads": int}
+          "time_budget_minutes": float, "num_threads": int, "num_classes": int}
 _HIDDEN = {"extra_fixed_releases"}
 _HELP = {
     "batch_size": "B = qN, expected real records per iteration",
@@ -24,7 +25,9 @@ _HELP = {
     "clip_agg": "C_agg, per-record feature bound",
     "clip_sgd": "C_sgd, per-record gradient bound",
     "iterations": "fixed T (default: derived from the budget)",
-    "seed": "makes a run reproducible (default: a cryptographic random seed)",
+    "seed": "public seed of initialisation and generated codes only; the noise comes from a secret (default: random)",
+    "reproducible_noise": "tests and benchmarks only: derive the noise from --seed; the run is then NOT private",
+    "num_classes": "public number of classes (Parquet tables without it in their metadata)",
     "time_budget_minutes": "stop early at a checkpoint boundary; the ledger stays exact",
 }
 
@@ -61,17 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     t.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left in --out")
 
-    e = sub.add_parser("evaluate", help="downstream accuracy, FID and diversity of a trained generator")
-    e.add_argument("run_dir")
+    e = sub.add_parser("evaluate", help="downstream accuracy, FID and diversity of a trained generator "
+                       "(a benchmark on real data: its results are not private and never enter release/)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("run_dir", help="a run directory (its release/generator.pt is evaluated)")
     e.add_argument("--test-data", required=True, help="data set name or path; its test split is used")
     e.add_argument("--train-data", default=None, help="real training data for the domain-FID classifier "
                    "(default: the train split of --test-data)")
-    e.add_argument("--data-root", default=None)
-    e.add_argument("--num-synthetic", type=int, default=60_000)
-    e.add_argument("--epochs", type=int, default=3)
-    e.add_argument("--max-train-records", type=int, default=None)
+    e.add_argument("--data-root", default=None, help="root of torchvision data sets")
+    e.add_argument("--num-synthetic", type=int, default=60_000, help="synthetic images to train the CNN on")
+    e.add_argument("--epochs", type=int, default=3, help="epochs of the downstream CNN")
+    e.add_argument("--max-train-records", type=int, default=None, help="cap on each CNN's training set")
     e.add_argument("--inception-weights", default=None, help="local Inception-V3 weights (or DPAF_INCEPTION_WEIGHTS)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="seed of the evaluation (synthetic draw, CNN)")
+    e.add_argument("--out", default=None, help="results file (default: RUN_DIR/evaluation/evaluation-<time>.json)")
 
     pr = sub.add_parser("privacy", help="recompute ε from a privacy_report.json")
     pr.add_argument("report")
@@ -83,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            from .training.run import run_train
+            from .run import run_train
 
             cfg = config_from_args(args)
             run_train(cfg, args.out, args.num_synthetic, args.num_workers, args.use_gpu, args.address,
@@ -93,16 +99,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             metrics = evaluate_run(Path(args.run_dir), args.test_data, args.train_data, args.data_root,
                                    args.num_synthetic, args.epochs, args.max_train_records,
-                                   args.inception_weights, args.seed)
+                                   args.inception_weights, args.seed, out=args.out, progress=print)
             print(json.dumps(metrics, indent=1))
         elif args.command == "privacy":
-            from .privacy.ledger import PrivacyLedger
+            from .privacy.report import recompute
 
             report: dict[str, Any] = json.loads(Path(args.report).read_text())
-            delta = args.delta if args.delta is not None else report["delta"]
-            eps = PrivacyLedger.from_json(report).epsilon(delta)
-            print(json.dumps({"epsilon": eps, "delta": delta, "reported_epsilon": report.get("epsilon")}))
-    except (ConfigError, DataError, PrivacyConfigError) as err:
+            result = recompute(report, args.delta)
+            if not result["private"]:
+                print(result["warning"], file=sys.stderr)
+            print(json.dumps(result))
+    except (ConfigError, DataError, PrivacyConfigError, EvaluationError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -31,7 +31,9 @@ class TrainConfig:
     delta: float = 1e-5
     validation_fraction: float = 0.1
     model: str = "dpaf"
-    seed: int | None = None  # None: drawn from a cryptographic RNG (the noise must not be predictable)
+    seed: int | None = None  # public randomness only (initialisation, generated codes); None: drawn at random
+    reproducible_noise: bool = False  # tests/benchmarks: noise derived from the public seed; the run is NOT private
+    num_classes: int | None = None  # public class count, for sources without metadata (Parquet)
     # DESIGN §4 knobs
     batch_size: int = 256  # B = qN, expected real records per iteration
     group_size: int = 128  # b
@@ -75,6 +77,10 @@ class TrainConfig:
         def bad(opt: str, msg: str) -> None:
             raise ConfigError(f"--{opt.replace('_', '-')}: {msg}")
 
+        if self.reproducible_noise and self.seed is None:
+            bad("reproducible_noise", "needs --seed S (the noise is then derived from S, and the run is not private)")
+        if self.num_classes is not None and int(self.num_classes) < 2:
+            bad("num_classes", f"must be an integer >= 2, got {self.num_classes}")
         if self.model not in MODELS:
             bad("model", f"must be one of {MODELS}, got {self.model!r}")
         if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):

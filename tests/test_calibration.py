@@ -19,7 +19,7 @@ from dpaf_ray.privacy.calibration import (
 )
 from dpaf_ray.privacy.ledger import PoissonGaussian, PrivacyConfigError, PrivacyLedger
 from dpaf_ray.training.plan import plan_training
-from dpaf_ray.training.run import prepare
+from dpaf_ray.run import prepare
 
 torch.set_num_threads(1)
 

@@ -91,7 +91,7 @@ def test_train_with_impossible_option_exits_2_and_writes_nothing(case, fresh_out
         assert after == {}, f"partial output left behind: {after}"
     else:
         assert after == before
-    assert not (out / "generator.pt").exists()
+    assert not (out / "release").exists()
 
 
 def test_missing_dataset_message_says_how_to_fix(tmp_path, capsys):
@@ -111,4 +111,4 @@ def test_module_entry_point_exit_status_is_2(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2, proc.stderr
     assert "--delta" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (out / "generator.pt").exists() and not (out / "config.json").exists()
+    assert not (out / "release").exists() and not (out / "config.json").exists()

@@ -253,8 +253,11 @@ def test_parquet_huggingface_struct_and_custom_columns(tmp_path):
     img = pa.array([{"bytes": b, "path": None} for b in blobs],
                    type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     pq.write_table(pa.table({"img": img, "y": pa.array([0, 1, 2, 1], pa.int32())}), tmp_path / "hf.parquet")
-    got = load_dataset(tmp_path / "hf.parquet", image_column="img", label_column="y")
-    assert torch.equal(got.images, ds.images) and got.labels.tolist() == [0, 1, 2, 1] and got.num_classes == 3
+    # no class count in the metadata: K is public and must be given, never read off the labels
+    with pytest.raises(DataError, match="--num-classes"):
+        load_dataset(tmp_path / "hf.parquet", image_column="img", label_column="y")
+    got = load_dataset(tmp_path / "hf.parquet", image_column="img", label_column="y", num_classes=4)
+    assert torch.equal(got.images, ds.images) and got.labels.tolist() == [0, 1, 2, 1] and got.num_classes == 4
 
 
 def test_parquet_missing_column_lists_columns(tmp_path):
@@ -271,7 +274,7 @@ def test_parquet_bad_labels(tmp_path):
     images = pq.read_table(tmp_path / "t.parquet").column("image")
     pq.write_table(pa.table({"image": images, "label": [0, -1]}), tmp_path / "neg.parquet")
     with pytest.raises(DataError, match="negative label"):
-        load_dataset(tmp_path / "neg.parquet")
+        load_dataset(tmp_path / "neg.parquet", num_classes=3)
     pq.write_table(pa.table({"image": images, "label": [0, 7]}), tmp_path / "big.parquet")
     with pytest.raises(DataError, match="out of range"):
         load_dataset(tmp_path / "big.parquet", num_classes=3)
@@ -287,19 +290,22 @@ def test_check_image_shape():
 
 
 def test_split_validation(mnist5k):
+    from dpaf_ray.privacy.randomness import RunSecret
+
     train = mnist5k[0]
-    fit, val = split_validation(train, 0.1, seed=3)
-    assert len(val) == 400 and len(fit) == 3600
+    key = RunSecret.from_public_seed(3)
+    fit, val = split_validation(train, 0.1, key)
+    assert 330 <= len(val) <= 470 and len(fit) + len(val) == 4000  # Binomial(4000, 0.1): ±3.5 sd
     fit_rows, val_rows = _rows(fit), _rows(val)
     assert not (fit_rows & val_rows) and fit_rows | val_rows == _rows(train)
-    fit2, val2 = split_validation(train, 0.1, seed=3)
+    fit2, val2 = split_validation(train, 0.1, key)
     assert torch.equal(val.images, val2.images) and torch.equal(fit.labels, fit2.labels)
-    assert not torch.equal(split_validation(train, 0.1, seed=4)[1].images, val.images)
-    fit0, val0 = split_validation(train, 0.0, seed=3)
+    assert not torch.equal(split_validation(train, 0.1, RunSecret.from_public_seed(4))[1].images[:5], val.images[:5])
+    fit0, val0 = split_validation(train, 0.0, key)
     assert len(val0) == 0 and val0.shape == train.shape and torch.equal(fit0.images, train.images)
     for bad in (1.0, -0.1):
         with pytest.raises(DataError):
-            split_validation(train, bad, seed=0)
+            split_validation(train, bad, key)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

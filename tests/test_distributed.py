@@ -15,8 +15,9 @@ import torch
 from dpaf_ray.config import TrainConfig
 from dpaf_ray.distributed.collectives import LocalCollective
 from dpaf_ray.distributed.ray_train import FAIL_AT_ENV, ResourceError, fit_with_ray_train
-from dpaf_ray.training.loop import make_trainer, train_loop
-from dpaf_ray.training.run import prepare
+from dpaf_ray.data.splits import SPLIT_LABEL
+from dpaf_ray.training.loop import make_trainer, secret_for, train_loop
+from dpaf_ray.run import prepare
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -32,10 +33,21 @@ def local_ray():
 
 
 def plan_for(model: str = "dpaf", iterations: int = 30, **kw):  # noqa: D103
+    """Reproducible noise (from the public seed) so that separate runs can be compared bit for bit."""
     cfg = TrainConfig(model=model, epsilon=20, iterations=iterations, seed=3, log_every=10, checkpoint_every=10,
-                      num_threads=1, batch_size=64, group_size=32, feature_channels=8, **kw)
-    cfg, train, _, plan = prepare(cfg)
-    return plan, train
+                      num_threads=1, batch_size=64, group_size=32, feature_channels=8, reproducible_noise=True, **kw)
+    cfg, data, plan, _ = prepare(cfg)
+    return plan, data
+
+
+def fit(plan, data, workers: int, **kw):
+    """Ray Train with the run secret that `train_loop` derives from the same configuration."""
+    secret = secret_for(plan.config)
+    return fit_with_ray_train(plan, data, workers, secret=secret, split_key=secret.child(SPLIT_LABEL), **kw)
+
+
+def in_process(plan, data):
+    return train_loop(plan, data.train, len(data.train), progress=None)
 
 
 def flat(trainer) -> dict[str, torch.Tensor]:
@@ -53,11 +65,11 @@ def test_one_worker_equals_in_process_and_two_workers_agree(local_ray, tmp_path,
     the check is W = 1 == in-process exactly, identical ledgers, and W = 2 within a loose bound
     that a sharding bug (a missing all-reduce, noise added twice) would break at the first step."""
     for iterations, tolerance in ((1, 1e-4), (30, 0.3)):
-        plan, train = plan_for(model, iterations=iterations)
-        init = flat(make_trainer(plan.config, train, len(train), 0, LocalCollective(), "cpu"))
-        local = train_loop(plan, train, len(train), progress=None)
-        w1 = fit_with_ray_train(plan, train, 1, out=tmp_path / f"w1-{iterations}", progress=None)
-        w2 = fit_with_ray_train(plan, train, 2, out=tmp_path / f"w2-{iterations}", progress=None)
+        plan, data = plan_for(model, iterations=iterations)
+        init = flat(make_trainer(plan.config, data.train, len(data.train), 0, LocalCollective(), "cpu"))
+        local = in_process(plan, data)
+        w1 = fit(plan, data, 1, out=tmp_path / f"w1-{iterations}", progress=None)
+        w2 = fit(plan, data, 2, out=tmp_path / f"w2-{iterations}", progress=None)
         p0, p1, p2 = flat(local.trainer), flat(w1.trainer), flat(w2.trainer)
         for k in p0:
             assert torch.allclose(p0[k], p1[k], atol=1e-6), k
@@ -70,31 +82,31 @@ def test_one_worker_equals_in_process_and_two_workers_agree(local_ray, tmp_path,
 
 
 def test_same_seed_and_workers_repeat_exactly(local_ray, tmp_path):
-    plan, train = plan_for(iterations=20)
-    a = flat(fit_with_ray_train(plan, train, 2, out=tmp_path / "a", progress=None).trainer)
-    b = flat(fit_with_ray_train(plan, train, 2, out=tmp_path / "b", progress=None).trainer)
+    plan, data = plan_for(iterations=20)
+    a = flat(fit(plan, data, 2, out=tmp_path / "a", progress=None).trainer)
+    b = flat(fit(plan, data, 2, out=tmp_path / "b", progress=None).trainer)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_dying_worker_resumes_from_the_checkpoint_and_is_charged_again(local_ray, tmp_path, monkeypatch):
-    plan, train = plan_for(iterations=40)
+    plan, data = plan_for(iterations=40)
     marker = tmp_path / "died"
     monkeypatch.setenv(FAIL_AT_ENV, f"25:1:{marker}")
-    res = fit_with_ray_train(plan, train, 2, out=tmp_path / "run", progress=None, max_failures=2)
+    res = fit(plan, data, 2, out=tmp_path / "run", progress=None, max_failures=2)
     assert marker.exists(), "the worker was not killed"
     assert res.iterations_done == 40
     # Iterations 20..29 ran twice (before the crash and after the restart from the checkpoint at 20).
     assert charged(res.ledger) >= 40 + (25 - 20)
-    clean = train_loop(plan, train, len(train), progress=None)
+    clean = in_process(plan, data)
     assert res.ledger.epsilon(1e-5) >= clean.ledger.epsilon(1e-5)
 
 
 def test_missing_resources_fail_at_once_naming_them(local_ray, tmp_path):
-    plan, train = plan_for(iterations=5)
+    plan, data = plan_for(iterations=5)
     with pytest.raises(ResourceError, match="CPU"):
-        fit_with_ray_train(plan, train, 3, out=tmp_path, progress=None)
+        fit(plan, data, 3, out=tmp_path, progress=None)
     with pytest.raises(ResourceError, match="GPU"):
-        fit_with_ray_train(plan, train, 1, use_gpu=True, out=tmp_path, progress=None)
+        fit(plan, data, 1, use_gpu=True, out=tmp_path, progress=None)
 
 
 def test_cli_trains_with_two_workers(tmp_path):
@@ -105,7 +117,7 @@ def test_cli_trains_with_two_workers(tmp_path):
                         "--checkpoint-every", "10", "--log-every", "10", "--num-threads", "1"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (out / "generator.pt").is_file() and (out / "privacy_report.json").is_file()
+    assert (out / "release" / "generator.pt").is_file() and (out / "release" / "privacy_report.json").is_file()
 
 
 def test_two_node_cluster_places_one_worker_per_node(tmp_path):
@@ -118,13 +130,13 @@ def test_two_node_cluster_places_one_worker_per_node(tmp_path):
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
-        plan, train = plan_for(iterations=20)
-        res = fit_with_ray_train(plan, train, 2, out=tmp_path / "two", progress=None)
+        plan, data = plan_for(iterations=20)
+        res = fit(plan, data, 2, out=tmp_path / "two", progress=None)
         assert res.iterations_done == 20
         # Each node has 1 CPU and each worker needs 1: the run could only finish with one worker per node.
         alive = [n for n in ray.nodes() if n["Alive"]]
         assert len(alive) == 2 and all(n["Resources"].get("CPU") == 1 for n in alive)
-        local = train_loop(plan, train, len(train), progress=None)
+        local = in_process(plan, data)
         a, b = flat(local.trainer), flat(res.trainer)
         for k in a:
             assert (a[k] - b[k]).norm() <= 1e-2 * a[k].norm(), k

@@ -35,6 +35,7 @@ from dpaf_ray.privacy.ledger import (
 )
 from dpaf_ray.training.checkpoint import LEDGER_FILE, LocalCheckpointSink, read_checkpoint_dir
 from dpaf_ray.training.dpaf import DPAFTrainer
+from dpaf_ray.release import RELEASE_FILES
 from dpaf_ray.training.loop import train_loop
 from dpaf_ray.training.plan import plan_training
 
@@ -270,9 +271,11 @@ def _all_keys(obj) -> set[str]:
 
 
 def test_privacy_report_lets_anyone_recompute_epsilon(cli_run, capsys):
-    report = json.loads((cli_run / "privacy_report.json").read_text())
-    for key in ("epsilon", "target_epsilon", "delta", "accountant", "knobs", "events"):
+    report = json.loads((cli_run / "release" / "privacy_report.json").read_text())
+    for key in ("epsilon", "target_epsilon", "delta", "accountant", "knobs", "events", "assumptions"):
         assert key in report
+    assert report["reproducible_noise"] is False and report["private"] is True
+    assert report["assumptions"]["data_set_size_public"] == 4000
     assert report["target_epsilon"] == 10 and report["delta"] == 1e-5
     assert "seed" not in _all_keys(report)
     assert "data_root" not in report["knobs"]
@@ -280,7 +283,7 @@ def test_privacy_report_lets_anyone_recompute_epsilon(cli_run, capsys):
     assert events and all(set(e) == {"kind", "sampling_rate", "noise_multiplier", "count"} for e in events)
     assert all(e["kind"] == "poisson_gaussian" for e in events)
     assert sum(e["count"] for e in events) == 20
-    n_train = 3600  # mnist-5k: 4,000 train records minus the 10 % private validation split
+    n_train = 3600  # q = B / ((1 - f)·N): the public expected size of mnist-5k's 4,000 records minus 10 %
     s_eff = (2.0 ** -2 + 1.0 ** -2) ** -0.5
     k = TrainConfig().sgd_every  # conv2 (σ_eff) on iterations 0, k, 2k, ...; DPAGG alone (σ_agg = 2) between
     sigmas = [e["noise_multiplier"] for e in events for _ in range(e["count"])]
@@ -305,7 +308,7 @@ def test_privacy_report_lets_anyone_recompute_epsilon(cli_run, capsys):
     assert eps == pytest.approx(acc2.get_epsilon(report["delta"]), rel=0.05)
     # 3) the `privacy` sub-command agrees
     capsys.readouterr()
-    assert cli.main(["privacy", str(cli_run / "privacy_report.json")]) == 0
+    assert cli.main(["privacy", str(cli_run / "release" / "privacy_report.json")]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["epsilon"] == pytest.approx(eps, rel=1e-12)
     # the metrics and the checkpoint's ledger say the same
@@ -313,6 +316,8 @@ def test_privacy_report_lets_anyone_recompute_epsilon(cli_run, capsys):
     assert metrics["epsilon"] == pytest.approx(eps, rel=1e-12) and metrics["iterations_executed"] == 20
     ckpt_ledger = PrivacyLedger.from_json(json.loads((cli_run / "checkpoint" / LEDGER_FILE).read_text()))
     assert ckpt_ledger.epsilon(1e-5) == pytest.approx(eps, rel=1e-12)
+    assert PrivacyLedger.load(cli_run / "ledger.json").epsilon(1e-5) == pytest.approx(eps, rel=1e-12)
+    assert sorted(p.name for p in (cli_run / "release").iterdir()) == sorted(RELEASE_FILES)
 
 
 # ------------------------------------------------------ §5: crashes may over-count, never under-count

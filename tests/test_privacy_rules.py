@@ -20,6 +20,7 @@ from dpaf_ray.models import dpagg
 from dpaf_ray.models.dpagg import DPAggSpec, assign_groups, bound_records, group_sums
 from dpaf_ray.privacy import mechanisms
 from dpaf_ray.privacy.mechanisms import clip_and_sum_per_record, clip_rows, gaussian_release
+from dpaf_ray.privacy.randomness import RunSecret
 from dpaf_ray.training import dpaf as dpaf_module
 from dpaf_ray.training import dpsgd_gan as dpsgd_module
 from dpaf_ray.training.dpaf import DPAFTrainer
@@ -29,6 +30,7 @@ from dpaf_ray.training.loop import train_loop
 from dpaf_ray.training.plan import plan_training
 
 torch.set_num_threads(1)
+SECRET = RunSecret.from_public_seed(0)  # tests only: reproducible noise
 
 EMBEDDINGS = ("linear", "moments", "rff")
 GROUPINGS = ("class", "mixed")
@@ -62,7 +64,7 @@ def make_cfg(**kw) -> TrainConfig:
 def make_trainer(ds: ImageDataset, n_total: int | None = None, offset: int = 0, cls=DPAFTrainer, **kw):
     cfg = make_cfg(**kw)
     cfg.validate()
-    return cls(cfg, ds, n_total if n_total is not None else len(ds), offset)
+    return cls(cfg, ds, n_total if n_total is not None else len(ds), offset, secret=SECRET)
 
 
 DS = tiny_dataset()
@@ -240,23 +242,21 @@ def test_dpagg_release_noise_std_is_sigma_times_delta():
     spec = DPAggSpec(num_classes=4, embedding_dim=96, clip_norm=0.5, kappa=2.0, sigma=1.7, grouping="mixed",
                      groups_per_class=1, num_mixed_groups=25, expected_group_size=8.0)
     expected = 1.7 * math.sqrt(0.5 ** 2 + 2.0 ** 2)
-    gen = torch.Generator().manual_seed(0)
     zeros = torch.zeros(spec.num_groups, spec.embedding_dim + spec.num_classes)
-    draws = torch.stack([dpagg.release(zeros, spec, gen, LocalCollective()) for _ in range(40)])
+    draws = torch.stack([dpagg.release(zeros, spec, SECRET.stream("dpagg", i), LocalCollective()) for i in range(40)])
     assert abs(draws.mean().item()) < 0.02 * expected
     assert draws.std().item() == pytest.approx(expected, rel=0.02)
     # a non-zero sum is shifted, not rescaled
     ones = torch.ones_like(zeros)
-    out = dpagg.release(ones, spec, torch.Generator().manual_seed(1), LocalCollective())
+    out = dpagg.release(ones, spec, SECRET.stream("dpagg", 1000), LocalCollective())
     assert (out - 1).std().item() == pytest.approx(expected, rel=0.05)
 
 
 def test_gaussian_release_noise_std_matches_sigma_sgd_times_clip():
-    gen = torch.Generator().manual_seed(0)
     sigma, clip = 0.8, 3.0
     shapes = [(16, 8, 4, 4), (16,), (1, 64)]
-    draws = [gaussian_release([torch.zeros(s) for s in shapes], sigma * clip, gen, LocalCollective())
-             for _ in range(30)]
+    draws = [gaussian_release([torch.zeros(s) for s in shapes], sigma * clip, SECRET.stream("sgd", i), LocalCollective())
+             for i in range(30)]
     flat = torch.cat([torch.cat([t.reshape(-1) for t in d]) for d in draws])
     assert flat.std().item() == pytest.approx(sigma * clip, rel=0.02)
     assert abs(flat.mean().item()) < 0.02 * sigma * clip
@@ -272,15 +272,15 @@ class _IdentityRank:
 
 def test_only_rank_zero_adds_noise():
     x = [torch.arange(12.0).view(3, 4), torch.ones(5)]
-    out1 = gaussian_release([t.clone() for t in x], 5.0, torch.Generator().manual_seed(0), _IdentityRank(1))
+    out1 = gaussian_release([t.clone() for t in x], 5.0, SECRET.stream("x"), _IdentityRank(1))
     assert all(torch.equal(a, b) for a, b in zip(out1, x))
-    out0 = gaussian_release([t.clone() for t in x], 5.0, torch.Generator().manual_seed(0), _IdentityRank(0))
+    out0 = gaussian_release([t.clone() for t in x], 5.0, SECRET.stream("x"), _IdentityRank(0))
     assert all((a - b).abs().min() > 0 for a, b in zip(out0, x))
 
 
 class _ThreadGroup:
     def __init__(self, world: int) -> None:
-        self.world, self.barrier, self.buf = world, threading.Barrier(world), [None] * world
+        self.world, self.barrier, self.buf = world, threading.Barrier(world, timeout=60), [None] * world
 
 
 class _ThreadCollective:
@@ -306,11 +306,11 @@ def test_two_rank_release_adds_the_noise_exactly_once():
 
     def worker(rank: int) -> None:
         coll = _ThreadCollective(group, rank)
-        gen = torch.Generator().manual_seed(100 + rank)  # independent streams: double noise would show
-        for _ in range(draws):
-            results[rank].append(gaussian_release([local[rank].clone()], std, gen, coll)[0])
+        secret = RunSecret.from_public_seed(100 + rank)  # independent streams: double noise would show
+        for i in range(draws):
+            results[rank].append(gaussian_release([local[rank].clone()], std, secret.stream("n", i), coll)[0])
 
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in range(2)]
     for th in threads:
         th.start()
     for th in threads:
@@ -472,8 +472,8 @@ def _empty_sample_setup():
 
 def test_empty_sample_still_releases_noise_and_updates(monkeypatch):
     ds, kw = _empty_sample_setup()
-    tr = DPAFTrainer(make_cfg(**kw), ds, len(ds))
-    empty = [t for t in range(60) if tr.real_sample(t).x.shape[0] == 0]
+    tr = DPAFTrainer(make_cfg(**kw), ds, len(ds), secret=SECRET)
+    empty = [t for t in range(60) if t % tr.cfg.sgd_every == 0 and tr.real_sample(t).x.shape[0] == 0]
     assert empty, "no empty sample in 60 iterations at q=1/40"
     t = empty[0]
     released: list[torch.Tensor] = []

@@ -25,7 +25,7 @@ import yaml
 
 from dpaf_ray.privacy.ledger import PrivacyLedger, rdp_curve
 from dpaf_ray.privacy.tuning import Reference
-from dpaf_ray.tuning.release import RELEASE_FILES
+from dpaf_ray.release import RELEASE_FILES
 
 pytestmark = pytest.mark.slow
 

@@ -446,8 +446,9 @@ def _load_parquet(path: Path, image_column: str, label_column: str, num_classes:
         missing = [c for c in (image_column, label_column) if c not in schema.names]
         if missing:
             raise DataError(
-                f"{path}: missing column(s) {missing}; the columns present are {schema.names}. Pass "
-                f"image_column=/label_column= (--image-column/--label-column) to pick others"
+                f"{path}: missing column(s) {missing}; the columns present are {schema.names}. Rename "
+                f"them to '{image_column}' (encoded image bytes) and '{label_column}' (integer class), or "
+                f"call load_dataset(path, image_column=..., label_column=...) from Python"
             )
         table = pq.read_table(str(path), columns=[image_column, label_column])
     except (pa.ArrowException, OSError) as e:
@@ -472,7 +473,14 @@ def _load_parquet(path: Path, image_column: str, label_column: str, num_classes:
         raise DataError(f"{path}: negative label {int(labels.min())} in column {label_column!r}; labels must be 0..K-1")
     if num_classes is None and table.schema.metadata and PARQUET_NUM_CLASSES_KEY in table.schema.metadata:
         num_classes = int(table.schema.metadata[PARQUET_NUM_CLASSES_KEY])
-    k = int(labels.max()) + 1 if num_classes is None else num_classes
+    if num_classes is None:
+        # Reading K off the labels (max + 1) would publish a fact of the private data in generator.pt.
+        raise DataError(
+            f"{path}: the table does not say how many classes there are (no {PARQUET_NUM_CLASSES_KEY.decode()!r} "
+            "in its metadata); the class count is public and must not be read off the private labels: "
+            "pass --num-classes K"
+        )
+    k = num_classes
     if int(labels.max()) >= k:
         raise DataError(
             f"{path}: label {int(labels.max())} in column {label_column!r} is out of range for "

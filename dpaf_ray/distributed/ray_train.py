@@ -1,9 +1,15 @@
 """Ray Train glue: shard one training run over W workers with `TorchTrainer` (DESIGN §5).
 
-Each worker reads the data itself and keeps only its contiguous shard; the Poisson
-sample, the generated batch and the noise come from iteration-keyed streams, so the
-run matches W = 1 up to floating-point summation order. Noise is added once, on rank 0,
-before the all-reduce (see `privacy.mechanisms.gaussian_release`).
+Each worker reads the data itself, splits it with the run's split key and keeps only its
+contiguous shard; the Poisson sample, the generated batch and the noise come from
+iteration-keyed streams (of the run secret, or of the public seed for generated codes),
+so the run matches W = 1 up to floating-point summation order. Noise is added once, on
+rank 0, before the all-reduce (see `privacy.mechanisms.gaussian_release`).
+
+The run secret reaches the workers inside `train_loop_config`, in memory; its `repr` is
+redacted, so Ray's run-state export (which stringifies the config) never shows it.
+Rank 0 writes the write-ahead ledger to `ledger_path` (on multi-node clusters, put it on
+shared storage; the Ray Train checkpoints hold the ledger too).
 """
 from __future__ import annotations
 
@@ -15,9 +21,12 @@ from typing import Any, Callable
 
 import torch
 
+from ..data import PrivateData, load_training_data
 from ..distributed.collectives import LocalCollective, TorchDistributedCollective
+from ..privacy.ledger import PrivacyLedger
+from ..privacy.randomness import RunSecret
 from ..training.checkpoint import RayTrainCheckpointSink, read_checkpoint_dir
-from ..training.loop import TrainResult, make_trainer, train_loop
+from ..training.loop import TrainResult, WriteAheadLedger, make_trainer, train_loop
 from ..training.plan import TrainingPlan
 
 FAIL_AT_ENV = "DPAF_TEST_FAIL_AT"  # "ITERATION:RANK:MARKER_FILE": kill that worker once (fault tests)
@@ -65,13 +74,14 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     from ..data import shard_indices
-    from ..training.run import load_training_data
 
     plan: TrainingPlan = config["plan"]
+    secret: RunSecret = config["secret"]
+    split_key: RunSecret = config["split_key"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
-    train, _ = load_training_data(plan.config)  # read by this worker, not shipped from the driver
+    train = load_training_data(plan.config, split_key).train  # read by this worker, not shipped from the driver
     idx = shard_indices(len(train), rank, world)
     shard = train.subset(idx)
     collective = TorchDistributedCollective() if world > 1 else LocalCollective()
@@ -81,8 +91,11 @@ def worker_loop(config: dict[str, Any]) -> None:
 
         device = str(ray.train.torch.get_device())
     hook = _failure_hook(rank)
+    initial = config.get("initial_ledger")
     train_loop(plan, shard, len(train), int(idx[0]) if len(idx) else 0, collective,
-               RayTrainCheckpointSink(rank, config.get("report_defaults")), print if rank == 0 else None, device, before_iteration=hook)
+               RayTrainCheckpointSink(rank, config.get("report_defaults")), print if rank == 0 else None, device,
+               before_iteration=hook, secret=secret, journal=WriteAheadLedger(config.get("ledger_path")),
+               initial_ledger=PrivacyLedger.from_json(initial) if initial else None)
 
 
 def _failure_hook(rank: int) -> Callable[[int], None] | None:
@@ -101,9 +114,11 @@ def _failure_hook(rank: int) -> Callable[[int], None] | None:
     return hook
 
 
-def fit_with_ray_train(plan: TrainingPlan, train_example: Any, num_workers: int, use_gpu: bool = False,
+def fit_with_ray_train(plan: TrainingPlan, data: PrivateData, num_workers: int, use_gpu: bool = False,
                        address: str | None = None, out: str | Path | None = None,
-                       progress: Callable[[str], None] | None = print, *, name: str | None = None,
+                       progress: Callable[[str], None] | None = print, *, secret: RunSecret, split_key: RunSecret,
+                       ledger_path: str | Path | None = None, initial_ledger: PrivacyLedger | None = None,
+                       name: str | None = None,
                        max_failures: int = 2, cpus_per_worker: float = 1.0, threads_per_worker: int | None = None,
                        storage_path: str | None = None, report_defaults: dict[str, Any] | None = None) -> TrainResult:
     import ray.train
@@ -118,7 +133,10 @@ def fit_with_ray_train(plan: TrainingPlan, train_example: Any, num_workers: int,
     env = {k: v for k, v in os.environ.items() if k == FAIL_AT_ENV}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"plan": plan, "threads": threads, "use_gpu": use_gpu, "report_defaults": report_defaults},
+        train_loop_config={"plan": plan, "secret": secret, "split_key": split_key, "threads": threads, "use_gpu": use_gpu,
+                           "report_defaults": report_defaults,
+                           "ledger_path": str(ledger_path) if ledger_path is not None else None,
+                           "initial_ledger": initial_ledger.to_json() if initial_ledger is not None else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_resources(use_gpu, cpus_per_worker)),
@@ -136,14 +154,14 @@ def fit_with_ray_train(plan: TrainingPlan, train_example: Any, num_workers: int,
         raise RuntimeError(f"Ray Train run {run_name} finished without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
         state = read_checkpoint_dir(Path(d))
-    return result_from_state(plan, state, train_example, time.time() - t0)
+    return result_from_state(plan, state, data, time.time() - t0)
 
 
-def result_from_state(plan: TrainingPlan, state: dict[str, Any], train_example: Any, seconds: float) -> TrainResult:
+def result_from_state(plan: TrainingPlan, state: dict[str, Any], data: PrivateData, seconds: float) -> TrainResult:
     """Rebuild the trained models on the driver from the final checkpoint."""
-    from ..privacy.ledger import PrivacyLedger
-
-    trainer = make_trainer(plan.config, train_example, len(train_example), 0, LocalCollective(), "cpu")
+    secret = RunSecret.from_checkpoint(state["secret"])
+    trainer = make_trainer(plan.config, data.train, len(data.train), 0, LocalCollective(), "cpu", secret,
+                           plan.schedule.sampling_rate)
     trainer.load_state_dict(state["trainer"])
     ledger = PrivacyLedger.from_json(state["ledger"])
     t = int(state["iteration"])

@@ -22,7 +22,7 @@ from dpaf_ray.evaluation.fid import (
     load_inception,
     resolve_inception_weights,
 )
-from dpaf_ray.evaluation.grid import grid_size, save_curves, save_sample_grid
+from dpaf_ray.pictures import grid_size, save_curves, save_sample_grid
 from dpaf_ray.evaluation.report import evaluate
 
 __all__ = [

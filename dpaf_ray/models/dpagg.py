@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from ..distributed.collectives import Collective
 from ..privacy.mechanisms import clip_rows, gaussian_release
+from ..privacy.randomness import KeyedStream
 
 GROUPINGS = ("class", "mixed")
 
@@ -70,10 +71,9 @@ def group_sums(v: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.
     return out.index_add(0, groups, v)
 
 
-def release(local_sums: torch.Tensor, spec: DPAggSpec, noise_generator: torch.Generator,
-            collective: Collective) -> torch.Tensor:
+def release(local_sums: torch.Tensor, spec: DPAggSpec, noise: KeyedStream, collective: Collective) -> torch.Tensor:
     """Rule 3: all groups at once, one Gaussian mechanism of L2 sensitivity Δ."""
-    return gaussian_release([local_sums], spec.noise_std, noise_generator, collective)[0]
+    return gaussian_release([local_sums], spec.noise_std, noise, collective)[0]
 
 
 def normalise(released: torch.Tensor, spec: DPAggSpec) -> tuple[torch.Tensor, torch.Tensor]:

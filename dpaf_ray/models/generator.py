@@ -1,12 +1,14 @@
 """Class-conditional generator. It never sees private data (DESIGN §2)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..config import UPSAMPLE_MODES
-from .architecture import Architecture
+from .architecture import Architecture, architecture_for
 
 
 class ConditionalGenerator(nn.Module):
@@ -53,3 +55,52 @@ class ConditionalGenerator(nn.Module):
         if self.smooth_output:
             out = F.conv2d(F.pad(out, (1, 1, 1, 1), mode="replicate"), self.low_pass, groups=self.arch.channels)
         return torch.tanh(out)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def sample(self, n: int | None = None, labels: torch.Tensor | list[int] | None = None, seed: int = 0,
+               batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images in [-1, 1] on the CPU, labels): `n` images with uniform classes, or one per label.
+
+        Sampling is post-processing of the released generator: it costs no privacy."""
+        g = torch.Generator().manual_seed(seed)
+        if labels is None:
+            if n is None:
+                raise ValueError("give n (classes drawn uniformly) or labels")
+            labels = torch.randint(self.num_classes, (n,), generator=g)
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes})")
+        was_training = self.training
+        self.eval()
+        out = []
+        for i in range(0, len(labels), batch):
+            y = labels[i:i + batch]
+            z = torch.randn(len(y), self.z_dim, generator=g)
+            out.append(self(z.to(self.device), y.to(self.device)).cpu())
+        self.train(was_training)
+        images = torch.cat(out) if out else torch.zeros(0, self.arch.channels, self.arch.size, self.arch.size)
+        return images, labels
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"state_dict": {k: v.cpu() for k, v in self.state_dict().items()},
+                    "shape": [self.arch.channels, self.arch.size, self.arch.size],
+                    "num_classes": self.num_classes, "z_dim": self.z_dim, "smooth_output": self.smooth_output,
+                    "upsample": self.upsample}, path)
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> ConditionalGenerator:
+    """A generator saved by `ConditionalGenerator.save` (a release's generator.pt), in eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "release" / "generator.pt" if (path / "release" / "generator.pt").exists() else path / "generator.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no generator there; pass a release/ folder, a run directory or a generator.pt")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    g = ConditionalGenerator(architecture_for(tuple(blob["shape"])), blob["num_classes"], blob["z_dim"],
+                             smooth_output=blob.get("smooth_output", False), upsample=blob.get("upsample", "nearest"))
+    g.load_state_dict(blob["state_dict"])
+    return g.to(device).eval()

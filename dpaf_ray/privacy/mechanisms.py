@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed.collectives import Collective, all_reduce_many
+from .randomness import KeyedStream
 
 
 def clip_rows(x: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -44,13 +45,18 @@ def _zero_non_finite(x: torch.Tensor, finite_rows: torch.Tensor) -> torch.Tensor
 def gaussian_release(
     local_sums: list[torch.Tensor],
     noise_std: float,
-    noise_generator: torch.Generator,
+    noise: KeyedStream,
     collective: Collective,
 ) -> list[torch.Tensor]:
-    """Global sum plus N(0, noise_std²) per coordinate, noise drawn once (on rank 0)."""
+    """Global sum plus N(0, noise_std²) per coordinate, noise drawn once (on rank 0) from a
+    stream of the run secret (DESIGN rule 13)."""
     if collective.rank == 0:
-        local_sums = [
-            s + noise_std * torch.randn(s.shape, generator=noise_generator, dtype=s.dtype).to(s.device)
-            for s in local_sums
-        ]
+        total = sum(s.numel() for s in local_sums)
+        flat = noise.normal_tensor((total,), dtype=local_sums[0].dtype if local_sums else torch.float32,
+                                   device=local_sums[0].device if local_sums else "cpu", std=noise_std)
+        out, i = [], 0
+        for s in local_sums:
+            out.append(s + flat[i:i + s.numel()].view_as(s))
+            i += s.numel()
+        local_sums = out
     return all_reduce_many(collective, local_sums)

@@ -20,6 +20,7 @@ from ..models import dpagg
 from ..models.discriminator import PrivateFeatures, Rear, RecordEmbedding, pixel_statistics, pixel_statistics_dim
 from ..privacy.grad_sample import PerRecordGradients
 from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release
+from ..privacy.randomness import KeyedStream
 from ..distributed.collectives import all_reduce_many
 from .gan import GANTrainerBase, stream_name
 
@@ -71,7 +72,7 @@ class DPAFTrainer(GANTrainerBase):
         phi, logit = self.private(h1, y)
         return dpagg.bound_records(self.embed(phi, pix), y, self.spec), logit
 
-    def released(self, v: torch.Tensor, y: torch.Tensor, gu: torch.Tensor, noise: torch.Generator) -> torch.Tensor:
+    def released(self, v: torch.Tensor, y: torch.Tensor, gu: torch.Tensor, noise: KeyedStream) -> torch.Tensor:
         groups = dpagg.assign_groups(y, gu, self.spec)
         local = dpagg.group_sums(v, groups, self.spec.num_groups)
         return dpagg.release(local, self.spec, noise, self.collective)
@@ -90,8 +91,8 @@ class DPAFTrainer(GANTrainerBase):
             pr, pf = self.pixels(real.x), self.pixels(xf)
             vr, _ = self.bounded(h1r, real.y, pr)
             vf, _ = self.bounded(h1f, yf, pf)
-            A_real = self.released(vr, real.y, real.group_uniforms, self.noise_generator(t, "dpagg/real"))
-            A_fake = self.released(vf, yf, guf, self.noise_generator(t, "dpagg/fake"))
+            A_real = self.released(vr, real.y, real.group_uniforms, self.noise_stream(t, "dpagg/real"))
+            A_fake = self.released(vf, yf, guf, self.noise_stream(t, "dpagg/fake"))
 
         # Rear update: a function of the releases only (rule 4).
         A_real.requires_grad_(True)
@@ -126,7 +127,7 @@ class DPAFTrainer(GANTrainerBase):
         per_record = self.per_record((h1r, real.y), real_record_loss, extras)
         clipped = clip_and_sum_per_record(per_record, cfg.clip_sgd)
         noisy = gaussian_release(clipped, cfg.sigma_sgd * cfg.clip_sgd,
-                                 self.noise_generator(t, "dpsgd/conv2"), self.collective)
+                                 self.noise_stream(t, "dpsgd/conv2"), self.collective)
 
         # Generated records: ordinary batch gradient, public normaliser (rule 7).
         params = self.per_record.params
@@ -178,7 +179,7 @@ class DPAFTrainer(GANTrainerBase):
         onehot = F.one_hot(yf, K).to(vf.dtype)
         local_class = onehot.t() @ vf[:, :m]  # (K, m) sums per class, for feature matching
         with torch.no_grad():
-            A = dpagg.release(local.detach(), spec, self.noise_generator(t, stream_name("dpagg/g", step)), self.collective)
+            A = dpagg.release(local.detach(), spec, self.noise_stream(t, stream_name("dpagg/g", step)), self.collective)
             class_sums = all_reduce_many(self.collective, [local_class.detach()])[0]
             class_counts = all_reduce_many(self.collective, [onehot.sum(0)])[0]
         A.requires_grad_(True)

@@ -1,10 +1,15 @@
 """What DPAF and the DP-SGD GAN baseline share: the generator, the public conv1, the
 Poisson sample of the local shard, the generated batch and the conv1 features.
 
-Sharding: rank r owns the records [offset, offset + n_local) of the global order and
-the slice r of the generated batch. Each iteration's uniforms are drawn for all N
-records from a stream keyed by the iteration, so the union of the ranks' samples is
-one Poisson sample at rate q, identical for any number of workers (DESIGN §5).
+Sharding: rank r owns the records [offset, offset + n_local) of the training order and
+the slice r of the generated batch. Each iteration's draws are made for all n_total
+training records from a stream of the run secret keyed by the iteration, so the union of
+the ranks' samples is one Poisson sample at rate q, identical for any number of workers
+(DESIGN §5).
+
+Two kinds of randomness, never mixed (DESIGN rule 13):
+- private: Poisson samples, group draws and noise, from the run secret (`privacy.randomness`);
+- public: initialisation and generated codes, from the public `--seed` (`training.rng`).
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from ..distributed.collectives import Collective, LocalCollective, all_reduce_ma
 from ..models.architecture import architecture_for
 from ..models.discriminator import PublicFeatures
 from ..models.generator import ConditionalGenerator
-from .rng import stream
+from ..privacy.randomness import KeyedStream, RunSecret
+from .rng import public_stream
 
 
 def stream_name(base: str, step: int) -> str:
@@ -37,15 +43,19 @@ class Batch:
 
 class GANTrainerBase:
     def __init__(self, cfg: TrainConfig, shard: ImageDataset, n_total: int, offset: int = 0,
-                 collective: Collective | None = None, device: str = "cpu") -> None:
+                 collective: Collective | None = None, device: str = "cpu", *,
+                 secret: RunSecret | None = None, sampling_rate: float | None = None) -> None:
+        """`n_total`: training records over all shards; `sampling_rate`: the public q of the
+        plan (default B/n_total); `secret`: the run secret (default: a fresh one)."""
         self.cfg, self.shard, self.n_total, self.offset = cfg, shard, n_total, offset
         self.collective = collective or LocalCollective()
         self.device = torch.device(device)
         self.num_classes = shard.num_classes
-        self.q = cfg.sampling_rate(n_total)
+        self.secret = secret if secret is not None else RunSecret.fresh()
+        self.q = sampling_rate if sampling_rate is not None else cfg.sampling_rate(n_total)
         self.fake_batch = cfg.batch_size  # public size of the generated batch
         self.arch = architecture_for(shard.shape)
-        torch.manual_seed(cfg.seed)  # model initialisation only; identical on every rank
+        torch.manual_seed(cfg.seed)  # public: model initialisation only; identical on every rank
         self.generator = ConditionalGenerator(self.arch, self.num_classes, cfg.z_dim,
                                               smooth_output=cfg.smooth_output, upsample=cfg.upsample).to(self.device)
         self.conv1 = PublicFeatures(self.arch, public_seed=0).to(self.device)
@@ -55,23 +65,27 @@ class GANTrainerBase:
 
     # --- per-iteration data -------------------------------------------------------
     def real_sample(self, t: int) -> Batch:
-        g = stream(self.cfg.seed, "poisson", t)
-        u = torch.rand(self.n_total, generator=g)[self.offset:self.offset + len(self.shard)]
-        gu = torch.rand(self.n_total, generator=g)[self.offset:self.offset + len(self.shard)]
-        idx = torch.nonzero(u < self.q).squeeze(1)
+        """This rank's part of the Poisson sample of iteration t, with each record's own group draw."""
+        draws = self.secret.stream("poisson", t)
+        local = slice(self.offset, self.offset + len(self.shard))
+        included = draws.bernoulli(self.n_total, self.q)[local]
+        group_uniforms = draws.uniform(self.n_total)[local]
+        idx = torch.from_numpy(included.nonzero()[0])
         x = self.shard.as_float(idx).to(self.device)
-        return Batch(x, self.shard.labels[idx].to(self.device), gu[idx].to(self.device))
+        gu = torch.from_numpy(group_uniforms[included]).to(self.device, torch.float32)
+        return Batch(x, self.shard.labels[idx].to(self.device), gu)
 
     def fake_codes(self, t: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Latents, uniform labels and group draws of this rank's slice of the generated batch."""
-        g = stream(self.cfg.seed, name, t)
+        """Latents, uniform labels and group draws of this rank's slice of the generated batch (public)."""
+        g = public_stream(self.cfg.seed, name, t)
         z = torch.randn(self.fake_batch, self.cfg.z_dim, generator=g)[self.fake_slice]
         y = torch.randint(self.num_classes, (self.fake_batch,), generator=g)[self.fake_slice]
         gu = torch.rand(self.fake_batch, generator=g)[self.fake_slice]
         return z.to(self.device), y.to(self.device), gu.to(self.device)
 
-    def noise_generator(self, t: int, release: str) -> torch.Generator:
-        return stream(self.cfg.seed, "noise/" + release, t)
+    def noise_stream(self, t: int, release: str) -> KeyedStream:
+        """The private noise of one release of iteration t."""
+        return self.secret.stream("noise/" + release, t)
 
     def set_generator_lr(self, t: int, T: int) -> None:
         """G's learning rate at iteration t of T: a public schedule (G only post-processes

@@ -1,16 +1,21 @@
 """The training loop: charge, iterate, log, checkpoint. Same code in-process and on Ray Train workers.
 
-Ledger charging (DESIGN §5, rule 11): at each checkpoint boundary the ledger is charged
-for the whole coming window of iterations *before* any of them runs, and saved with the
-checkpoint. A worker that dies inside the window restarts from the checkpoint, whose
-ledger already covers the lost window, and charges the re-executed iterations again: the
-ledger may over-count, never under-count. A time budget stops only at a boundary, so a
-run that stops early has charged exactly what it executed.
+Ledger charging (DESIGN §5, rules 11 and 16): at each window boundary the ledger is charged
+for the whole coming window of iterations and written to the write-ahead ledger file
+(`OUT/ledger.json`) *before* any of them runs. A run that dies anywhere, before its first
+checkpoint included, has therefore charged on disk every release it executed. A restarted
+run continues the ledger it finds (re-executed iterations are charged again: the ledger
+may over-count, never under-count). A time budget stops only at a boundary, so a run
+that stops early has charged exactly what it executed.
+
+Progress lines show both ε executed (iterations that ran) and ε charged (which already
+covers the rest of the current window).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,6 +24,7 @@ from ..config import TrainConfig
 from ..data.dataset import ImageDataset
 from ..distributed.collectives import Collective, LocalCollective, all_reduce_many
 from ..privacy.ledger import PrivacyLedger
+from ..privacy.randomness import RunSecret
 from .checkpoint import CheckpointSink, cpu_state
 from .dpaf import DPAFTrainer
 from .dpsgd_gan import DPSGDGANTrainer
@@ -39,33 +45,74 @@ class TrainResult:
     history: dict[str, list[float]] = field(default_factory=dict)
 
 
+def secret_for(cfg: TrainConfig) -> RunSecret:
+    """A fresh run secret, or (`--reproducible-noise`, tests and benchmarks only) one derived from the public seed."""
+    if cfg.reproducible_noise:
+        if cfg.seed is None:
+            raise ValueError("reproducible noise needs a public seed")
+        return RunSecret.from_public_seed(cfg.seed)
+    return RunSecret.fresh()
+
+
 def make_trainer(cfg: TrainConfig, shard: ImageDataset, n_total: int, offset: int,
-                 collective: Collective, device: str) -> GANTrainerBase:
+                 collective: Collective, device: str, secret: RunSecret | None = None,
+                 sampling_rate: float | None = None) -> GANTrainerBase:
     cls = DPAFTrainer if cfg.model == "dpaf" else DPSGDGANTrainer
-    return cls(cfg, shard, n_total, offset, collective, device)
+    return cls(cfg, shard, n_total, offset, collective, device, secret=secret, sampling_rate=sampling_rate)
+
+
+class WriteAheadLedger:
+    """The ledger file of a run: every charge reaches disk before the releases it covers run."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+
+    def load(self) -> PrivacyLedger | None:
+        if self.path is None or not self.path.exists():
+            return None
+        return PrivacyLedger.load(self.path)
+
+    def commit(self, ledger: PrivacyLedger) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            ledger.save(self.path)
 
 
 def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: int = 0,
                collective: Collective | None = None, sink: CheckpointSink | None = None,
                progress: Progress | None = print, device: str = "cpu",
-               before_iteration: Callable[[int], None] | None = None) -> TrainResult:
+               before_iteration: Callable[[int], None] | None = None, *,
+               secret: RunSecret | None = None, journal: WriteAheadLedger | None = None,
+               initial_ledger: PrivacyLedger | None = None) -> TrainResult:
+    """Train for `plan.iterations` iterations on this rank's `shard` of `n_total` training records.
+
+    `secret` drives every private draw (default: `secret_for(plan.config)`); `journal` is the
+    write-ahead ledger file (rank 0 writes it); `initial_ledger` is spend carried forward from
+    an earlier attempt. A checkpoint found in `sink` is resumed, with its own secret.
+    """
     cfg, T = plan.config, plan.iterations
     collective = collective or LocalCollective()
+    journal = journal if (journal is not None and collective.rank == 0) else WriteAheadLedger(None)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    trainer = make_trainer(cfg, shard, n_total, offset, collective, device)
-    ledger = PrivacyLedger()
+    state = sink.latest() if sink else None
+    if state is not None and "secret" in state:
+        secret = RunSecret.from_checkpoint(state["secret"])  # the same noise streams as before the restart
+    secret = secret if secret is not None else secret_for(cfg)
+    trainer = make_trainer(cfg, shard, n_total, offset, collective, device, secret, plan.schedule.sampling_rate)
+    # The ledger so far: the write-ahead file holds every charge of every attempt.
+    ledger = journal.load() or (PrivacyLedger.from_json(state["ledger"]) if state is not None else None) \
+        or PrivacyLedger(list(initial_ledger.entries) if initial_ledger else [])
     history: dict[str, list[float]] = {"iteration": [], "epsilon": [], "loss_d": [], "loss_g": []}
     start, charged_through = 0, 0
-    state = sink.latest() if sink else None
     if state is not None:
         trainer.load_state_dict(state["trainer"])
-        ledger = PrivacyLedger.from_json(state["ledger"])
         history = state["history"]
         start = state["iteration"]
         charged_through = start  # re-executed iterations are charged again
         if progress:
             progress(f"resumed at iteration {start}/{T} with ε={ledger.epsilon(cfg.delta):.3f} already charged")
+    executed = PrivacyLedger(list(ledger.entries))  # what had run (or been charged) before this attempt
 
     window = max(1, cfg.checkpoint_every)
     t0 = time.time()
@@ -75,15 +122,16 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
     t = start
     while t < T:
         if t % window == 0 or t == start:
-            if _out_of_time(cfg, t0, t - start, window, collective):
+            if _out_of_time(cfg, t0, t - start, window, collective, trainer.device):
                 stopped_early = True  # nothing of the next window is charged or run
                 break
             end = min(T, (t // window + 1) * window)
             for i in range(max(t, charged_through), end):  # charge before anything is released
                 ledger.charge_poisson_gaussian(plan.schedule.sampling_rate, plan.schedule.noise_at(i))
             charged_through = max(charged_through, end)
+            journal.commit(ledger)  # on disk before the window's first release (rule 16)
             if t != start and sink is not None:  # the saved ledger already covers this window
-                save(sink, trainer, ledger, history, t, cfg.delta)
+                save(sink, trainer, ledger, history, t, plan, secret)
         if before_iteration is not None:
             before_iteration(t)
         trainer.set_generator_lr(t, T)
@@ -91,9 +139,10 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
         if (t + 1) % cfg.d_steps_per_g == 0:
             for step in range(cfg.g_steps):
                 stats.update(trainer.g_step(t, step))
+        executed.charge_poisson_gaussian(plan.schedule.sampling_rate, plan.schedule.noise_at(t))
         t += 1
         if t % cfg.log_every == 0 or t == T:
-            eps = ledger.epsilon(cfg.delta)
+            eps = executed.epsilon(cfg.delta)
             now = time.time()
             rate = (t - last_log_t) / max(1e-9, now - last_log_time)
             last_log_t, last_log_time = t, now
@@ -103,14 +152,15 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
             history["loss_g"].append(stats.get("loss_g", float("nan")))
             if progress and collective.rank == 0:
                 left = (T - t) / max(rate, 1e-9)
-                progress(f"iter {t}/{T} | ε spent {eps:.3f}/{cfg.epsilon:g} (δ={cfg.delta:g}) | "
-                         f"loss_d {history['loss_d'][-1]:.3f} loss_g {history['loss_g'][-1]:.3f} | "
+                charged = ledger.epsilon(cfg.delta)
+                progress(f"iter {t}/{T} | ε executed {eps:.3f}, charged {charged:.3f} of {cfg.epsilon:g} "
+                         f"(δ={cfg.delta:g}) | loss_d {history['loss_d'][-1]:.3f} loss_g {history['loss_g'][-1]:.3f} | "
                          f"{rate:.1f} it/s | {_fmt(left)} left")
             if sink is not None and _report_now(t, cfg):
                 sink.report({"iteration": t, "epsilon": eps, "loss_d": history["loss_d"][-1],
                              "loss_g": history["loss_g"][-1]})
     if sink is not None:
-        save(sink, trainer, ledger, history, t, cfg.delta)
+        save(sink, trainer, ledger, history, t, plan, secret)
     return TrainResult(trainer, ledger, plan, t, stopped_early, time.time() - t0, history)
 
 
@@ -120,20 +170,26 @@ def _report_now(t: int, cfg: TrainConfig) -> bool:
 
 
 def save(sink: CheckpointSink, trainer: GANTrainerBase, ledger: PrivacyLedger, history: dict, t: int,
-         delta: float) -> None:
+         plan: TrainingPlan, secret: RunSecret) -> None:
+    """A checkpoint holds the run secret, so checkpoints are private artefacts (DESIGN rule 13),
+    and the configuration as planned, so a resumed run continues the same plan."""
     state = {"trainer": cpu_state(trainer.state_dict()), "ledger": ledger.to_json(), "history": history,
-             "iteration": t}
-    sink.save(state, {"iteration": t, "epsilon": ledger.epsilon(delta)})
+             "iteration": t, "secret": secret.to_checkpoint(), "config": plan.config.to_dict(),
+             "planned_iterations": plan.iterations}
+    sink.save(state, {"iteration": t, "epsilon": ledger.epsilon(plan.config.delta)})
 
 
-def _out_of_time(cfg: TrainConfig, t0: float, done: int, window: int, collective: Collective) -> bool:
-    """Stop at a boundary if the next window would overrun the time budget; all ranks agree."""
+def _out_of_time(cfg: TrainConfig, t0: float, done: int, window: int, collective: Collective,
+                 device: torch.device | str = "cpu") -> bool:
+    """Stop at a boundary if the next window would overrun the time budget; all ranks agree.
+
+    The flag lives on the training device, so the all-reduce works under NCCL as under gloo."""
     if cfg.time_budget_minutes is None:
         return False
     elapsed = time.time() - t0
     per_iter = elapsed / done if done else 0.0
     stop = elapsed + per_iter * window > cfg.time_budget_minutes * 60
-    flag = all_reduce_many(collective, [torch.tensor([1.0 if stop else 0.0])])[0]
+    flag = all_reduce_many(collective, [torch.tensor([1.0 if stop else 0.0], device=device)])[0]
     return bool(flag.item() > 0)
 
 

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tnb-shape", type=float, default=None)
     p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers per trial")
     p.add_argument("--use-gpu", action="store_true", default=None)
+    p.add_argument("--num-classes", type=int, default=None, help="public class count (Parquet tables without it)")
     p.add_argument("--public-validation", default=None, help="score on this public data set (free) instead")
+    p.add_argument("--reproducible-noise", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="run directory (default: runs/<timestamp>)")
     p.add_argument("--resume", default=None, help="continue the search in this run directory")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def search_space_from_args(args: argparse.Namespace) -> SearchSpace:
     path = args.search_space or str(DEFAULT_SPACE)
     ss = load_search_space(path)
-    overrides = {k: getattr(args, k) for k in ("dataset", "data_root", "epsilon", "delta", "search", "expected_trials",
+    overrides = {k: getattr(args, k) for k in ("dataset", "data_root", "num_classes", "epsilon", "delta", "search", "expected_trials",
                                                "trials_distribution", "tnb_shape", "num_workers", "use_gpu",
                                                "public_validation") if getattr(args, k) is not None}
     ss = dataclasses.replace(ss, **overrides)
@@ -51,6 +53,9 @@ def search_space_from_args(args: argparse.Namespace) -> SearchSpace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.reproducible_noise:
+            raise ConfigError("--reproducible-noise is refused by tune.py: a search's release must be private. "
+                              "Use `python -m dpaf_ray train --reproducible-noise --seed S` for tests and benchmarks")
         if args.resume:
             out = Path(args.resume)
             state = out / "trials" / "search_state.json"

@@ -2,18 +2,20 @@
 
 On the private validation split the count of correct predictions is released with
 Gaussian noise (sensitivity 1, DESIGN rule 10) and charged to the trial; on a public
-validation set the score is free.
+validation set the score is free. The noisy count is divided by the public expected size
+of the validation split f·N, never by the realised count (rule 14), and the noise comes from
+the trial's secret.
 """
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 
-import torch
+from typing import Callable
 
 from ..data.dataset import ImageDataset
 from ..evaluation.classifier import correct_count, train_classifier
 from ..privacy.ledger import PrivacyLedger
+from ..privacy.randomness import RunSecret
 
 
 @dataclass(frozen=True)
@@ -21,18 +23,29 @@ class Score:
     value: float  # noisy accuracy (private) or accuracy (public)
     kind: str  # "private_validation" | "public_validation"
     noise_multiplier: float | None
-    num_validation: int
+    expected_validation: float  # the public divisor (f·N), or the size of a public validation set
 
 
 def score_trial(synthetic: ImageDataset, validation: ImageDataset, ledger: PrivacyLedger,
-                noise_multiplier: float | None, epochs: int, max_steps: int | None, seed: int = 0) -> Score:
-    """Train the fixed classifier on synthetic data and score it; a private score is charged first."""
-    if len(validation) == 0:
-        raise ValueError("the validation split is empty; set validation_fraction > 0 or give a public validation set")
-    model = train_classifier(synthetic, epochs=epochs, max_steps=max_steps, seed=seed)
+                noise_multiplier: float | None, epochs: int, max_steps: int | None, seed: int = 0, *,
+                expected_validation: float | None = None, secret: RunSecret | None = None,
+                commit: Callable[[PrivacyLedger], None] | None = None, device: str = "cpu") -> Score:
+    """Train the fixed classifier on synthetic data and score it.
+
+    A private score is charged (and `commit`ted to the write-ahead ledger) before the noisy
+    count is computed; it needs the public `expected_validation` and the trial's `secret`."""
+    model = train_classifier(synthetic, epochs=epochs, max_steps=max_steps, seed=seed, device=device)
     if noise_multiplier is None:
-        return Score(correct_count(model, validation) / len(validation), "public_validation", None, len(validation))
+        if len(validation) == 0:
+            raise ValueError("the public validation set is empty")
+        return Score(correct_count(model, validation) / len(validation), "public_validation", None,
+                     float(len(validation)))
+    if expected_validation is None or expected_validation <= 0 or secret is None:
+        raise ValueError("a private score needs the public expected validation size f·N > 0 and the trial secret; "
+                         "set validation_fraction > 0")
     ledger.charge_gaussian(noise_multiplier)  # charged before the release
-    g = torch.Generator().manual_seed(secrets.randbits(63))
-    noisy = correct_count(model, validation) + noise_multiplier * float(torch.randn((), generator=g))
-    return Score(noisy / len(validation), "private_validation", noise_multiplier, len(validation))
+    if commit is not None:
+        commit(ledger)
+    noise = float(secret.stream("noise/score").normal(1)[0])
+    noisy = correct_count(model, validation) + noise_multiplier * noise
+    return Score(noisy / expected_validation, "private_validation", noise_multiplier, expected_validation)

@@ -11,15 +11,15 @@ import yaml
 
 from ..config import ConfigError, TrainConfig
 
-TOP_KEYS = {"dataset", "data_root", "epsilon", "delta", "search", "expected_trials", "trials_distribution",
+TOP_KEYS = {"dataset", "data_root", "num_classes", "epsilon", "delta", "search", "expected_trials", "trials_distribution",
             "tnb_shape", "reference", "score", "trial", "fixed", "params"}
 REFERENCE_KEYS = {"batch_size", "noise_multiplier"}
 SCORE_KEYS = {"noise_multiplier", "classifier_epochs", "classifier_max_steps", "public_validation"}
 TRIAL_KEYS = {"min_iterations", "max_iterations", "time_budget_minutes", "num_synthetic", "num_workers",
               "use_gpu", "cpus_per_worker", "max_concurrent_trials"}
 # Knobs a trial derives itself: never searched or fixed by the user.
-DERIVED = {"epsilon", "delta", "dataset", "data_root", "iterations", "max_iterations", "seed",
-           "time_budget_minutes", "extra_fixed_releases"}
+DERIVED = {"epsilon", "delta", "dataset", "data_root", "num_classes", "iterations", "max_iterations", "seed",
+           "time_budget_minutes", "extra_fixed_releases", "reproducible_noise"}
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
@@ -54,6 +54,7 @@ class SearchSpace:
     path: str
     dataset: str = "mnist-5k"
     data_root: str | None = None
+    num_classes: int | None = None  # public class count, for sources without metadata (Parquet)
     epsilon: float = 10.0
     delta: float = 1e-5
     search: str = "random"
@@ -150,6 +151,8 @@ def load_search_space(path: str | Path) -> SearchSpace:
     for k in ("dataset", "data_root", "search", "trials_distribution"):
         if k in raw:
             setattr(ss, k, raw[k])
+    if "num_classes" in raw:
+        ss.num_classes = int(_number(p, "num_classes", raw["num_classes"]))
     for k in ("epsilon", "delta", "expected_trials", "tnb_shape"):
         if k in raw:
             setattr(ss, k, _number(p, k, raw[k]))
@@ -215,6 +218,18 @@ def check_run(path: str, key: str, knobs: dict[str, Any], prefix: str = "") -> N
         raise _err(path, key, f"{prefix}{e}") from e
 
 
+def same_source(a: str, b: str) -> bool:
+    """Two data-set specs that name the same data (a known name, or the same path)."""
+    from pathlib import Path
+
+    def norm(spec: str) -> str:
+        spec = str(spec).strip()
+        path = Path(spec).expanduser()
+        return str(path.resolve()) if path.exists() else spec.lower()
+
+    return norm(a) == norm(b)
+
+
 def validate_search_space(ss: SearchSpace) -> SearchSpace:
     """Checks that need the values together: each extreme of each range must be a valid run."""
     p = ss.path
@@ -230,6 +245,11 @@ def validate_search_space(ss: SearchSpace) -> SearchSpace:
         raise _err(p, "expected_trials", "the truncated negative binomial needs a mean > 1, e.g. 2")
     if ss.expected_trials < 1:
         raise _err(p, "expected_trials", f"must be >= 1 (the repeat-and-select bound needs it), got {ss.expected_trials}")
+    if ss.public_validation is not None and same_source(ss.public_validation, ss.dataset):
+        raise _err(p, "score.public_validation",
+                   f"{ss.public_validation!r} is the private data set itself: scoring trials on it without noise "
+                   "would select on private data for free; drop --public-validation (trials are then scored on "
+                   "the private validation split, with noise, charged) or name a different, public data set")
     if ss.min_iterations > ss.max_iterations:
         raise _err(p, "trial.min_iterations", f"{ss.min_iterations} > trial.max_iterations {ss.max_iterations}")
     # `fixed` alone, then each extreme of each range against `fixed`, then all first values

@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 from ..config import TrainConfig
 from ..privacy.ledger import PrivacyLedger
+from ..privacy.randomness import RunSecret
+from ..privacy.report import data_assumptions, privacy_report
 from ..privacy.tuning import (
     Reference,
     calibrate_reference,
@@ -37,10 +39,12 @@ STATE_FILE = "search_state.json"
 
 
 # --- the search plan (kept in the trusted run directory) -------------------------------------
-def plan_search(ss: SearchSpace, n_train: int) -> dict[str, Any]:
+def plan_search(ss: SearchSpace, n_records: int) -> dict[str, Any]:
+    """K, the reference and the sampler's seed; data-independent given the public N."""
     shape = distribution_shape(ss.trials_distribution, ss.tnb_shape)
     score_noise = None if ss.public_validation else ss.score_noise
-    q_ref = ss.reference_batch_size / n_train
+    fraction = float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction))
+    q_ref = ss.reference_batch_size / ((1 - fraction) * n_records)
     reference = calibrate_reference(ss.epsilon, ss.delta, q_ref, ss.reference_noise, score_noise,
                                     ss.search, ss.expected_trials, shape)
     if ss.search == "random":
@@ -48,7 +52,8 @@ def plan_search(ss: SearchSpace, n_train: int) -> dict[str, Any]:
     else:
         k = int(ss.expected_trials)
     return {"num_trials": k, "shape": shape, "reference": dataclasses.asdict(reference),
-            "sampler_seed": secrets.randbits(31), "created": time.time(), "search_space": ss.to_dict()}
+            "sampler_seed": secrets.randbits(31), "created": time.time(), "search_space": ss.to_dict(),
+            "n_records": n_records}
 
 
 def reference_from(state: dict[str, Any]) -> Reference:
@@ -57,87 +62,102 @@ def reference_from(state: dict[str, Any]) -> Reference:
     return Reference(**r)
 
 
-def search_privacy_report(ss: SearchSpace, state: dict[str, Any], best_knobs: dict[str, Any] | None) -> dict[str, Any]:
+def search_ledger(ss: SearchSpace, state: dict[str, Any]) -> PrivacyLedger:
+    """What the whole search is charged: written to OUT/ledger.json before any trial runs."""
+    reference = reference_from(state)
+    return PrivacyLedger(search_entries(reference, ss.search, ss.expected_trials, state["shape"]), reference.orders)
+
+
+def search_privacy_report(ss: SearchSpace, state: dict[str, Any], best_knobs: dict[str, Any] | None,
+                          shape: tuple[int, int, int] | None = None, num_classes: int | None = None) -> dict[str, Any]:
     """The release's report: ε of the whole search, from the search ledger."""
     reference = reference_from(state)
-    ledger = PrivacyLedger(search_entries(reference, ss.search, ss.expected_trials, state["shape"]), reference.orders)
-    report = {
-        "epsilon": ledger.epsilon(ss.delta),
-        "target_epsilon": ss.epsilon,
-        "delta": ss.delta,
-        **ledger.to_json(),
-        "search": ss.search,
-        "trials_distribution": {"kind": ss.trials_distribution, "mean": ss.expected_trials,
-                                "shape": "inf" if math.isinf(state["shape"]) else state["shape"]},
-        "reference": {"sampling_rate": reference.sampling_rate, "noise_multiplier": reference.noise_multiplier,
-                      "iterations": reference.iterations, "score_noise_multiplier": reference.score_noise},
-        "knobs": best_knobs,
-    }
-    return report
+    fraction = float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction))
+    assumptions = data_assumptions(state["n_records"], fraction, num_classes or 0, shape or (0, 0, 0))
+    assumptions["search"] = ("every trial's executed RDP curve lies under the reference at every order; the "
+                             "number of trials K is drawn with a cryptographic RNG and kept private")
+    return privacy_report(
+        search_ledger(ss, state), delta=ss.delta, target_epsilon=ss.epsilon, reproducible_noise=False,
+        assumptions=assumptions,
+        extra={"search": ss.search,
+               "trials_distribution": {"kind": ss.trials_distribution, "mean": ss.expected_trials,
+                                       "shape": "inf" if math.isinf(state["shape"]) else state["shape"]},
+               "reference": {"sampling_rate": reference.sampling_rate,
+                             "noise_multiplier": reference.noise_multiplier,
+                             "iterations": reference.iterations, "score_noise_multiplier": reference.score_noise},
+               "knobs": best_knobs})
 
 
 # --- one trial ---------------------------------------------------------------------------------
-def run_trial(config: dict[str, Any]) -> None:
-    """A Tune function trainable: fit T under the reference, train, score, report."""
+def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) -> None:
+    """A Tune function trainable: fit T under the reference, train, score, report.
+
+    Its private randomness comes from the search secret: the split (one for all trials) and
+    the trial's own secret, a child keyed by the trial id. A trial that Tune restarts from
+    scratch therefore repeats the same releases exactly, and reveals nothing new."""
     import ray.tune
     from ray.tune import Checkpoint
 
-    from ..training.loop import train_loop
-    from ..training.outputs import generate, save_generator, generate_for_labels
+    from ..data import load_dataset, load_training_data, write_parquet
+    from ..data.splits import SPLIT_LABEL
+    from ..training.loop import WriteAheadLedger, train_loop
+    from ..training.outputs import write_artefacts
     from ..training.plan import TrainingPlan, schedule_for
-    from ..training.run import load_training_data
-    from ..evaluation.grid import save_sample_grid
-    from ..data import load_dataset
     from .scoring import score_trial
 
+    if search_secret is None:
+        raise RuntimeError("a trial needs the search secret (pass it with tune.with_parameters)")
     static = config["_static"]
     ss = SearchSpace(**{**static["search_space"], "params": []})
     reference = reference_from(static)
     sampled = {k: v for k, v in config.items() if k != "_static"}
+    context = ray.tune.get_context()
+    trial_name, trial_id = context.get_trial_name(), context.get_trial_id()
+    trial_secret = search_secret.child(f"trial/{trial_id}")
+    split_key = search_secret.child(SPLIT_LABEL)
     cfg = TrainConfig.from_dict({**ss.fixed, **sampled, "dataset": ss.dataset, "data_root": ss.data_root,
-                                 "epsilon": ss.epsilon, "delta": ss.delta,
+                                 "epsilon": ss.epsilon, "delta": ss.delta, "num_classes": ss.num_classes,
                                  "seed": secrets.randbits(31), "time_budget_minutes": ss.time_budget_minutes})
     cfg = dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))  # as clamp_group
-    train, val = load_training_data(cfg)
+    data = load_training_data(cfg, split_key)
     score_noise = None if ss.public_validation else ss.score_noise
-    fit = fit_trial(schedule_for(cfg, len(train)), score_noise, reference, ss.min_iterations, ss.max_iterations)
+    schedule = schedule_for(cfg, data.expected_train)
+    fit = fit_trial(schedule, score_noise, reference, ss.min_iterations, ss.max_iterations)
     cfg = dataclasses.replace(cfg, iterations=fit.iterations, sigma_agg=cfg.sigma_agg * fit.noise_factor,
                               sigma_sgd=cfg.sigma_sgd * fit.noise_factor)
-    cfg.validate(len(train))
-    plan = TrainingPlan(cfg, schedule_for(cfg, len(train)), fit.iterations, float("nan"), fit.noise_factor)
-    trial_name = ray.tune.get_context().get_trial_name()
+    cfg.validate(data.expected_train)
+    plan = TrainingPlan(cfg, schedule_for(cfg, data.expected_train), fit.iterations, float("nan"), fit.noise_factor)
+    trial_dir = Path(static["trials_dir"]) / trial_name
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    journal = WriteAheadLedger(trial_dir / "ledger.json")
     if ss.num_workers == 0:
-        result = train_loop(plan, train, len(train), progress=None)
+        result = train_loop(plan, data.train, len(data.train), progress=None, secret=trial_secret, journal=journal)
     else:
         from ..distributed.ray_train import fit_with_ray_train
 
-        result = fit_with_ray_train(plan, train, ss.num_workers, ss.use_gpu, None, None, None,
+        result = fit_with_ray_train(plan, data, ss.num_workers, ss.use_gpu, None, None, None,
+                                    secret=trial_secret, split_key=split_key, ledger_path=trial_dir / "ledger.json",
                                     name=f"{trial_name}-train", max_failures=0,
                                     cpus_per_worker=ss.cpus_per_worker,
                                     storage_path=static["train_storage"],
                                     report_defaults={"score": float("nan")})
     ledger = result.ledger
     generator = result.trainer.generator.eval()
-    synthetic = generate(generator, ss.num_synthetic, train.num_classes, seed=1)
-    validation = load_dataset(ss.public_validation, "test", ss.data_root) if ss.public_validation else val
-    score = score_trial(synthetic, validation, ledger, score_noise, ss.classifier_epochs, ss.classifier_max_steps)
+    synthetic = write_artefacts(trial_dir, generator, ss.num_synthetic)
+    if ss.public_validation:
+        validation, expected = load_dataset(ss.public_validation, "test", ss.data_root), None
+    else:
+        validation, expected = data.validation, data.expected_validation
+    score = score_trial(synthetic, validation, ledger, score_noise, ss.classifier_epochs, ss.classifier_max_steps,
+                        expected_validation=expected, secret=trial_secret, commit=journal.commit)
     check_trial_under_reference(ledger.entries, reference)
 
-    trial_dir = Path(static["trials_dir"]) / trial_name
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    save_generator(trial_dir / "generator.pt", generator, train.shape, train.num_classes)
-    from ..data import write_parquet
-
-    write_parquet(synthetic, trial_dir / "synthetic.parquet")
-    import torch
-
-    labels = torch.arange(train.num_classes).repeat_interleave(10)
-    save_sample_grid(generate_for_labels(generator, labels), labels, train.num_classes, trial_dir / "samples.png")
     knobs = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "data_root", "extra_fixed_releases")}
     summary = {"trial": trial_name, "score": score.value, "score_kind": score.kind,
-               "score_noise_multiplier": score.noise_multiplier, "num_validation": score.num_validation,
+               "score_noise_multiplier": score.noise_multiplier, "expected_validation": score.expected_validation,
                "iterations": result.iterations_done, "noise_factor": fit.noise_factor,
                "epsilon_trial": ledger.epsilon(ss.delta), "knobs": knobs, "sampled": sampled,
+               "shape": list(data.shape), "num_classes": data.num_classes,
                "ledger": ledger.to_json()}
     (trial_dir / "trial.json").write_text(json.dumps(summary, indent=1))
     ray.tune.report({"score": score.value, "epsilon_trial": summary["epsilon_trial"],
@@ -146,6 +166,29 @@ def run_trial(config: dict[str, Any]) -> None:
 
 
 # --- the search --------------------------------------------------------------------------------
+SECRET_FILE = "search_secret.pt"  # OUT/checkpoint/: private, like every checkpoint
+
+
+def save_search_secret(out: Path, secret: RunSecret) -> None:
+    import torch
+
+    directory = out / "checkpoint"
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (SECRET_FILE + ".tmp")
+    torch.save(secret.to_checkpoint(), tmp)
+    os.chmod(tmp, 0o600)
+    tmp.replace(directory / SECRET_FILE)
+
+
+def load_search_secret(out: Path) -> RunSecret:
+    import torch
+
+    path = out / "checkpoint" / SECRET_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the search cannot be resumed without its secret")
+    return RunSecret.from_checkpoint(torch.load(path, weights_only=True))
+
+
 def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | None = None,
                storage_path: str | None = None, progress: Callable[[str], None] = print) -> Path:
     import ray
@@ -154,28 +197,32 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     from ray.tune.search.optuna import OptunaSearch
     import optuna
 
-    from ..training.run import load_training_data
+    from ..data import load_dataset
 
     out = out.absolute()
     trials_dir = out / "trials"
-    trials_dir.mkdir(parents=True, exist_ok=True)
     state_path = trials_dir / STATE_FILE
     if resume:
         if not state_path.exists():
             raise FileNotFoundError(f"--resume {out}: no {STATE_FILE} there; start a new search with --out")
         state = json.loads(state_path.read_text())
+        secret = load_search_secret(out)
         progress(f"resuming the search in {out}")
     else:
         if state_path.exists():
             raise FileExistsError(f"{out} already holds a search; use --resume {out} or another --out")
-        base = TrainConfig.from_dict({**ss.fixed, "dataset": ss.dataset, "data_root": ss.data_root})
-        train, _ = load_training_data(base)
-        state = plan_search(ss, len(train))
-        state["n_train"] = len(train)
+        base = TrainConfig.from_dict({**ss.fixed, "dataset": ss.dataset, "data_root": ss.data_root,
+                                      "num_classes": ss.num_classes})
+        n_records = len(load_dataset(base.dataset, "train", base.data_root, num_classes=base.num_classes))
+        state = plan_search(ss, n_records)
+        secret = RunSecret.fresh()
+        trials_dir.mkdir(parents=True, exist_ok=True)
+        save_search_secret(out, secret)
+        search_ledger(ss, state).save(out / "ledger.json")  # the whole search's charge, before any trial
         _atomic_json(state_path, state)  # K is fixed before any trial runs
     reference = reference_from(state)
     k = state["num_trials"]
-    report_eps = search_privacy_report(ss, state, None)["epsilon"]
+    report_eps = search_ledger(ss, state).epsilon(ss.delta)
     progress(f"private {ss.search} search on {ss.dataset}: total ε={report_eps:.3f} (target {ss.epsilon:g}, "
              f"δ={ss.delta:g}) covers training, scoring and the search; expected trials {ss.expected_trials:g} "
              f"({ss.trials_distribution}); reference: q={reference.sampling_rate:.4g}, σ={reference.noise_multiplier:g},"
@@ -198,7 +245,10 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
                  "--resources='{\"trial_slot\": 1}'); trials take 0.01 CPU instead, which can starve "
                  "Train workers on small nodes")
         resources = {"CPU": 0.01}
-    trainable = tune.with_resources(_trainable_with_static(static), resources)
+    # The search secret travels through Ray's object store (tune.with_parameters), never
+    # through the trial config, which Tune writes to params.json.
+    trainable = tune.with_resources(tune.with_parameters(_trainable_with_static(static), search_secret=secret),
+                                    resources)
     storage = storage_path or str(trials_dir / "ray_tune")
     name = "search"
     if k == 0:
@@ -241,24 +291,26 @@ def finished_trial_files(out: Path) -> list[Path]:
     return sorted((out / "trials").glob("*/trial.json"))
 
 
-def _trainable_with_static(static: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
-    def dpaf_trial(config: dict[str, Any]) -> None:
-        run_trial({**config, "_static": static})
+def _trainable_with_static(static: dict[str, Any]) -> Callable[..., None]:
+    def dpaf_trial(config: dict[str, Any], search_secret: RunSecret | None = None) -> None:
+        run_trial({**config, "_static": static}, search_secret)
 
     return dpaf_trial
 
 
 def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: Any,
                   progress: Callable[[str], None]) -> Path:
-    from .release import write_release
+    from ..release import write_release
 
     trials = [json.loads(p.read_text()) for p in finished_trial_files(out)]
     best = max(trials, key=lambda t: t["score"]) if trials else None
-    report = search_privacy_report(ss, state, best["knobs"] if best else None)
+    report = search_privacy_report(ss, state, best["knobs"] if best else None,
+                                   tuple(best["shape"]) if best else None, best["num_classes"] if best else None)
     score = None
     if best:
         score = {"score": best["score"], "kind": best["score_kind"],
-                 "noise_multiplier": best["score_noise_multiplier"], "num_validation": best["num_validation"]}
+                 "noise_multiplier": best["score_noise_multiplier"],
+                 "expected_validation": best["expected_validation"]}
     release = write_release(out, out / "trials" / best["trial"] if best else None, score, report)
     _plot_trials(trials, out / "trials" / "comparison.png")
     progress(f"release: {release} (ε={report['epsilon']:.3f}, δ={ss.delta:g}; best noisy score "

@@ -1,0 +1,75 @@
+"""The privacy report: ε of what ran, the events to recompute it, and what it assumes.
+
+Every run and every search writes its report through `privacy_report`; `recompute` is the
+independent check that `python -m dpaf_ray privacy` and `dpaf_ray.privacy_report` run.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .ledger import PrivacyLedger
+
+NOT_PRIVATE = ("NOT PRIVATE: this run used --reproducible-noise, so its noise can be replayed from the public "
+               "seed; do not publish it")
+
+
+def data_assumptions(n_records: int, validation_fraction: float, num_classes: int,
+                     shape: tuple[int, int, int], batch_size: int | None = None) -> dict[str, Any]:
+    """Public facts the mechanism relies on, stated instead of read off the data silently (rule 15)."""
+    out: dict[str, Any] = {
+        "neighbouring_relation": "add or remove one record of the data set handed in",
+        "data_set_size_public": n_records,
+        "num_classes_public": num_classes,
+        "image_shape_public": list(shape),
+        "validation_split": (f"each record is held out with probability {validation_fraction:g} by a keyed hash "
+                             "of its own pixels and label under the run secret; adding or removing one record "
+                             "moves no other record"),
+        "privacy_randomness": ("Poisson samples, group draws, noise, the split and the score noise derive from a "
+                               "256-bit run secret that is never written outside the private checkpoints"),
+        "accountant": "Rényi DP (dp_accounting RdpAccountant), converted to (ε, δ)",
+    }
+    if batch_size is not None:
+        out["sampling_rate"] = (f"q = B / ((1 - f)·N) = {batch_size} / {(1 - validation_fraction) * n_records:g}, "
+                                "from the public N and validation fraction f")
+    return out
+
+
+def privacy_report(ledger: PrivacyLedger, *, delta: float, target_epsilon: float, reproducible_noise: bool,
+                   assumptions: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "epsilon": ledger.epsilon(delta),
+        "target_epsilon": target_epsilon,
+        "delta": delta,
+        "private": not reproducible_noise,
+        "reproducible_noise": bool(reproducible_noise),
+        **ledger.to_json(),
+        "assumptions": assumptions,
+    }
+    if reproducible_noise:
+        report["warning"] = NOT_PRIVATE
+    report.update(extra or {})
+    return report
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    path.write_text(json.dumps(report, indent=1, default=_json_default))
+
+
+def recompute(report: dict[str, Any], delta: float | None = None) -> dict[str, Any]:
+    """ε recomputed from the report's events alone."""
+    d = delta if delta is not None else report["delta"]
+    eps = PrivacyLedger.from_json(report).epsilon(d)
+    out = {"epsilon": eps, "delta": d, "reported_epsilon": report.get("epsilon"),
+           "private": not report.get("reproducible_noise", False)}
+    if report.get("reproducible_noise"):
+        out["warning"] = NOT_PRIVATE
+    return out
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and math.isinf(o):
+        return "inf"
+    raise TypeError(f"{type(o).__name__} is not written into a privacy report")

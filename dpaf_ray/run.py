@@ -1,0 +1,147 @@
+"""One private training run, from a configuration to a release (above training and Ray).
+
+    secret   fresh 256-bit run secret (or the one in OUT's checkpoint, to resume)
+    data     loaded, split by a keyed hash under the secret (rule 14)
+    plan     T and σ from (ε, δ), with spend carried forward from an earlier attempt in OUT
+    train    in-process (`training.loop`) or over Ray Train workers (`distributed.ray_train`),
+             every window charged to OUT/ledger.json before it runs (rule 16)
+    release  OUT/release/: generator, synthetic data, samples, score, privacy report (rule 15)
+
+OUT also holds, for the operator only: config.json (with the public seed), metrics.json,
+curves.png, ledger.json and checkpoint/ (which holds the run secret: never publish it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import TrainConfig
+from .data import PrivateData, load_training_data
+from .data.splits import SPLIT_LABEL
+from .pictures import save_curves
+from .privacy.calibration import warn_large_delta
+from .privacy.ledger import PrivacyLedger
+from .privacy.randomness import RunSecret
+from .privacy.report import data_assumptions, privacy_report
+from .release import write_release
+from .training.checkpoint import LocalCheckpointSink
+from .training.loop import TrainResult, WriteAheadLedger, secret_for, train_loop
+from .training.outputs import write_artefacts
+from .training.plan import TrainingPlan, plan_training
+
+LEDGER_FILE = "ledger.json"
+
+
+def resolve_seed(cfg: TrainConfig) -> TrainConfig:
+    """The public seed (initialisation, generated codes); drawn at random when not given."""
+    if cfg.seed is None:
+        return dataclasses.replace(cfg, seed=secrets.randbits(31))
+    return cfg
+
+
+def prepare(cfg: TrainConfig, secret: RunSecret | None = None,
+            carried: PrivacyLedger | None = None) -> tuple[TrainConfig, PrivateData, TrainingPlan, RunSecret]:
+    """Every check before anything is written: configuration, data, budget, plan."""
+    cfg = resolve_seed(cfg.validate())
+    secret = secret if secret is not None else secret_for(cfg)
+    data = load_training_data(cfg, secret.child(SPLIT_LABEL))
+    warn_large_delta(cfg.delta, data.n_records)
+    if carried is not None and carried.entries:  # an earlier attempt's spend counts against the budget
+        cfg = dataclasses.replace(cfg, extra_fixed_releases=cfg.extra_fixed_releases
+                                  + [e.to_json() for e in carried.entries])
+    plan = plan_training(cfg, data.expected_train)
+    return plan.config, data, plan, secret
+
+
+def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, num_workers: int = 0,
+              use_gpu: bool = False, address: str | None = None, resume: bool = True,
+              progress: Callable[[str], None] | None = print) -> dict[str, Any]:
+    out = Path(out)
+    journal = WriteAheadLedger(out / LEDGER_FILE)
+    sink = LocalCheckpointSink(out, resume)
+    state = sink.latest() if num_workers == 0 else None
+    secret = None
+    if state is not None:  # resume: the same secret (so the same split) and the configuration as planned
+        secret = RunSecret.from_checkpoint(state["secret"])
+        cfg = dataclasses.replace(TrainConfig.from_dict(state["config"]), iterations=state["planned_iterations"])
+    carried = journal.load() if state is None else None
+    cfg, data, plan, secret = prepare(cfg, secret, carried)  # every check before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    if progress:
+        if carried is not None and carried.entries:
+            progress(f"an earlier attempt in {out} already spent ε={carried.epsilon(cfg.delta):.3f}; "
+                     "it is carried forward and this run spends the rest of the budget")
+        progress(f"{cfg.model} on {cfg.dataset}: N={data.n_records} records (public), "
+                 f"q={plan.schedule.sampling_rate:.4g}, T={plan.iterations} iterations for ε={cfg.epsilon:g}, "
+                 f"δ={cfg.delta:g}" + (f" (noise ×{plan.noise_factor:.3f} to fit the iteration cap)"
+                                       if plan.noise_factor != 1 else ""))
+        if cfg.reproducible_noise:
+            progress("WARNING: --reproducible-noise: the noise is derived from the public seed; this run is NOT private")
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    if num_workers == 0:
+        if use_gpu:
+            warnings.warn("--use-gpu without --num-workers: training in-process on cuda if available")
+        import torch
+
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        result = train_loop(plan, data.train, len(data.train), 0, None, sink, progress, device,
+                            secret=secret, journal=journal, initial_ledger=carried)
+    else:
+        from .distributed.ray_train import fit_with_ray_train
+
+        result = fit_with_ray_train(plan, data, num_workers, use_gpu, address, out, progress, secret=secret,
+                                    split_key=secret.child(SPLIT_LABEL), ledger_path=out / LEDGER_FILE,
+                                    initial_ledger=carried)
+        journal.commit(result.ledger)
+    metrics = finish_run(out, result, data, num_synthetic, num_workers)
+    if progress:
+        progress(f"done: {result.iterations_done} iterations, ε={metrics['epsilon']:.3f} (δ={cfg.delta:g}); "
+                 f"release in {out / 'release'}")
+    return metrics
+
+
+def finish_run(out: Path, result: TrainResult, data: PrivateData, num_synthetic: int,
+               num_workers: int) -> dict[str, Any]:
+    """The release (publishable) and the operator's files beside it."""
+    cfg = result.plan.config
+    generator = result.trainer.generator.eval()
+    report = privacy_report(
+        result.ledger, delta=cfg.delta, target_epsilon=cfg.epsilon, reproducible_noise=cfg.reproducible_noise,
+        assumptions=data_assumptions(data.n_records, cfg.validation_fraction, data.num_classes, data.shape,
+                                     cfg.batch_size),
+        extra={"iterations_executed": result.iterations_done, "sampling_rate": result.plan.schedule.sampling_rate,
+               "model": cfg.model, "knobs": released_knobs(cfg)})
+    score = {"score": None, "note": "a single training run is not scored; tune.py scores each trial on the "
+                                    "private validation split with noise, charged to the ledger"}
+    write_release(out, lambda d: write_artefacts(d, generator, num_synthetic), score, report)
+    if result.history.get("iteration"):
+        save_curves(result.history, out / "curves.png")
+    metrics = {
+        "epsilon": report["epsilon"],
+        "iterations_executed": result.iterations_done,
+        "iterations_planned": result.plan.iterations,
+        "stopped_early": result.stopped_early,
+        "train_seconds": result.seconds,
+        "seconds_per_iteration": result.seconds / max(1, result.iterations_done),
+        "num_synthetic": num_synthetic,
+        "seed": cfg.seed,
+        "num_workers": num_workers,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+# Knobs that stay in the trusted run directory: the public seed is harmless, but a release
+# has no use for it; extra_fixed_releases is internal.
+_NOT_RELEASED = {"seed", "data_root", "extra_fixed_releases"}
+
+
+def released_knobs(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items() if k not in _NOT_RELEASED}
+
+
+__all__ = ["run_train", "prepare", "load_training_data", "finish_run", "TrainResult"]
