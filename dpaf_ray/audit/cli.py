@@ -13,9 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..privacy.randomness import RunSecret
-from .release_level import MECHANISMS, ReleaseAuditSettings, audit_releases
-from .run_level import RunAuditSettings, audit_run
+from .settings import MECHANISMS, ReleaseAuditSettings, RunAuditSettings
 
 AUDIT_FILE = "audit.json"
 
@@ -66,6 +64,10 @@ def _output_dir(out: str) -> Path:
 
 def run_audit(args: argparse.Namespace) -> int:
     """Run the audit that `args` asks for; 0 consistent, 1 VIOLATION, 2 bad arguments."""
+    from ..privacy.randomness import RunSecret  # torch and the trainer load only when an audit runs
+    from .release_level import audit_releases
+    from .run_level import audit_run
+
     try:
         out = _output_dir(args.out)
         secret = RunSecret.from_public_seed(args.seed) if args.seed is not None else RunSecret.fresh()

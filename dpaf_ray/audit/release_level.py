@@ -62,29 +62,7 @@ from ..tuning import scoring
 from .bounds import gaussian_epsilon
 from .collective import run_ranks
 from .distinguish import ThresholdTest, threshold_test
-
-MECHANISMS = ("dpagg_group_sums", "dpsgd_conv2", "noisy_score")
-
-
-@dataclass(frozen=True)
-class ReleaseAuditSettings:
-    """Public knobs of the audit. σ = 1.5 puts one release's ε at 2.75 (δ = 1e-5), which 4·10⁶
-    trials per side measure to about 0.85× (see README, "Auditing the guarantee"). The ε of a
-    release does not change its code path, so one σ serves every mechanism."""
-
-    sigma: float = 1.5  # noise multiplier of every audited release
-    delta: float = 1e-5  # the run's δ
-    trials: int = 4_000_000  # per side, vectorised stage B
-    real_trials: int = 200  # per side, full real path (stage A)
-    calibration_fraction: float = 0.2
-    confidence: float = 0.95
-    world_size: int = 1  # ranks of the DPAGG release
-    clip_agg: float = 1.0
-    kappa: float = 1.0
-    clip_sgd: float = 1.0
-    noise_check_level: float = 1e-6  # p-value below which the real path "adds less noise than replayed"
-    chunk: int = 1 << 20  # trials per call of the release function in stage B
-
+from .settings import MECHANISMS, ReleaseAuditSettings
 
 @dataclass
 class Observations:

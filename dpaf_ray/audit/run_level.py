@@ -34,11 +34,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -54,25 +53,7 @@ from ..training.dpaf import DPAFTrainer
 from ..training.gan import GANTrainerBase
 from ..training.plan import plan_training
 from .bounds import clopper_pearson, one_run_epsilon
-
-GUESS_FRACTIONS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5)  # k/m on each side, fixed before the run
-
-
-@dataclass(frozen=True)
-class RunAuditSettings:
-    dataset: str = "mnist-5k"
-    epsilon: float = 10.0
-    delta: float = 1e-5
-    canaries: int = 1000
-    sigma_agg: float | None = None  # None: TrainConfig's default
-    sigma_sgd: float | None = None
-    max_iterations: int | None = None
-    max_records: int | None = None  # use only the first records of the data set (tests)
-    seed: int = 0  # public: initialisation, canary directions
-    guess_fractions: tuple[float, ...] = GUESS_FRACTIONS
-    confidence: float = 0.95
-    config: dict[str, Any] = field(default_factory=dict)  # further TrainConfig fields (tests: a smaller model)
-
+from .settings import RunAuditSettings
 
 @dataclass
 class RunAudit:
