@@ -103,6 +103,7 @@ class MechanismAudit:
     verdict: str
     reasons: list[str]
     notes: list[str]
+    confidence: float = 0.95  # of the bound (two tests at (1 + confidence)/2 each)
 
     @property
     def tightness(self) -> float:
@@ -126,7 +127,9 @@ class MechanismAudit:
             "positive_side": "canary in" if t.positive_side == 1 else "canary out",
             "tpr": t.tpr, "tpr_interval": list(t.tpr_interval),
             "fpr": t.fpr, "fpr_interval": list(t.fpr_interval),
-            "confidence": 0.95,
+            "confidence": self.confidence,
+            "interval_confidence": t.confidence,
+            "threshold_chosen_by": t.chosen_by,
             "noise_check": self.noise_check,
             "epsilon_lower_bound": self.epsilon_lower_bound,
             "epsilon_theory": _finite_or_str(self.epsilon_theory),
@@ -207,6 +210,7 @@ def analyse(obs: Observations, settings: ReleaseAuditSettings) -> MechanismAudit
         canary_contribution_norm=contribution, delta=settings.delta, noise_std=obs.noise_std, trials=trials,
         test=test, noise_check=noise_check, epsilon_lower_bound=test.epsilon_lower_bound, epsilon_theory=theory,
         verdict="VIOLATION" if reasons else "consistent", reasons=reasons, notes=obs.notes,
+        confidence=settings.confidence,
     )
 
 

@@ -74,6 +74,7 @@ class RunAudit:
     noise_disabled: bool
     seconds: float
     notes: list[str]
+    confidence: float = 0.95  # of the bound; each k's guesses are judged at 1 − (1 − confidence)/len(k)
 
     @property
     def tightness(self) -> float:
@@ -92,7 +93,7 @@ class RunAudit:
             "delta": self.delta,
             "trials": {"canaries": self.canaries, "guesses": b["guesses"], "correct": b["correct"]},
             "tpr": b["tpr"], "tpr_interval": b["tpr_interval"], "fpr": b["fpr"], "fpr_interval": b["fpr_interval"],
-            "confidence": 0.95,
+            "confidence": self.confidence,
             "guesses": self.guesses,
             "epsilon_lower_bound": self.epsilon_lower_bound,
             "epsilon_theory": self.epsilon_ledger,
@@ -288,5 +289,5 @@ def audit_run(settings: RunAuditSettings = RunAuditSettings(), secret: RunSecret
         sigma_sgd=cfg.sigma_sgd, sgd_every=cfg.sgd_every, delta=settings.delta, guesses=guesses, best=best,
         epsilon_lower_bound=lower, epsilon_ledger=eps_ledger,
         verdict="VIOLATION" if lower > eps_ledger else "consistent", noise_disabled=test_only_disable_noise,
-        seconds=time.time() - t0, notes=notes,
+        seconds=time.time() - t0, notes=notes, confidence=settings.confidence,
     )
