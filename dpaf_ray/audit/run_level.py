@@ -22,8 +22,9 @@ with the paper's Theorem 5.2 (`bounds.one_run_epsilon`).
 What this audits, exactly: the sequence of releases of one run (sampling, grouping, bounding,
 clipping, noise, and the ledger's charge for them), with the discriminator frozen at its
 initialisation. Canaries enter as an embedding at DPAGG's input (norm 2·C_agg, so the clip binds)
-and as a per-record gradient at conv2's clipped sum (norm 2·C_sgd, a random direction of the
-parameter space) — "gradient canaries" in the paper's white-box sense. The other records are the
+and as a per-record gradient at conv2's clipped sum (norm 2·C_sgd) — "gradient canaries" in the
+paper's white-box sense — in random directions with the other records' 32 main (principal)
+directions projected out, where the unknown sample of the other records disturbs them least. The other records are the
 data set's images through the real front at initialisation, with their conv2 gradients computed
 once against a fixed public upstream gradient per class. The GAN's training dynamics (the rear,
 G, Adam) are not run: they are post-processing of these releases, and a frozen model keeps every
@@ -86,7 +87,8 @@ class RunAudit:
             "mechanism": "dpaf_training_run",
             "level": "run",
             "canary": (f"{self.canaries} canaries, each in the data with probability 1/2: a DPAGG embedding of norm "
-                       "2·C_agg and a conv2 gradient of norm 2·C_sgd, both in random directions"),
+                       "2·C_agg and a conv2 gradient of norm 2·C_sgd, random directions away from the other "
+                       "records' 32 principal directions"),
             "dataset": self.dataset, "records": self.records,
             "iterations": self.iterations, "sampling_rate": self.sampling_rate,
             "noise_multipliers": {"sigma_agg": self.sigma_agg, "sigma_sgd": self.sigma_sgd, "sgd_every": self.sgd_every},
@@ -196,7 +198,7 @@ def audit_run(settings: RunAuditSettings = RunAuditSettings(), secret: RunSecret
 
     # -- canaries: public random directions, each in the data with probability 1/2 (secret) ------
     # Directions away from the other records' main directions, where the unknown sample of the
-    # other records moves the releases least: the canaries are as distinguishable as the auditor can make them.
+    # other records moves the releases least (more distinguishable than plain random directions).
     canary_y = torch.randint(K, (m,), generator=g_pub)
     m_emb = spec.embedding_dim
     e = _away_from(torch.randn(m, m_emb, generator=g_pub), v_others[:, :m_emb])
