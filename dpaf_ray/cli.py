@@ -10,25 +10,30 @@ from typing import Any, Sequence
 
 from .config import ConfigError, TrainConfig
 from .data.dataset import DataError
+from .audit.cli import add_audit_parser, run_audit
 from .evaluation.run import EvaluationError
 from .privacy.ledger import PrivacyConfigError
 
-_TYPES = {"data_root": str, "seed": int, "iterations": int, "max_iterations": int,
-          "time_budget_minutes": float, "num_threads": int, "num_classes": int}
+_TYPES = {"data_root": str, "seed": int, "iterations": int, "max_iterations": int, "epochs": float,
+          "time_budget_minutes": float, "num_threads": int, "num_classes": int, "sigma_agg": float,
+          "sigma_sgd": float}
 _HIDDEN = {"extra_fixed_releases"}
 _HELP = {
     "batch_size": "B = qN, expected real records per iteration",
     "group_size": "b, DPAGG group size",
     "sgd_every": "k: conv2 is updated every k-th iteration",
-    "sigma_agg": "noise multiplier of the DPAGG release",
-    "sigma_sgd": "noise multiplier of the conv2 DP-SGD release",
+    "sigma_agg": "noise multiplier of the DPAGG release; a given σ fixes the noise and T comes from the budget",
+    "sigma_sgd": "noise multiplier of the conv2 DP-SGD release (default: planned from the budget)",
+    "noise_split": "σ_agg/σ_sgd when the planner sets the noise from the budget",
+    "epochs": "T = epochs / q (instead of --iterations)",
+    "max_iterations": "cap on T",
     "clip_agg": "C_agg, per-record feature bound",
     "clip_sgd": "C_sgd, per-record gradient bound",
-    "iterations": "fixed T (default: derived from the budget)",
+    "iterations": "T (default: --epochs, --time-budget-minutes, or 900 at 28×28); the noise is set to spend ε",
     "seed": "public seed of initialisation and generated codes only; the noise comes from a secret (default: random)",
     "reproducible_noise": "tests and benchmarks only: derive the noise from --seed; the run is then NOT private",
     "num_classes": "public number of classes (Parquet tables without it in their metadata)",
-    "time_budget_minutes": "stop early at a checkpoint boundary; the ledger stays exact",
+    "time_budget_minutes": "plan T to finish in about this time (speed probe on generated data, no privacy cost)",
 }
 
 
@@ -82,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("privacy", help="recompute ε from a privacy_report.json")
     pr.add_argument("report")
     pr.add_argument("--delta", type=float, default=None)
+    add_audit_parser(sub)
     return parser
 
 
@@ -101,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    args.num_synthetic, args.epochs, args.max_train_records,
                                    args.inception_weights, args.seed, out=args.out, progress=print)
             print(json.dumps(metrics, indent=1))
+        elif args.command == "audit":
+            return run_audit(args)
         elif args.command == "privacy":
             from .privacy.report import recompute
 

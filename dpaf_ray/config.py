@@ -18,6 +18,16 @@ UPSAMPLE_MODES = ("nearest", "bilinear")  # G's ×2 upsampling (models.generator
 LR_G_SCHEDULES = ("constant", "cosine")  # G's learning rate over the planned iterations (training.gan)
 
 
+# The configuration behind the README's Fashion-MNIST result (bench/results/k2_900: mean 71.0 % over 5
+# seeds at ε = 10, 900 iterations). TrainConfig's defaults, and so the CLI's, equal it (tests/test_planner.py).
+MEASURED_BEST: dict[str, Any] = {
+    "batch_size": 256, "group_size": 128, "sgd_every": 2, "noise_split": 2.0, "lr_d": 2e-4, "lr_g": 1.5e-4,
+    "grouping": "class", "embedding": "moments", "pixel_statistics": True, "pixel_moments": "mean,sq_mean,rff",
+    "feature_matching": 10.0, "pixel_matching": 10.0, "head_weight": 0.0, "smooth_output": True,
+    "upsample": "nearest", "lr_g_schedule": "constant", "clip_agg": 1.0, "clip_sgd": 1.0,
+}
+
+
 class ConfigError(ValueError):
     """An invalid option; the message names it and the fix."""
 
@@ -38,8 +48,11 @@ class TrainConfig:
     batch_size: int = 256  # B = qN, expected real records per iteration
     group_size: int = 128  # b
     sgd_every: int = 2  # k; bench/results/k2_900: 5 seeds at 900 it., mean 71.1 % at k = 2 against 69.3 % at k = 1
-    sigma_agg: float = 2.0
-    sigma_sgd: float = 1.0
+    # noise: by default the planner sets both multipliers from (ε, δ) and T, in the ratio noise_split;
+    # an explicit --sigma-agg and/or --sigma-sgd keeps the noise fixed and derives T from the budget instead
+    sigma_agg: float | None = None
+    sigma_sgd: float | None = None
+    noise_split: float = 2.0  # σ_agg/σ_sgd when planned (bench/results/k2_900: σ_agg 1.02, σ_sgd 0.51 at ε = 10)
     clip_agg: float = 1.0  # C_agg
     clip_sgd: float = 1.0  # C_sgd
     kappa: float = 1.0
@@ -64,9 +77,10 @@ class TrainConfig:
     upsample: str = "nearest"  # G's ×2 upsampling: "nearest" or "bilinear" (public architecture)
     smooth_output: bool = True  # G ends in a fixed 3×3 low-pass filter: no pixel-level speckle (bench: fid_domain 63 → 35)
     # execution
-    iterations: int | None = None  # None: derived from the budget (rule 12)
-    max_iterations: int | None = None  # compute cap; with `iterations` None, noise is raised to fit
-    time_budget_minutes: float | None = None
+    iterations: int | None = None  # T; None: from --epochs, --time-budget-minutes, or the resolution's default
+    epochs: float | None = None  # T = epochs / q
+    max_iterations: int | None = None  # cap on T; with explicit σs a capped run gets less noise to spend the budget
+    time_budget_minutes: float | None = None  # plans T from a speed probe on generated data; also a stop guard
     grad_engine: str = "functorch"
     checkpoint_every: int = 500
     log_every: int = 50
@@ -95,10 +109,18 @@ class TrainConfig:
                      "checkpoint_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 bad(name, f"must be an integer >= 1, got {getattr(self, name)}")
-        for name in ("sigma_agg", "sigma_sgd", "clip_agg", "clip_sgd", "kappa", "lr_d", "lr_g"):
+        for name in ("clip_agg", "clip_sgd", "kappa", "lr_d", "lr_g", "noise_split"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 bad(name, f"must be > 0, got {v}")
+        for name in ("sigma_agg", "sigma_sgd"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                bad(name, f"must be > 0, got {v}")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            bad("epochs", f"must be > 0, got {self.epochs}")
+        if self.epochs is not None and self.iterations is not None:
+            bad("epochs", "give --iterations or --epochs, not both")
         if not (0 <= self.feature_ema < 1):
             bad("feature_ema", f"must lie in [0, 1), got {self.feature_ema}")
         moments = self.pixel_moment_names
@@ -130,6 +152,22 @@ class TrainConfig:
             bad("batch_size", f"B = {self.batch_size} exceeds the {n_records} training records (q = B/N > 1); "
                 "lower --batch-size")
         return self
+
+    @property
+    def explicit_noise(self) -> bool:
+        """True when the user fixed the noise (then T comes from the budget)."""
+        return self.sigma_sgd is not None or (self.model == "dpaf" and self.sigma_agg is not None)
+
+    def base_sigmas(self) -> tuple[float, float]:
+        """(σ_agg, σ_sgd): as given (one given σ sets the other through noise_split), or in the
+        ratio noise_split at σ_sgd = 1 for the planner to scale."""
+        if self.sigma_agg is not None and self.sigma_sgd is not None:
+            return self.sigma_agg, self.sigma_sgd
+        if self.sigma_sgd is not None:
+            return self.noise_split * self.sigma_sgd, self.sigma_sgd
+        if self.sigma_agg is not None and self.model == "dpaf":
+            return self.sigma_agg, self.sigma_agg / self.noise_split
+        return self.noise_split, 1.0
 
     @property
     def pixel_moment_names(self) -> tuple[str, ...]:

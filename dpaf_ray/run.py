@@ -15,11 +15,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import PrivateData, load_training_data
 from .data.splits import SPLIT_LABEL
 from .pictures import save_curves
@@ -32,6 +31,7 @@ from .training.checkpoint import LocalCheckpointSink
 from .training.loop import TrainResult, WriteAheadLedger, secret_for, train_loop
 from .training.outputs import write_artefacts
 from .training.plan import TrainingPlan, plan_training
+from .training.probe import seconds_per_iteration
 
 LEDGER_FILE = "ledger.json"
 
@@ -43,8 +43,8 @@ def resolve_seed(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def prepare(cfg: TrainConfig, secret: RunSecret | None = None,
-            carried: PrivacyLedger | None = None) -> tuple[TrainConfig, PrivateData, TrainingPlan, RunSecret]:
+def prepare(cfg: TrainConfig, secret: RunSecret | None = None, carried: PrivacyLedger | None = None,
+            device: str = "cpu") -> tuple[TrainConfig, PrivateData, TrainingPlan, RunSecret]:
     """Every check before anything is written: configuration, data, budget, plan."""
     cfg = resolve_seed(cfg.validate())
     secret = secret if secret is not None else secret_for(cfg)
@@ -53,8 +53,28 @@ def prepare(cfg: TrainConfig, secret: RunSecret | None = None,
     if carried is not None and carried.entries:  # an earlier attempt's spend counts against the budget
         cfg = dataclasses.replace(cfg, extra_fixed_releases=cfg.extra_fixed_releases
                                   + [e.to_json() for e in carried.entries])
-    plan = plan_training(cfg, data.expected_train)
+    speed = None
+    if cfg.time_budget_minutes is not None and cfg.iterations is None and cfg.epochs is None:
+        cfg.validate(data.expected_train)  # the probe needs a valid batch
+        speed = seconds_per_iteration(cfg, data.shape, data.num_classes, data.expected_train, device)
+    plan = plan_training(cfg, data.expected_train, data.shape[1], speed)
     return plan.config, data, plan, secret
+
+
+class DeviceError(ConfigError):
+    """A device the run asks for is not there; the message says what to do."""
+
+
+def resolve_device(use_gpu: bool, num_workers: int) -> str:
+    """The in-process training device; Ray Train workers get theirs from Ray."""
+    if not use_gpu or num_workers > 0:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DeviceError("--use-gpu: no CUDA GPU is visible to this process (torch.cuda.is_available() is False); "
+                          "drop --use-gpu to train on the CPU, or check the driver and CUDA_VISIBLE_DEVICES")
+    return "cuda"
 
 
 def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, num_workers: int = 0,
@@ -69,25 +89,21 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
         secret = RunSecret.from_checkpoint(state["secret"])
         cfg = dataclasses.replace(TrainConfig.from_dict(state["config"]), iterations=state["planned_iterations"])
     carried = journal.load() if state is None else None
-    cfg, data, plan, secret = prepare(cfg, secret, carried)  # every check before anything is written
+    device = resolve_device(use_gpu, num_workers)
+    cfg, data, plan, secret = prepare(cfg, secret, carried, device)  # every check before anything is written
     out.mkdir(parents=True, exist_ok=True)
     if progress:
         if carried is not None and carried.entries:
             progress(f"an earlier attempt in {out} already spent ε={carried.epsilon(cfg.delta):.3f}; "
                      "it is carried forward and this run spends the rest of the budget")
-        progress(f"{cfg.model} on {cfg.dataset}: N={data.n_records} records (public), "
-                 f"q={plan.schedule.sampling_rate:.4g}, T={plan.iterations} iterations for ε={cfg.epsilon:g}, "
-                 f"δ={cfg.delta:g}" + (f" (noise ×{plan.noise_factor:.3f} to fit the iteration cap)"
-                                       if plan.noise_factor != 1 else ""))
+        progress(f"{cfg.model} on {cfg.dataset}: N={data.n_records} records (public), ε={cfg.epsilon:g}, "
+                 f"δ={cfg.delta:g}")
+        for line in plan.describe():
+            progress(line)
         if cfg.reproducible_noise:
             progress("WARNING: --reproducible-noise: the noise is derived from the public seed; this run is NOT private")
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     if num_workers == 0:
-        if use_gpu:
-            warnings.warn("--use-gpu without --num-workers: training in-process on cuda if available")
-        import torch
-
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         result = train_loop(plan, data.train, len(data.train), 0, None, sink, progress, device,
                             secret=secret, journal=journal, initial_ledger=carried)
     else:

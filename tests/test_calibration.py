@@ -72,7 +72,8 @@ def test_noise_scale_for_iterations_meets_the_target(target, T):
 
 
 def test_plan_with_iteration_cap_raises_the_noise_to_fit_the_budget():
-    cfg = TrainConfig(epsilon=3.0, delta=DELTA, batch_size=64, group_size=32, max_iterations=50, seed=0)
+    cfg = TrainConfig(epsilon=3.0, delta=DELTA, batch_size=64, group_size=32, max_iterations=50, seed=0,
+                      sigma_agg=2.0, sigma_sgd=1.0)  # explicit noise: T from the budget, capped
     plan = plan_training(cfg, 6000)
     assert plan.iterations == 50
     # T from the budget exceeds the cap, so the noise is lowered until the capped run spends the budget
@@ -136,7 +137,8 @@ def test_budget_too_small_for_one_iteration():
 
 
 def test_fixed_iterations_over_budget_is_rejected():
-    cfg = TrainConfig(epsilon=0.5, batch_size=50, group_size=4, iterations=10_000, seed=0)
+    cfg = TrainConfig(epsilon=0.5, batch_size=50, group_size=4, iterations=10_000, seed=0, sigma_agg=2.0,
+                      sigma_sgd=1.0)  # explicit noise: a fixed T over the budget is refused
     with pytest.raises(ConfigError, match="--iterations"):
         plan_training(cfg, 100)
 

@@ -284,10 +284,14 @@ def test_privacy_report_lets_anyone_recompute_epsilon(cli_run, capsys):
     assert all(e["kind"] == "poisson_gaussian" for e in events)
     assert sum(e["count"] for e in events) == 20
     n_train = 3600  # q = B / ((1 - f)·N): the public expected size of mnist-5k's 4,000 records minus 10 %
-    s_eff = (2.0 ** -2 + 1.0 ** -2) ** -0.5
-    k = TrainConfig().sgd_every  # conv2 (σ_eff) on iterations 0, k, 2k, ...; DPAGG alone (σ_agg = 2) between
+    # the planner set both σs from the budget in the ratio --noise-split (default 2)
+    s_agg, s_sgd = report["knobs"]["sigma_agg"], report["knobs"]["sigma_sgd"]
+    assert s_agg / s_sgd == pytest.approx(TrainConfig().noise_split)
+    s_eff = (s_agg ** -2 + s_sgd ** -2) ** -0.5
+    k = TrainConfig().sgd_every  # conv2 (σ_eff) on iterations 0, k, 2k, ...; DPAGG alone (σ_agg) between
     sigmas = [e["noise_multiplier"] for e in events for _ in range(e["count"])]
-    assert sigmas == pytest.approx([s_eff if t % k == 0 else 2.0 for t in range(20)])
+    assert sigmas == pytest.approx([s_eff if t % k == 0 else s_agg for t in range(20)])
+    assert report["epsilon"] >= 0.99 * 10  # the whole budget is spent in the 20 iterations asked for
     for e in events:
         assert e["sampling_rate"] == pytest.approx(32 / n_train)
 

@@ -210,12 +210,41 @@ def test_tiny_search_end_to_end(tiny_run):
     best = max(trials, key=lambda t: t["score"])
     score = json.loads((out / "release" / "score.json").read_text())
     assert score == {"score": best["score"], "kind": "private_validation",
-                     "noise_multiplier": ss["score"]["noise_multiplier"], "num_validation": best["num_validation"]}
+                     "noise_multiplier": ss["score"]["noise_multiplier"],
+                     "expected_validation": best["expected_validation"]}
+    assert best["expected_validation"] == pytest.approx(0.1 * 4000)  # the public f·N, not a realised count
     for name in ("generator.pt", "synthetic.parquet", "samples.png"):
         assert (out / "release" / name).read_bytes() == (out / "trials" / best["trial"] / name).read_bytes()
     assert (out / "trials" / "comparison.png").stat().st_size > 0
-    # the same --out twice is refused (a second draw of K would be a re-draw)
+    # the whole search's charge was on disk (OUT/ledger.json) before any trial, and equals the report's
+    assert PrivacyLedger.load(out / "ledger.json").epsilon(ss["delta"]) == pytest.approx(report["epsilon"])
     print(f"tiny search: K={k}, {took:.0f}s")
+
+
+@pytest.mark.timeout(300)
+def test_no_byte_string_of_the_search_secret_is_written_outside_checkpoints(tiny_run):
+    """Tune writes every trial's config (params.json, experiment state, tuner.pkl): the search
+    secret travels through the object store instead, and no file outside a checkpoint holds
+    the secret, the split key, a trial's secret or a stream key derived from them."""
+    import torch
+    from dpaf_ray.data.splits import SPLIT_LABEL
+    from dpaf_ray.privacy.randomness import RunSecret
+    from test_privacy_threats import derived_byte_strings, leaks
+
+    out, rc, log, _ = tiny_run
+    assert rc == 0, _tail(log)
+    secret = RunSecret.from_checkpoint(torch.load(out / "checkpoint" / "search_secret.pt", weights_only=True))
+    strings = derived_byte_strings(secret, 3)
+    trial_ids = []
+    for result in (out / "trials" / "ray_tune" / "search").glob("*/result.json"):
+        for line in result.read_text().splitlines():
+            trial_ids.append(json.loads(line)["trial_id"])
+    assert trial_ids
+    for tid in set(trial_ids):
+        for name, b in derived_byte_strings(secret.child(f"trial/{tid}"), 3).items():
+            strings[f"trial {tid}: {name}"] = b
+    strings["split"] = secret.child(SPLIT_LABEL).to_checkpoint()["key"]
+    assert leaks(out, strings) == []
 
 
 @pytest.mark.timeout(300)

@@ -133,6 +133,7 @@ def noise_scale_for_iterations(
     delta: float,
     extra: Sequence[Entry] = (),
     rel_tol: float = 1e-3,
+    max_factor: float = 1e6,
 ) -> float:
     """Smallest factor s (to rel_tol) such that `schedule.scaled(s)` for T iterations meets (ε, δ).
 
@@ -153,8 +154,9 @@ def noise_scale_for_iterations(
     lo, hi = 1e-3, 1.0
     while eps(hi) > epsilon:
         lo, hi = hi, hi * 2
-        if hi > 1e6:
-            raise PrivacyConfigError("no noise level meets this budget; raise --epsilon")
+        if hi > max_factor:
+            raise PrivacyConfigError(f"no noise level up to {max_factor:.3g}× the base meets this budget; "
+                                     "raise --epsilon or lower the number of iterations")
     if eps(lo) <= epsilon:
         return lo
     while hi / lo > 1 + rel_tol:

@@ -47,7 +47,7 @@ class DPAFTrainer(GANTrainerBase):
             expected = cfg.batch_size / mixed
         self.spec = dpagg.DPAggSpec(
             num_classes=K, embedding_dim=self.embed.dim, clip_norm=cfg.clip_agg, kappa=cfg.kappa,
-            sigma=cfg.sigma_agg, grouping=cfg.grouping, groups_per_class=per_class,
+            sigma=self.sigma_agg, grouping=cfg.grouping, groups_per_class=per_class,
             num_mixed_groups=mixed, expected_group_size=expected,
         )
         self.rear = Rear(self.embed.out_shape, K, pixel_dim=pixel_dim).to(self.device)
@@ -126,7 +126,7 @@ class DPAFTrainer(GANTrainerBase):
         extras = (real.y, g_real[groups_r]) + ((pr,) if pr is not None else ())
         per_record = self.per_record((h1r, real.y), real_record_loss, extras)
         clipped = clip_and_sum_per_record(per_record, cfg.clip_sgd)
-        noisy = gaussian_release(clipped, cfg.sigma_sgd * cfg.clip_sgd,
+        noisy = gaussian_release(clipped, self.sigma_sgd * cfg.clip_sgd,
                                  self.noise_stream(t, "dpsgd/conv2"), self.collective)
 
         # Generated records: ordinary batch gradient, public normaliser (rule 7).

@@ -32,7 +32,7 @@ class DPSGDGANTrainer(GANTrainerBase):
 
         per_record = self.per_record((h1r, real.y), lambda logit: F.softplus(-logit))
         clipped = clip_and_sum_per_record(per_record, cfg.clip_sgd)
-        noisy = gaussian_release(clipped, cfg.sigma_sgd * cfg.clip_sgd,
+        noisy = gaussian_release(clipped, self.sigma_sgd * cfg.clip_sgd,
                                  self.noise_stream(t, "dpsgd/d"), self.collective)
 
         params = self.per_record.params

@@ -53,6 +53,9 @@ class GANTrainerBase:
         self.num_classes = shard.num_classes
         self.secret = secret if secret is not None else RunSecret.fresh()
         self.q = sampling_rate if sampling_rate is not None else cfg.sampling_rate(n_total)
+        # The planned noise multipliers (a plan's config always has them; a bare config, in tests
+        # and probes, gets the base ratio). The ledger is charged from the plan, never from here.
+        self.sigma_agg, self.sigma_sgd = cfg.base_sigmas()
         self.fake_batch = cfg.batch_size  # public size of the generated batch
         self.arch = architecture_for(shard.shape)
         torch.manual_seed(cfg.seed)  # public: model initialisation only; identical on every rank

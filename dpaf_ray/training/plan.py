@@ -1,37 +1,104 @@
-"""Turn a configuration and a budget into an iteration schedule and T (DESIGN rule 12)."""
+"""Turn a budget (ε, δ) and a compute plan into T and the noise multipliers (DESIGN rule 12).
+
+Budget first, as users think (Opacus' `make_private_with_epsilon(target_epsilon, epochs)`):
+
+    T  ← --iterations | --epochs (T = epochs/q) | --time-budget-minutes (speed probe on
+         generated data, no privacy cost) | the resolution's measured default
+    σ  ← both multipliers scaled together, up or down, in the ratio --noise-split, so that
+         T iterations (plus any fixed releases) spend exactly the budget
+
+With explicit --sigma-agg and --sigma-sgd the noise stays as given and T is derived from
+the budget instead (capped by --max-iterations, which then lowers the noise to fit).
+
+The plan only decides how long to train and how much noise to add; every ε that is
+reported comes from the ledger of what ran.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ..config import ConfigError, TrainConfig
 from ..privacy.calibration import IterationSchedule, iterations_for_budget, noise_scale_for_iterations
-from ..privacy.ledger import Entry, entry_from_json, epsilon_from_rdp, rdp_curve, validate_budget
+from ..privacy.ledger import Entry, PrivacyConfigError, entry_from_json, epsilon_from_rdp, rdp_curve, validate_budget
+
+# Measured best T per image size at the default batch (bench/results/k2_900: 900 iterations at 28×28;
+# longer runs did not pay). The larger sizes are not measured on this project's hardware yet.
+DEFAULT_ITERATIONS = {28: 900, 32: 900, 64: 2000, 128: 2000}
+# Beyond this effective noise multiplier no signal survives (DPAGG's signal-to-noise needs
+# b·C_agg ≫ σ_agg·Δ·√m, DESIGN §4): such a budget is refused, with the knob that helps.
+MAX_NOISE_MULTIPLIER = 1000.0
+# Share of a time budget kept for start-up, writing the release and the probe itself.
+TIME_RESERVE_FRACTION, TIME_RESERVE_SECONDS = 0.1, 15.0
 
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    config: TrainConfig  # with the noise multipliers actually used
+    config: TrainConfig  # with the noise multipliers and T actually used
     schedule: IterationSchedule
     iterations: int
     planned_epsilon: float  # for information; the report uses the ledger
-    noise_factor: float = 1.0  # multiplier applied to the configured σs to fit the cap
+    noise_factor: float = 1.0  # multiplier applied to the base σs (the noise split at σ_sgd = 1, or the given σs)
+    how: str = ""  # where T and σ came from, for the printed plan
+    seconds_per_iteration: float | None = None  # from the speed probe, when there was one
+
+    @property
+    def effective_noise(self) -> float:
+        return self.schedule.cycle[0]
+
+    @property
+    def estimated_seconds(self) -> float | None:
+        return None if self.seconds_per_iteration is None else self.seconds_per_iteration * self.iterations
+
+    def describe(self) -> list[str]:
+        c = self.config
+        noise = (f"σ_agg={c.sigma_agg:.4g}, σ_sgd={c.sigma_sgd:.4g}, σ_eff={self.effective_noise:.4g} "
+                 f"(conv2 every {c.sgd_every} it.)" if c.model == "dpaf" else f"σ={c.sigma_sgd:.4g}")
+        lines = [f"plan: T={self.iterations} iterations ({self.how}), q={self.schedule.sampling_rate:.4g}, {noise}",
+                 f"plan: expected ε={self.planned_epsilon:.4f} of {c.epsilon:g} at δ={c.delta:g}"]
+        if self.estimated_seconds is not None:
+            lines.append(f"plan: about {_fmt(self.estimated_seconds)} of training "
+                         f"({self.seconds_per_iteration * 1000:.0f} ms/iteration measured on generated data)")
+        return lines
 
 
-def schedule_for(cfg: TrainConfig, n_train: int) -> IterationSchedule:
+def default_iterations(image_size: int) -> int:
+    return DEFAULT_ITERATIONS.get(image_size, 2000)
+
+
+def schedule_for(cfg: TrainConfig, n_train: float) -> IterationSchedule:
+    """The schedule of the configured (or base, for the planner to scale) noise multipliers."""
     q = cfg.sampling_rate(n_train)
+    sigma_agg, sigma_sgd = cfg.base_sigmas()
     if cfg.model == "dpaf":
-        return IterationSchedule.dpaf(q, cfg.sigma_agg, cfg.sigma_sgd, cfg.sgd_every)
-    return IterationSchedule.dpsgd(q, cfg.sigma_sgd)
+        return IterationSchedule.dpaf(q, sigma_agg, sigma_sgd, cfg.sgd_every)
+    return IterationSchedule.dpsgd(q, sigma_sgd)
 
 
 def fixed_releases(cfg: TrainConfig) -> list[Entry]:
-    """Releases outside training that the budget must also cover (e.g. a trial's noisy score)."""
+    """Releases outside training that the budget must also cover (a trial's noisy score, an earlier attempt)."""
     return [entry_from_json(e) for e in cfg.extra_fixed_releases]
 
 
-def plan_training(cfg: TrainConfig, n_train: int) -> TrainingPlan:
-    """T from the budget; if T exceeds the compute cap, lower the noise (data-independently) so that the capped run still spends the budget."""
+def iterations_wanted(cfg: TrainConfig, q: float, image_size: int,
+                      seconds_per_iteration: float | None = None) -> tuple[int, str]:
+    """T from the compute the user asked for, and where it came from."""
+    if cfg.iterations is not None:
+        return cfg.iterations, "--iterations"
+    if cfg.epochs is not None:
+        return max(1, math.ceil(cfg.epochs / q)), f"--epochs {cfg.epochs:g}"
+    if cfg.time_budget_minutes is not None:
+        if seconds_per_iteration is None:
+            raise ValueError("a time budget needs the speed probe's seconds per iteration")
+        usable = cfg.time_budget_minutes * 60 * (1 - TIME_RESERVE_FRACTION) - TIME_RESERVE_SECONDS
+        return max(1, int(usable / seconds_per_iteration)), f"--time-budget-minutes {cfg.time_budget_minutes:g}"
+    return default_iterations(image_size), f"the default for {image_size}×{image_size}"
+
+
+def plan_training(cfg: TrainConfig, n_train: float, image_size: int = 28,
+                  seconds_per_iteration: float | None = None) -> TrainingPlan:
+    """The plan for `n_train` expected training records (public: (1 − f)·N)."""
     validate_budget(cfg.epsilon, cfg.delta)
     cfg.validate(n_train)
     extra = fixed_releases(cfg)
@@ -41,19 +108,63 @@ def plan_training(cfg: TrainConfig, n_train: int) -> TrainingPlan:
     def eps(s: IterationSchedule, t: int) -> float:
         return epsilon_from_rdp(base + s.rdp(t), cfg.delta)
 
-    if cfg.iterations is not None:
-        e = eps(schedule, cfg.iterations)
+    def with_factor(factor: float, T: int, how: str) -> TrainingPlan:
+        sigma_agg, sigma_sgd = cfg.base_sigmas()
+        planned = dataclasses.replace(cfg, sigma_agg=sigma_agg * factor if cfg.model == "dpaf" else cfg.sigma_agg,
+                                      sigma_sgd=sigma_sgd * factor, iterations=T)
+        s = schedule_for(planned, n_train)
+        return TrainingPlan(planned, s, T, eps(s, T), factor, how, seconds_per_iteration)
+
+    if not cfg.explicit_noise:  # budget first: T from the compute, σ from the budget
+        T, how = iterations_wanted(cfg, schedule.sampling_rate, image_size, seconds_per_iteration)
+        if cfg.max_iterations is not None and T > cfg.max_iterations:
+            T, how = cfg.max_iterations, f"{how}, capped by --max-iterations"
+        factor = _noise_factor(schedule, T, cfg, extra)
+        return with_factor(factor, T, how + "; noise from the budget")
+
+    # explicit noise: T from the budget (or as given, checked); a single given σ sets the other by the split
+    sigma_agg, sigma_sgd = cfg.base_sigmas()
+    cfg = dataclasses.replace(cfg, sigma_agg=sigma_agg if cfg.model == "dpaf" else cfg.sigma_agg, sigma_sgd=sigma_sgd)
+    if cfg.iterations is not None or cfg.epochs is not None:
+        T, how = iterations_wanted(cfg, schedule.sampling_rate, image_size)
+        e = eps(schedule, T)
         if e > cfg.epsilon:
+            opt = "--iterations" if cfg.iterations is not None else "--epochs"
             raise ConfigError(
-                f"--iterations {cfg.iterations} would spend ε={e:.3g} > target {cfg.epsilon:g}; "
-                "omit --iterations to derive T from the budget, or raise the noise multipliers"
-            )
-        return TrainingPlan(cfg, schedule, cfg.iterations, e)
+                f"{opt}: {T} iterations at σ_agg={cfg.sigma_agg}, σ_sgd={cfg.sigma_sgd} would spend ε={e:.3g} > "
+                f"target {cfg.epsilon:g}; drop --sigma-agg/--sigma-sgd to let the planner set the noise for this T, "
+                "or lower T")
+        return TrainingPlan(cfg, schedule, T, e, 1.0, how + "; noise as given", seconds_per_iteration)
     T = iterations_for_budget(schedule, cfg.epsilon, cfg.delta, extra)
+    how = "from the budget at the given noise"
+    if cfg.time_budget_minutes is not None and seconds_per_iteration is not None:
+        T_time, _ = iterations_wanted(cfg, schedule.sampling_rate, image_size, seconds_per_iteration)
+        if T_time < T:
+            T, how = T_time, f"{how}, cut to fit --time-budget-minutes {cfg.time_budget_minutes:g} (budget left unspent)"
     if cfg.max_iterations is not None and T > cfg.max_iterations:
-        T = cfg.max_iterations
-        factor = noise_scale_for_iterations(schedule, T, cfg.epsilon, cfg.delta, extra)
-        cfg = dataclasses.replace(cfg, sigma_agg=cfg.sigma_agg * factor, sigma_sgd=cfg.sigma_sgd * factor)
-        schedule = schedule_for(cfg, n_train)
-        return TrainingPlan(cfg, schedule, T, eps(schedule, T), noise_factor=factor)
-    return TrainingPlan(cfg, schedule, T, eps(schedule, T))
+        factor = noise_scale_for_iterations(schedule, cfg.max_iterations, cfg.epsilon, cfg.delta, extra)
+        return with_factor(factor, cfg.max_iterations, f"{how}, capped by --max-iterations; noise lowered to fit")
+    return TrainingPlan(dataclasses.replace(cfg, iterations=T), schedule, T, eps(schedule, T), 1.0, how,
+                        seconds_per_iteration)
+
+
+def _noise_factor(schedule: IterationSchedule, T: int, cfg: TrainConfig, extra: list[Entry]) -> float:
+    """The factor on the base σs that spends exactly the budget in T iterations; refused past the limit."""
+    limit = MAX_NOISE_MULTIPLIER / schedule.cycle[0]
+    try:
+        factor = noise_scale_for_iterations(schedule, T, cfg.epsilon, cfg.delta, extra, max_factor=2 * limit)
+    except PrivacyConfigError:
+        factor = math.inf
+    if factor > limit:
+        needs = "more than" if math.isinf(factor) else f"{schedule.cycle[0] * factor:.3g},"
+        raise ConfigError(
+            f"--epsilon {cfg.epsilon:g}: spending it over T={T} iterations at q={schedule.sampling_rate:.3g} needs "
+            f"an effective noise multiplier of {needs} beyond the limit {MAX_NOISE_MULTIPLIER:g} where no signal "
+            "survives; lower --iterations (or --epochs, --time-budget-minutes) or --batch-size, or raise --epsilon")
+    return factor
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -123,8 +123,9 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     score_noise = None if ss.public_validation else ss.score_noise
     schedule = schedule_for(cfg, data.expected_train)
     fit = fit_trial(schedule, score_noise, reference, ss.min_iterations, ss.max_iterations)
-    cfg = dataclasses.replace(cfg, iterations=fit.iterations, sigma_agg=cfg.sigma_agg * fit.noise_factor,
-                              sigma_sgd=cfg.sigma_sgd * fit.noise_factor)
+    base_agg, base_sgd = cfg.base_sigmas()  # as sampled, or the noise split at σ_sgd = 1
+    cfg = dataclasses.replace(cfg, iterations=fit.iterations, sigma_agg=base_agg * fit.noise_factor,
+                              sigma_sgd=base_sgd * fit.noise_factor)
     cfg.validate(data.expected_train)
     plan = TrainingPlan(cfg, schedule_for(cfg, data.expected_train), fit.iterations, float("nan"), fit.noise_factor)
     trial_dir = Path(static["trials_dir"]) / trial_name

@@ -1,0 +1,186 @@
+"""Budget-first planning (issue #12, DESIGN rule 12): any ε a user asks for runs, the noise is
+scaled up or down to spend exactly that ε at the planned T, a time budget plans T from a speed
+probe on generated data, and the defaults are the measured best configuration."""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from dpaf_ray import cli
+from dpaf_ray.config import MEASURED_BEST, ConfigError, TrainConfig
+from dpaf_ray.privacy.ledger import PoissonGaussian, PrivacyLedger
+from dpaf_ray.training import probe
+from dpaf_ray.training.plan import DEFAULT_ITERATIONS, MAX_NOISE_MULTIPLIER, plan_training
+
+torch.set_num_threads(1)
+DELTA = 1e-5
+BUDGETS = (0.2, 0.5, 1, 2, 5, 10, 20, 50)
+DATASETS = {"mnist-5k": 0.9 * 4000, "fashion-mnist": 0.9 * 60000}  # expected training records (1 − f)·N
+
+
+def executed_epsilon(plan) -> float:
+    """ε of what the loop charges for the plan's T iterations, recomputed from the schedule."""
+    counts = Counter(plan.schedule.noise_at(i) for i in range(plan.iterations))
+    ledger = PrivacyLedger([PoissonGaussian(plan.schedule.sampling_rate, s, c) for s, c in counts.items()])
+    return ledger.epsilon(DELTA)
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("epsilon", BUDGETS)
+def test_every_listed_budget_runs_and_is_spent_within_one_percent(dataset, epsilon):
+    plan = plan_training(TrainConfig(epsilon=epsilon, delta=DELTA, seed=0), DATASETS[dataset])
+    assert plan.iterations == DEFAULT_ITERATIONS[28] == 900
+    e = executed_epsilon(plan)
+    assert 0.99 * epsilon <= e <= epsilon, (e, epsilon)
+    c = plan.config
+    assert c.sigma_agg / c.sigma_sgd == pytest.approx(TrainConfig().noise_split)  # the split is kept
+    assert plan.effective_noise <= MAX_NOISE_MULTIPLIER
+
+
+def test_the_planner_both_raises_and_lowers_the_noise():
+    base = TrainConfig().base_sigmas()
+    low = plan_training(TrainConfig(epsilon=0.2, seed=0), DATASETS["mnist-5k"])
+    high = plan_training(TrainConfig(epsilon=50, seed=0), DATASETS["fashion-mnist"])
+    assert low.config.sigma_sgd > 10 * base[1]  # ε = 0.2 on 3,600 records: far more noise than σ_sgd = 1
+    assert high.config.sigma_sgd < 0.5 * base[1]  # ε = 50 on 54,000 records: less
+    assert low.noise_factor > 1 > high.noise_factor
+
+
+def test_epochs_and_iterations_set_t_and_the_noise_follows():
+    n = DATASETS["fashion-mnist"]
+    by_epochs = plan_training(TrainConfig(epsilon=1, epochs=2, seed=0), n)
+    assert by_epochs.iterations == pytest.approx(2 * n / 256, abs=1)
+    short = plan_training(TrainConfig(epsilon=1, iterations=100, seed=0), n)
+    assert short.iterations == 100 and short.config.sigma_sgd < by_epochs.config.sigma_sgd
+    assert 0.99 <= executed_epsilon(short) <= 1
+    with pytest.raises(ConfigError, match="--epochs"):
+        TrainConfig(epochs=1, iterations=5).validate()
+
+
+def test_explicit_noise_keeps_todays_behaviour_t_from_the_budget():
+    plan = plan_training(TrainConfig(epsilon=2, sigma_agg=4.0, sigma_sgd=2.0, seed=0), DATASETS["mnist-5k"])
+    assert plan.config.sigma_agg == 4.0 and plan.config.sigma_sgd == 2.0 and plan.noise_factor == 1.0
+    assert executed_epsilon(plan) <= 2.0
+    one_sigma = plan_training(TrainConfig(epsilon=2, sigma_sgd=2.0, seed=0), DATASETS["mnist-5k"])
+    assert one_sigma.config.sigma_agg == 4.0 and one_sigma.iterations == plan.iterations  # the split sets σ_agg
+
+
+def test_a_budget_beyond_the_noise_limit_is_refused_naming_the_knobs():
+    with pytest.raises(ConfigError) as err:
+        plan_training(TrainConfig(epsilon=1e-4, seed=0), DATASETS["mnist-5k"])
+    msg = str(err.value)
+    assert "--epsilon" in msg and "--iterations" in msg and "--batch-size" in msg and "limit" in msg
+
+
+@pytest.mark.parametrize("argv,word", [
+    (["--epsilon", "0"], "--epsilon"), (["--epsilon", "-2"], "--epsilon"), (["--epsilon", "1e-6"], "--epsilon"),
+    (["--delta", "0"], "--delta"), (["--delta", "1"], "--delta"), (["--delta", "1.5"], "--delta"),
+    (["--use-gpu"], "--use-gpu"),
+])
+def test_bad_budgets_and_devices_fail_with_a_message_before_anything_is_written(tmp_path, capsys, argv, word):
+    if word == "--use-gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "o"
+    assert cli.main(["train", "--out", str(out), "--seed", "0", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and word in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_delta_above_one_over_n_warns_before_training(tmp_path):
+    from dpaf_ray.run import prepare
+
+    with pytest.warns(UserWarning, match="1/N"):
+        prepare(TrainConfig(epsilon=1, delta=1e-3, seed=0, iterations=5))  # mnist-5k: N = 4,000
+
+
+def test_cli_defaults_are_the_measured_best_configuration():
+    args = cli.build_parser().parse_args(["train", "--out", "x"])
+    cfg = cli.config_from_args(args)
+    for key, value in MEASURED_BEST.items():
+        assert getattr(cfg, key) == value, key
+        assert getattr(TrainConfig(), key) == value, key
+    assert cfg.sigma_agg is None and cfg.sigma_sgd is None  # noise from the budget
+    assert cfg.iterations is None and plan_training(cfg, DATASETS["fashion-mnist"]).iterations == 900
+
+
+# ------------------------------------------------------------------------- time as part of the plan
+
+
+def test_time_budget_plans_t_from_the_probe(monkeypatch):
+    monkeypatch.setattr(probe, "seconds_per_iteration", lambda *a, **k: 0.5)
+    from dpaf_ray import run
+
+    monkeypatch.setattr(run, "seconds_per_iteration", lambda *a, **k: 0.5)
+    _, _, plan, _ = run.prepare(TrainConfig(epsilon=1, seed=0, time_budget_minutes=2))
+    assert plan.iterations == int((2 * 60 * 0.9 - 15) / 0.5)
+    assert plan.estimated_seconds == pytest.approx(plan.iterations * 0.5)
+    assert 0.99 <= executed_epsilon(plan) <= 1  # the whole budget, in that T
+    assert any("about" in line for line in plan.describe())
+
+
+def test_the_probe_reads_no_private_data_and_measures_this_machine(monkeypatch):
+    from dpaf_ray.data import sources
+
+    monkeypatch.setattr(sources, "load_dataset", lambda *a, **k: pytest.fail("the probe read data"))
+    cfg = TrainConfig(batch_size=32, group_size=16, feature_channels=4, seed=0, num_threads=1)
+    s = probe.seconds_per_iteration(cfg, (1, 28, 28), 10, 3600, iterations=2)
+    assert 0 < s < 30
+
+
+def _slow(monkeypatch, seconds: float, after_probe: bool):
+    from dpaf_ray.training.dpaf import DPAFTrainer
+
+    original = DPAFTrainer.d_iteration
+    state = {"probing": True}
+
+    def slowed(self, t):
+        if not (after_probe and state["probing"]):
+            time.sleep(seconds)
+        return original(self, t)
+
+    monkeypatch.setattr(DPAFTrainer, "d_iteration", slowed)
+    return state
+
+
+def test_a_slow_iteration_is_planned_for_and_the_run_ends_in_time(tmp_path, monkeypatch):
+    _slow(monkeypatch, 0.1, after_probe=False)
+    from dpaf_ray.run import run_train
+
+    t0 = time.time()
+    metrics = run_train(TrainConfig(epsilon=2, seed=0, batch_size=32, group_size=16, feature_channels=4,
+                                    num_threads=1, time_budget_minutes=0.5, checkpoint_every=20, log_every=20),
+                        tmp_path / "r", num_synthetic=50, progress=None)
+    took = time.time() - t0
+    assert not metrics["stopped_early"] and metrics["iterations_executed"] == metrics["iterations_planned"]
+    assert 50 <= metrics["iterations_executed"] <= 150  # ≈ (27 s − 15 s) / (0.1 s + the step itself)
+    assert took < 0.5 * 60 + 20
+    report = json.loads((tmp_path / "r" / "release" / "privacy_report.json").read_text())
+    assert report["epsilon"] >= 0.99 * 2
+
+
+def test_a_machine_slower_than_probed_stops_at_a_boundary_and_reports_what_it_spent(tmp_path, monkeypatch):
+    state = _slow(monkeypatch, 0.5, after_probe=True)
+    from dpaf_ray import run
+
+    original = run.seconds_per_iteration
+
+    def probe_then_slow(*a, **k):
+        s = original(*a, **k)
+        state["probing"] = False
+        return s
+
+    monkeypatch.setattr(run, "seconds_per_iteration", probe_then_slow)
+    metrics = run.run_train(TrainConfig(epsilon=2, seed=0, batch_size=32, group_size=16, feature_channels=4,
+                                        num_threads=1, time_budget_minutes=0.4, checkpoint_every=10, log_every=10),
+                            tmp_path / "r", num_synthetic=50, progress=None)
+    assert metrics["stopped_early"] and metrics["iterations_executed"] < metrics["iterations_planned"]
+    assert metrics["iterations_executed"] % 10 == 0
+    report = json.loads((tmp_path / "r" / "release" / "privacy_report.json").read_text())
+    assert report["epsilon"] < 2 and report["iterations_executed"] == metrics["iterations_executed"]
+    ledger = PrivacyLedger.load(tmp_path / "r" / "ledger.json")
+    assert sum(e.count for e in ledger.entries) == metrics["iterations_executed"]
