@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--num-synthetic", type=int, default=10_000, help="size of synthetic.parquet")
     t.add_argument("--num-workers", type=int, default=0, help="Ray Train workers (0: in-process, no Ray)")
-    t.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    t.add_argument("--use-gpu", action="store_true", help="train on CUDA (in-process, or one GPU per Ray Train worker)")
+    t.add_argument("--gpus-per-worker", type=float, default=1.0,
+                   help="with --num-workers: each worker's share of a GPU, e.g. 0.5 puts 2 workers on one GPU")
     t.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     t.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left in --out")
 
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--inception-weights", default=None, help="local Inception-V3 weights (or DPAF_INCEPTION_WEIGHTS)")
     e.add_argument("--seed", type=int, default=0, help="seed of the evaluation (synthetic draw, CNN)")
     e.add_argument("--out", default=None, help="results file (default: RUN_DIR/evaluation/evaluation-<time>.json)")
+    e.add_argument("--use-gpu", action="store_true", help="generate, train the CNNs and extract features on CUDA")
 
     pr = sub.add_parser("privacy", help="recompute ε from a privacy_report.json")
     pr.add_argument("report")
@@ -97,15 +100,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             from .run import run_train
 
+            from .devices import check_gpu_fraction
+
             cfg = config_from_args(args)
             run_train(cfg, args.out, args.num_synthetic, args.num_workers, args.use_gpu, args.address,
-                      resume=not args.no_resume)
+                      resume=not args.no_resume,
+                      gpus_per_worker=check_gpu_fraction(args.gpus_per_worker, "--gpus-per-worker"))
         elif args.command == "evaluate":
+            from .devices import device_for
             from .evaluation.run import evaluate_run
 
             metrics = evaluate_run(Path(args.run_dir), args.test_data, args.train_data, args.data_root,
                                    args.num_synthetic, args.epochs, args.max_train_records,
-                                   args.inception_weights, args.seed, out=args.out, progress=print)
+                                   args.inception_weights, args.seed, out=args.out,
+                                   device=device_for(args.use_gpu), progress=print)
             print(json.dumps(metrics, indent=1))
         elif args.command == "audit":
             return run_audit(args)

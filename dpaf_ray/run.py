@@ -21,6 +21,7 @@ from typing import Any, Callable
 from .config import ConfigError, TrainConfig
 from .data import PrivateData, load_training_data
 from .data.splits import SPLIT_LABEL
+from .devices import DeviceError, gpu_device, local_gpu_count, test_gpu_stand_in  # noqa: F401 (DeviceError: API)
 from .pictures import save_curves
 from .privacy.calibration import warn_large_delta
 from .privacy.ledger import PrivacyLedger
@@ -61,25 +62,26 @@ def prepare(cfg: TrainConfig, secret: RunSecret | None = None, carried: PrivacyL
     return plan.config, data, plan, secret
 
 
-class DeviceError(ConfigError):
-    """A device the run asks for is not there; the message says what to do."""
-
-
 def resolve_device(use_gpu: bool, num_workers: int) -> str:
-    """The in-process training device; Ray Train workers get theirs from Ray."""
+    """The in-process training device (raises DeviceError for --use-gpu without a GPU); Ray
+    Train workers get theirs from Ray."""
     if not use_gpu or num_workers > 0:
         return "cpu"
-    import torch
+    return gpu_device("--use-gpu")
 
-    if not torch.cuda.is_available():
-        raise DeviceError("--use-gpu: no CUDA GPU is visible to this process (torch.cuda.is_available() is False); "
-                          "drop --use-gpu to train on the CPU, or check the driver and CUDA_VISIBLE_DEVICES")
-    return "cuda"
+
+def probe_device(use_gpu: bool, num_workers: int) -> str:
+    """Where the speed probe of a time budget runs: the training device, or for Ray Train
+    workers on GPUs the driver's GPU when it has one (a CPU probe would plan far too few iterations)."""
+    if use_gpu and num_workers > 0:
+        return gpu_device("--use-gpu") if local_gpu_count() or test_gpu_stand_in() else "cpu"
+    return resolve_device(use_gpu, num_workers)
 
 
 def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, num_workers: int = 0,
               use_gpu: bool = False, address: str | None = None, resume: bool = True,
-              progress: Callable[[str], None] | None = print) -> dict[str, Any]:
+              progress: Callable[[str], None] | None = print, gpus_per_worker: float = 1.0) -> dict[str, Any]:
+    """`gpus_per_worker`: each Ray Train worker's share of a GPU (< 1: workers share one)."""
     out = Path(out)
     journal = WriteAheadLedger(out / LEDGER_FILE)
     sink = LocalCheckpointSink(out, resume)
@@ -90,7 +92,8 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
         cfg = dataclasses.replace(TrainConfig.from_dict(state["config"]), iterations=state["planned_iterations"])
     carried = journal.load() if state is None else None
     device = resolve_device(use_gpu, num_workers)
-    cfg, data, plan, secret = prepare(cfg, secret, carried, device)  # every check before anything is written
+    cfg, data, plan, secret = prepare(cfg, secret, carried,  # every check before anything is written
+                                      probe_device(use_gpu, num_workers))
     out.mkdir(parents=True, exist_ok=True)
     if progress:
         if carried is not None and carried.entries:
@@ -111,7 +114,7 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
 
         result = fit_with_ray_train(plan, data, num_workers, use_gpu, address, out, progress, secret=secret,
                                     split_key=secret.child(SPLIT_LABEL), ledger_path=out / LEDGER_FILE,
-                                    initial_ledger=carried)
+                                    initial_ledger=carried, gpus_per_worker=gpus_per_worker)
         journal.commit(result.ledger)
     metrics = finish_run(out, result, data, num_synthetic, num_workers)
     if progress:

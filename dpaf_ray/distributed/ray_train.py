@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from ..data import PrivateData, load_training_data
+from ..devices import forwarded_env, gpu_device, torch_backend
 from ..distributed.collectives import LocalCollective, TorchDistributedCollective
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.randomness import RunSecret
@@ -50,21 +51,37 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         ray.init(_node_ip_address="127.0.0.1", **init_kwargs)
 
 
-def worker_resources(use_gpu: bool, cpus_per_worker: float) -> dict[str, float]:
-    return {"GPU": 1.0, "CPU": cpus_per_worker} if use_gpu else {"CPU": cpus_per_worker}
+def worker_resources(use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float = 1.0) -> dict[str, float]:
+    """One Train worker's resources; `gpus_per_worker` < 1 lets workers (and trials) share a GPU."""
+    return {"GPU": gpus_per_worker, "CPU": cpus_per_worker} if use_gpu else {"CPU": cpus_per_worker}
 
 
-def check_resources(num_workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
-    """Fail at once, naming what is missing, instead of waiting for resources that do not exist."""
+def cluster_capacity() -> tuple[dict[str, float], str]:
+    """What the connected Ray cluster has, or can autoscale to (as Ray Train itself reads it)."""
     import ray
 
-    total = ray.cluster_resources()
-    need = {k: v * num_workers for k, v in worker_resources(use_gpu, cpus_per_worker).items()}
-    missing = {k: (v, total.get(k, 0.0)) for k, v in need.items() if total.get(k, 0.0) < v}
+    now = {k: float(v) for k, v in ray.cluster_resources().items()}
+    try:
+        from ray._private.state import state
+
+        most = {k: float(v) for k, v in (state.get_max_resources_from_cluster_config() or {}).items()}
+    except Exception:  # pragma: no cover - an older or locked-down cluster: what is there now
+        most = {}
+    cap = {k: max(now.get(k, 0.0), most.get(k, 0.0)) for k in set(now) | set(most)}
+    grows = any(most.get(k, 0.0) > now.get(k, 0.0) for k in ("CPU", "GPU"))
+    return cap, "the Ray cluster" + (" at its autoscaling maximum" if grows else "")
+
+
+def check_resources(num_workers: int, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float = 1.0) -> None:
+    """Fail at once, naming what is missing, instead of waiting for resources that do not exist."""
+    total, _ = cluster_capacity()  # what the cluster has, or can autoscale to
+    need = {k: v * num_workers for k, v in worker_resources(use_gpu, cpus_per_worker, gpus_per_worker).items()}
+    missing = {k: (v, total.get(k, 0.0)) for k, v in need.items() if total.get(k, 0.0) < v - 1e-9}
     if missing:
         parts = ", ".join(f"{k}: need {v:g}, cluster has {have:g}" for k, (v, have) in missing.items())
+        hint = " or a smaller --gpus-per-worker (workers can share a GPU)" if "GPU" in missing else ""
         raise ResourceError(
-            f"{num_workers} Ray Train workers need {parts}; lower --num-workers, drop --use-gpu, "
+            f"{num_workers} Ray Train workers need {parts}; lower --num-workers{hint}, drop --use-gpu, "
             "or add nodes to the cluster"
         )
 
@@ -89,7 +106,9 @@ def worker_loop(config: dict[str, Any]) -> None:
     if config["use_gpu"]:
         import ray.train.torch
 
-        device = str(ray.train.torch.get_device())
+        device = gpu_device("use_gpu")  # raises if this worker sees no CUDA GPU (no silent CPU run)
+        if device == "cuda":
+            device = str(ray.train.torch.get_device())  # this worker's GPU (fractional workers may share one)
     hook = _failure_hook(rank)
     initial = config.get("initial_ledger")
     train_loop(plan, shard, len(train), int(idx[0]) if len(idx) else 0, collective,
@@ -120,26 +139,28 @@ def fit_with_ray_train(plan: TrainingPlan, data: PrivateData, num_workers: int, 
                        ledger_path: str | Path | None = None, initial_ledger: PrivacyLedger | None = None,
                        name: str | None = None,
                        max_failures: int = 2, cpus_per_worker: float = 1.0, threads_per_worker: int | None = None,
-                       storage_path: str | None = None, report_defaults: dict[str, Any] | None = None) -> TrainResult:
+                       storage_path: str | None = None, report_defaults: dict[str, Any] | None = None,
+                       gpus_per_worker: float = 1.0) -> TrainResult:
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray(address)
-    check_resources(num_workers, use_gpu, cpus_per_worker)
+    check_resources(num_workers, use_gpu, cpus_per_worker, gpus_per_worker)
     threads = threads_per_worker or plan.config.num_threads or max(1, int(cpus_per_worker))
     storage = storage_path or str(Path(out or tempfile.mkdtemp()).absolute() / "ray_train")
     run_name = name or f"dpaf-train-{int(time.time())}"
-    env = {k: v for k, v in os.environ.items() if k == FAIL_AT_ENV}
+    env = {**{k: v for k, v in os.environ.items() if k == FAIL_AT_ENV}, **forwarded_env()}
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"plan": plan, "secret": secret, "split_key": split_key, "threads": threads, "use_gpu": use_gpu,
                            "report_defaults": report_defaults,
                            "ledger_path": str(ledger_path) if ledger_path is not None else None,
                            "initial_ledger": initial_ledger.to_json() if initial_ledger is not None else None},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # Every collective works on the training device's tensors, and a CPU tensor still finds gloo.
+        torch_config=TorchConfig(backend=torch_backend(use_gpu, gpus_per_worker)),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=worker_resources(use_gpu, cpus_per_worker)),
+                                     resources_per_worker=worker_resources(use_gpu, cpus_per_worker, gpus_per_worker)),
         run_config=RunConfig(
             name=run_name, storage_path=storage,
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=3),

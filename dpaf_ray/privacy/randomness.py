@@ -100,13 +100,23 @@ class KeyedStream:
     def __init__(self, key: bytes) -> None:
         self._key = key
         self._offset = 0
+        self._buffer = b""  # SHAKE output computed so far (a prefix of the stream)
 
     def __repr__(self) -> str:
         return "KeyedStream(<redacted>)"
 
+    def reserve(self, n: int) -> None:
+        """Compute the next n bytes in one go, so that several reads cost one SHAKE output
+        (the bytes are the same either way: every output length extends the same stream)."""
+        end = self._offset + n
+        if end > len(self._buffer):
+            self._buffer = hashlib.shake_256(self._key).digest(end)
+
     def read(self, n: int) -> bytes:
         end = self._offset + n
-        out = hashlib.shake_256(self._key).digest(end)[self._offset:end] if n else b""
+        if end > len(self._buffer):
+            self._buffer = hashlib.shake_256(self._key).digest(end) if n else self._buffer
+        out = self._buffer[self._offset:end] if n else b""
         self._offset = end
         return out
 

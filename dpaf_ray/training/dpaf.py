@@ -22,6 +22,7 @@ from ..privacy.grad_sample import PerRecordGradients
 from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release
 from ..privacy.randomness import KeyedStream
 from ..distributed.collectives import all_reduce_many
+from .draw_ahead import DrawPlan
 from .gan import GANTrainerBase, stream_name
 
 
@@ -100,7 +101,7 @@ class DPAFTrainer(GANTrainerBase):
         loss_d = F.softplus(-self.rear_scores(A_real)).mean() + F.softplus(self.rear_scores(A_fake)).mean()
         self.opt_rear.zero_grad(set_to_none=True)
         loss_d.backward()
-        self.opt_rear.step()
+        self.step_from_rank0(self.rear, self.opt_rear)  # one gradient for every copy of the rear
         self.update_feature_target(A_real.detach())
 
         stats = {"loss_d": loss_d.item()}
@@ -110,6 +111,15 @@ class DPAFTrainer(GANTrainerBase):
             g_fake = (scale * A_fake.grad).detach()
             stats.update(self.private_update(t, real, (h1r, pr), g_real, (h1f, pf), yf, guf, g_fake))
         return stats
+
+    def draw_plan(self, t: int) -> DrawPlan:
+        """The sample, codes and releases of iteration t, in the order d_iteration and g_step use them."""
+        steps = range(self.g_steps_at(t))
+        noise = ["dpagg/real", "dpagg/fake"]
+        if t % self.cfg.sgd_every == 0:
+            noise.append("dpsgd/conv2")
+        return DrawPlan(sample=True, codes=["fake/d"] + [stream_name("fake/g", s) for s in steps],
+                        noise=noise + [stream_name("dpagg/g", s) for s in steps])
 
     def private_update(self, t, real, front_real, g_real, front_fake, yf, guf, g_fake) -> dict[str, float]:
         """The DP-SGD release of conv2 and the per-record head (rules 6–8)."""

@@ -11,6 +11,7 @@ from ..distributed.collectives import all_reduce_many
 from ..models.discriminator import BaselineDiscriminator
 from ..privacy.grad_sample import PerRecordGradients
 from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release
+from .draw_ahead import DrawPlan
 from .gan import GANTrainerBase, stream_name
 
 
@@ -42,6 +43,10 @@ class DPSGDGANTrainer(GANTrainerBase):
             p.grad = gn / cfg.batch_size + gf / self.fake_batch
         self.opt_d.step()
         return {"loss_d_fake": loss_fake.item() / max(1, len(yf))}
+
+    def draw_plan(self, t: int) -> DrawPlan:
+        steps = range(self.g_steps_at(t))
+        return DrawPlan(sample=True, codes=["fake/d"] + [stream_name("fake/g", s) for s in steps], noise=["dpsgd/d"])
 
     def g_step(self, t: int, step: int = 0) -> dict[str, float]:
         z, yf, _ = self.fake_codes(t, stream_name("fake/g", step))

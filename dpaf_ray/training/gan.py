@@ -25,7 +25,9 @@ from ..distributed.collectives import Collective, LocalCollective, all_reduce_ma
 from ..models.architecture import architecture_for
 from ..models.discriminator import PublicFeatures
 from ..models.generator import ConditionalGenerator
+from ..devices import host_to_device
 from ..privacy.randomness import KeyedStream, RunSecret
+from .draw_ahead import DrawAhead, DrawPlan, HostSample, PrefetchedNoise, default_enabled
 from .rng import public_stream
 
 
@@ -65,30 +67,68 @@ class GANTrainerBase:
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
         w, r = self.collective.world_size, self.collective.rank
         self.fake_slice = slice(r * self.fake_batch // w, (r + 1) * self.fake_batch // w)
+        # The next iteration's host-side draws, made while the device runs this one (on CUDA).
+        self.draw_ahead = DrawAhead(self, default_enabled(self.device))
 
     # --- per-iteration data -------------------------------------------------------
     def real_sample(self, t: int) -> Batch:
         """This rank's part of the Poisson sample of iteration t, with each record's own group draw."""
+        ahead = self.draw_ahead.draws(t)
+        host = ahead.sample if ahead is not None else None
+        if ahead is not None:
+            ahead.sample = None
+            self.draw_ahead.count(host is not None)
+        return Batch(*(host or self.host_sample(t)).to(self.device))
+
+    def host_sample(self, t: int) -> HostSample:
+        """The draws and records of `real_sample` on the host (pinned when bound for CUDA)."""
         draws = self.secret.stream("poisson", t)
+        draws.reserve(16 * self.n_total)  # both reads below from one SHAKE output (same numbers)
         local = slice(self.offset, self.offset + len(self.shard))
         included = draws.bernoulli(self.n_total, self.q)[local]
         group_uniforms = draws.uniform(self.n_total)[local]
         idx = torch.from_numpy(included.nonzero()[0])
-        x = self.shard.as_float(idx).to(self.device)
-        gu = torch.from_numpy(group_uniforms[included]).to(self.device, torch.float32)
-        return Batch(x, self.shard.labels[idx].to(self.device), gu)
+        gu = torch.from_numpy(group_uniforms[included]).to(torch.float32)
+        cuda = self.device.type == "cuda"
+        images, labels = self.shard.images[idx], self.shard.labels[idx]
+        if cuda:
+            images, labels, gu = images.pin_memory(), labels.pin_memory(), gu.pin_memory()
+        return HostSample(images, labels, gu)
 
     def fake_codes(self, t: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents, uniform labels and group draws of this rank's slice of the generated batch (public)."""
+        ahead = self.draw_ahead.draws(t)
+        codes = ahead.codes.pop(name, None) if ahead is not None else None
+        if ahead is not None:
+            self.draw_ahead.count(codes is not None)
+        codes = codes if codes is not None else self.host_codes(t, name)
+        z, y, gu = (host_to_device(c, self.device) for c in codes)
+        return z, y, gu
+
+    def host_codes(self, t: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = public_stream(self.cfg.seed, name, t)
         z = torch.randn(self.fake_batch, self.cfg.z_dim, generator=g)[self.fake_slice]
         y = torch.randint(self.num_classes, (self.fake_batch,), generator=g)[self.fake_slice]
         gu = torch.rand(self.fake_batch, generator=g)[self.fake_slice]
-        return z.to(self.device), y.to(self.device), gu.to(self.device)
+        return z, y, gu
 
     def noise_stream(self, t: int, release: str) -> KeyedStream:
-        """The private noise of one release of iteration t."""
+        """The private noise of one release of iteration t (drawn ahead by rank 0 on CUDA)."""
+        stream = self.noise_stream_raw(t, release)
+        if not self.draw_ahead.enabled:
+            return stream
+        return PrefetchedNoise(stream, release, self.draw_ahead.draws(t), self.draw_ahead)  # type: ignore[return-value]
+
+    def noise_stream_raw(self, t: int, release: str) -> KeyedStream:
         return self.secret.stream("noise/" + release, t)
+
+    def draw_plan(self, t: int) -> DrawPlan:
+        """What iteration t will draw (`DrawAhead` makes it ahead); subclasses name their releases."""
+        return DrawPlan()
+
+    def g_steps_at(self, t: int) -> int:
+        """Generator steps that `train_loop` runs after the D iteration t (public schedule)."""
+        return self.cfg.g_steps if (t + 1) % self.cfg.d_steps_per_g == 0 else 0
 
     def set_generator_lr(self, t: int, T: int) -> None:
         """G's learning rate at iteration t of T: a public schedule (G only post-processes
@@ -106,6 +146,20 @@ class GANTrainerBase:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         for p, g in zip(params, all_reduce_many(self.collective, grads)):
             p.grad = g
+        opt.step()
+
+    def step_from_rank0(self, module: nn.Module, opt: torch.optim.Optimizer) -> None:
+        """Step a replicated module that every rank computes whole (the rear: a function of
+        released values only) with rank 0's gradient, so that non-deterministic kernels (cuDNN
+        backward passes) cannot make the copies drift apart. The other ranks add zeros, so the
+        sum is rank 0's gradient exactly and W = 1 equals W = 2 bit for bit."""
+        if self.collective.world_size > 1:
+            params = [p for p in module.parameters() if p.requires_grad]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if self.collective.rank != 0:
+                grads = [torch.zeros_like(g) for g in grads]
+            for p, g in zip(params, all_reduce_many(self.collective, grads)):
+                p.grad = g
         opt.step()
 
     def sample_images(self, labels: torch.Tensor, seed: int = 12345, batch: int = 500) -> torch.Tensor:

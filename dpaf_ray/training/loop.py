@@ -159,6 +159,7 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
             if sink is not None and _report_now(t, cfg):
                 sink.report({"iteration": t, "epsilon": eps, "loss_d": history["loss_d"][-1],
                              "loss_g": history["loss_g"][-1]})
+    trainer.draw_ahead.close()  # the draws made ahead for iteration T are never used
     if sink is not None:
         save(sink, trainer, ledger, history, t, plan, secret)
     return TrainResult(trainer, ledger, plan, t, stopped_early, time.time() - t0, history)

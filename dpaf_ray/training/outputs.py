@@ -26,11 +26,17 @@ def generate(generator: ConditionalGenerator, n: int, seed: int = SYNTHETIC_SEED
     return ImageDataset(images, labels, generator.num_classes, "synthetic")
 
 
-def write_artefacts(directory: Path, generator: ConditionalGenerator, num_synthetic: int) -> ImageDataset:
-    """generator.pt, synthetic.parquet and samples.png in `directory`; returns the synthetic set."""
+def write_artefacts(directory: Path, generator: ConditionalGenerator, num_synthetic: int,
+                    synthetic: ImageDataset | None = None) -> ImageDataset:
+    """generator.pt, synthetic.parquet and samples.png in `directory`; returns the synthetic set.
+
+    The generator may sit on any device: it is saved from CPU copies, and `sample` feeds it inputs
+    on its own device and returns CPU tensors. `synthetic`: the set, when it was generated
+    elsewhere (a Tune trial generates on its workers' GPU)."""
     directory.mkdir(parents=True, exist_ok=True)
     generator.save(directory / "generator.pt")
-    synthetic = generate(generator, num_synthetic)
+    if synthetic is None:
+        synthetic = generate(generator, num_synthetic)
     write_parquet(synthetic, directory / "synthetic.parquet")
     labels = torch.arange(generator.num_classes).repeat_interleave(SAMPLES_PER_CLASS)
     grid, _ = generator.sample(labels=labels, seed=GRID_SEED)

@@ -29,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials-distribution", choices=["tnb", "logarithmic", "geometric", "poisson"], default=None)
     p.add_argument("--tnb-shape", type=float, default=None)
     p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers per trial")
-    p.add_argument("--use-gpu", action="store_true", default=None)
+    p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="train (and score) trials on CUDA; refused where no GPU is visible")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPU share of each Train worker (or in-process trial), e.g. 0.25: 4 side by side on one GPU")
+    p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs of each Train worker (or in-process trial)")
+    p.add_argument("--max-concurrent-trials", type=int, default=None, help="trials that run side by side")
     p.add_argument("--num-classes", type=int, default=None, help="public class count (Parquet tables without it)")
     p.add_argument("--public-validation", default=None, help="score on this public data set (free) instead")
     p.add_argument("--reproducible-noise", action="store_true", help=argparse.SUPPRESS)
@@ -45,6 +50,7 @@ def search_space_from_args(args: argparse.Namespace) -> SearchSpace:
     ss = load_search_space(path)
     overrides = {k: getattr(args, k) for k in ("dataset", "data_root", "num_classes", "epsilon", "delta", "search", "expected_trials",
                                                "trials_distribution", "tnb_shape", "num_workers", "use_gpu",
+                                               "gpus_per_worker", "cpus_per_worker", "max_concurrent_trials",
                                                "public_validation") if getattr(args, k) is not None}
     ss = dataclasses.replace(ss, **overrides)
     return validate_search_space(ss)

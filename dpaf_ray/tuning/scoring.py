@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from typing import Callable
 
+from torch import nn
+
 from ..data.dataset import ImageDataset
 from ..evaluation.classifier import correct_count, train_classifier
 from ..privacy.ledger import PrivacyLedger
@@ -29,12 +31,16 @@ class Score:
 def score_trial(synthetic: ImageDataset, validation: ImageDataset, ledger: PrivacyLedger,
                 noise_multiplier: float | None, epochs: int, max_steps: int | None, seed: int = 0, *,
                 expected_validation: float | None = None, secret: RunSecret | None = None,
-                commit: Callable[[PrivacyLedger], None] | None = None, device: str = "cpu") -> Score:
-    """Train the fixed classifier on synthetic data and score it.
+                commit: Callable[[PrivacyLedger], None] | None = None, device: str = "cpu",
+                model: nn.Module | None = None) -> Score:
+    """Train the fixed classifier on synthetic data (on `device`) and score it.
 
+    `model`: the classifier, when it was trained elsewhere on `synthetic` (a Tune trial trains it
+    on its workers' GPU: `tuning.resources.synthesise_and_fit`); it may sit on any device.
     A private score is charged (and `commit`ted to the write-ahead ledger) before the noisy
     count is computed; it needs the public `expected_validation` and the trial's `secret`."""
-    model = train_classifier(synthetic, epochs=epochs, max_steps=max_steps, seed=seed, device=device)
+    if model is None:
+        model = train_classifier(synthetic, epochs=epochs, max_steps=max_steps, seed=seed, device=device)
     if noise_multiplier is None:
         if len(validation) == 0:
             raise ValueError("the public validation set is empty")

@@ -10,13 +10,14 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, TrainConfig
+from .resources import check_declared_hardware, check_resource_keys, parse_hardware
 
 TOP_KEYS = {"dataset", "data_root", "num_classes", "epsilon", "delta", "search", "expected_trials", "trials_distribution",
-            "tnb_shape", "reference", "score", "trial", "fixed", "params"}
+            "tnb_shape", "reference", "score", "trial", "fixed", "params", "hardware"}
 REFERENCE_KEYS = {"batch_size", "noise_multiplier"}
 SCORE_KEYS = {"noise_multiplier", "classifier_epochs", "classifier_max_steps", "public_validation"}
 TRIAL_KEYS = {"min_iterations", "max_iterations", "time_budget_minutes", "num_synthetic", "num_workers",
-              "use_gpu", "cpus_per_worker", "max_concurrent_trials"}
+              "use_gpu", "cpus_per_worker", "max_concurrent_trials", "gpus_per_worker"}
 # Knobs a trial derives itself: never searched or fixed by the user.
 DERIVED = {"epsilon", "delta", "dataset", "data_root", "num_classes", "iterations", "max_iterations", "seed",
            "time_budget_minutes", "extra_fixed_releases", "reproducible_noise"}
@@ -75,6 +76,8 @@ class SearchSpace:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_concurrent_trials: int = 1
+    gpus_per_worker: float = 1.0  # a worker's (or an in-process trial's) share of a GPU; < 1 shares one
+    hardware: dict[str, Any] | None = None  # what the file is sized for: {cpus, gpus, nodes, note}
     fixed: dict[str, Any] = field(default_factory=dict)
     params: list[Param] = field(default_factory=list)
 
@@ -186,6 +189,9 @@ def load_search_space(path: str | Path) -> SearchSpace:
     if "cpus_per_worker" in trial:
         ss.cpus_per_worker = _number(p, "trial.cpus_per_worker", trial["cpus_per_worker"])
     ss.use_gpu = bool(trial.get("use_gpu", False))
+    if "gpus_per_worker" in trial:
+        ss.gpus_per_worker = _number(p, "trial.gpus_per_worker", trial["gpus_per_worker"])
+    ss.hardware = parse_hardware(ss, raw.get("hardware"))
     fixed = raw.get("fixed", {}) or {}
     if not isinstance(fixed, dict):
         raise _err(p, "fixed", "must be a mapping of knob: value")
@@ -200,7 +206,9 @@ def load_search_space(path: str | Path) -> SearchSpace:
     both = sorted(set(ss.fixed) & {q.name for q in ss.params})
     if both:
         raise _err(p, f"params.{both[0]}", "is also in `fixed`; keep it in one place")
-    return validate_search_space(ss)
+    ss = validate_search_space(ss)
+    check_declared_hardware(ss)  # the file as written fits the hardware it names (before Ray starts)
+    return ss
 
 
 def clamp_group(knobs: dict[str, Any]) -> dict[str, Any]:
@@ -252,6 +260,7 @@ def validate_search_space(ss: SearchSpace) -> SearchSpace:
                    "the private validation split, with noise, charged) or name a different, public data set")
     if ss.min_iterations > ss.max_iterations:
         raise _err(p, "trial.min_iterations", f"{ss.min_iterations} > trial.max_iterations {ss.max_iterations}")
+    check_resource_keys(ss)
     # `fixed` alone, then each extreme of each range against `fixed`, then all first values
     # together. A group larger than the batch is clamped to it, as a trial does.
     check_run(p, "fixed", ss.fixed)

@@ -103,6 +103,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     from ..training.loop import WriteAheadLedger, train_loop
     from ..training.outputs import write_artefacts
     from ..training.plan import TrainingPlan, schedule_for
+    from .resources import synthesise_and_fit, trial_device
     from .scoring import score_trial
 
     if search_secret is None:
@@ -132,25 +133,28 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     trial_dir.mkdir(parents=True, exist_ok=True)
     journal = WriteAheadLedger(trial_dir / "ledger.json")
     if ss.num_workers == 0:
-        result = train_loop(plan, data.train, len(data.train), progress=None, secret=trial_secret, journal=journal)
+        result = train_loop(plan, data.train, len(data.train), progress=None, secret=trial_secret, journal=journal,
+                            device=trial_device(ss))  # the GPU share the trial holds, when use_gpu
     else:
         from ..distributed.ray_train import fit_with_ray_train
 
         result = fit_with_ray_train(plan, data, ss.num_workers, ss.use_gpu, None, None, None,
                                     secret=trial_secret, split_key=split_key, ledger_path=trial_dir / "ledger.json",
                                     name=f"{trial_name}-train", max_failures=0,
-                                    cpus_per_worker=ss.cpus_per_worker,
+                                    cpus_per_worker=ss.cpus_per_worker, gpus_per_worker=ss.gpus_per_worker,
                                     storage_path=static["train_storage"],
                                     report_defaults={"score": float("nan")})
     ledger = result.ledger
     generator = result.trainer.generator.eval()
-    synthetic = write_artefacts(trial_dir, generator, ss.num_synthetic)
+    # Synthetic set and scoring classifier on the training device (a worker's share, for Ray Train).
+    synthetic, classifier = synthesise_and_fit(generator, ss)
+    write_artefacts(trial_dir, generator, ss.num_synthetic, synthetic=synthetic)
     if ss.public_validation:
         validation, expected = load_dataset(ss.public_validation, "test", ss.data_root), None
     else:
         validation, expected = data.validation, data.expected_validation
     score = score_trial(synthetic, validation, ledger, score_noise, ss.classifier_epochs, ss.classifier_max_steps,
-                        expected_validation=expected, secret=trial_secret, commit=journal.commit)
+                        expected_validation=expected, secret=trial_secret, commit=journal.commit, model=classifier)
     check_trial_under_reference(ledger.entries, reference)
 
     knobs = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "data_root", "extra_fixed_releases")}
@@ -199,7 +203,11 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     import optuna
 
     from ..data import load_dataset
+    from .resources import check_search_hardware, trial_resources
 
+    # Before anything is written or charged: the search fits this machine or the cluster
+    # (max_concurrent_trials × workers × GPU share), so no trial waits for resources forever.
+    check_search_hardware(ss, address)
     out = out.absolute()
     trials_dir = out / "trials"
     state_path = trials_dir / STATE_FILE
@@ -240,7 +248,8 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
               "train_storage": storage_path or str(trials_dir / "ray_train")}
     # The trial itself only waits on its Train workers: it holds a `trial_slot`, not a CPU,
     # so a trial plus its workers never deadlock on a small machine (DESIGN §9).
-    resources = {"CPU": 0, "trial_slot": 1} if ss.num_workers > 0 else {"CPU": 1}
+    # An in-process trial holds the worker share it trains with, GPU fraction included.
+    resources = trial_resources(ss)
     if ss.num_workers > 0 and ray.cluster_resources().get("trial_slot", 0) < 1:
         progress("warning: the cluster offers no `trial_slot` resource (start the head with "
                  "--resources='{\"trial_slot\": 1}'); trials take 0.01 CPU instead, which can starve "
