@@ -73,6 +73,17 @@ class TrainConfig:
     pixel_statistics: bool = True  # public local intensity moments of each record as a second DPAGG block (bench: 47 % → 66 %)
     pixel_moments: str = "mean,sq_mean,rff"  # which public statistics form that block (PIXEL_MOMENTS; rff: bench 65 % → 70 %)
     pixel_rff_features: int = 392  # with "rff" in pixel_moments: number of random Fourier features (even)
+    # issue #13: a DP label classifier (phase one, its own Poisson samples) that teaches G (phase two)
+    classifier_steps: int = 0  # P: DP-SGD steps of the label classifier before the DPAF iterations (0: off)
+    classifier_batch: int = 1024  # B_c = q_c·N, its expected batch
+    classifier_clip: float = 0.1  # C_c
+    classifier_noise: float = 1.0  # σ_c/σ_sgd: the planner scales σ_c with the other multipliers
+    classifier_lr: float = 4.0  # SGD on the noisy mean gradient
+    classifier_momentum: float = 0.9
+    classifier_lr_schedule: str = "constant"  # "cosine": decays to classifier_lr/10 over the phase
+    classifier_weight: float = 1.0  # weight of cross-entropy(classifier(G(z, y)), y) in G's loss
+    teacher_features: bool = False  # DPAGG also sums the frozen classifier's [h, h², softmax] of each record
+    classifier_matching: float = 10.0  # G matches their released class means with this weight
     z_dim: int = 64
     upsample: str = "nearest"  # G's ×2 upsampling: "nearest" or "bilinear" (public architecture)
     smooth_output: bool = True  # G ends in a fixed 3×3 low-pass filter: no pixel-level speckle (bench: fid_domain 63 → 35)
@@ -132,6 +143,25 @@ class TrainConfig:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.lr_g_schedule not in LR_G_SCHEDULES:
             bad("lr_g_schedule", f"must be one of {LR_G_SCHEDULES}, got {self.lr_g_schedule!r}")
+        if int(self.classifier_steps) < 0:
+            bad("classifier_steps", f"must be an integer >= 0 (0: no classifier phase), got {self.classifier_steps}")
+        if self.classifier_steps and self.model != "dpaf":
+            bad("classifier_steps", "the label-classifier phase belongs to --model dpaf; use 0 with dpsgd-gan")
+        if int(self.classifier_batch) < 1:
+            bad("classifier_batch", f"must be an integer >= 1, got {self.classifier_batch}")
+        for name in ("classifier_clip", "classifier_noise", "classifier_lr"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                bad(name, f"must be > 0, got {v}")
+        if not (0 <= self.classifier_momentum < 1):
+            bad("classifier_momentum", f"must lie in [0, 1), got {self.classifier_momentum}")
+        if self.classifier_lr_schedule not in LR_G_SCHEDULES:
+            bad("classifier_lr_schedule", f"must be one of {LR_G_SCHEDULES}, got {self.classifier_lr_schedule!r}")
+        for name in ("classifier_weight", "classifier_matching"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.teacher_features and not self.prefix_iterations:
+            bad("teacher_features", "needs a classifier phase: pass --classifier-steps P (P >= 1)")
         if self.upsample not in UPSAMPLE_MODES:
             bad("upsample", f"must be one of {UPSAMPLE_MODES}, got {self.upsample!r}")
         if self.grouping not in ("class", "mixed"):
@@ -151,6 +181,9 @@ class TrainConfig:
         if n_records is not None and self.batch_size > n_records:
             bad("batch_size", f"B = {self.batch_size} exceeds the {n_records} training records (q = B/N > 1); "
                 "lower --batch-size")
+        if n_records is not None and self.classifier_steps and self.classifier_batch > n_records:
+            bad("classifier_batch", f"B_c = {self.classifier_batch} exceeds the {n_records} training records "
+                "(q_c = B_c/N > 1); lower --classifier-batch")
         return self
 
     @property
@@ -168,6 +201,11 @@ class TrainConfig:
         if self.sigma_agg is not None and self.model == "dpaf":
             return self.sigma_agg, self.sigma_agg / self.noise_split
         return self.noise_split, 1.0
+
+    @property
+    def prefix_iterations(self) -> int:
+        """Iterations before the GAN iterations: the label-classifier phase (DPAF only)."""
+        return int(self.classifier_steps) if self.model == "dpaf" else 0
 
     @property
     def pixel_moment_names(self) -> tuple[str, ...]:

@@ -89,7 +89,8 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
     secret = None
     if state is not None:  # resume: the same secret (so the same split) and the configuration as planned
         secret = RunSecret.from_checkpoint(state["secret"])
-        cfg = dataclasses.replace(TrainConfig.from_dict(state["config"]), iterations=state["planned_iterations"])
+        saved = TrainConfig.from_dict(state["config"])  # planned_iterations counts a classifier phase too
+        cfg = dataclasses.replace(saved, iterations=state["planned_iterations"] - saved.prefix_iterations)
     carried = journal.load() if state is None else None
     device = resolve_device(use_gpu, num_workers)
     cfg, data, plan, secret = prepare(cfg, secret, carried,  # every check before anything is written

@@ -182,7 +182,7 @@ def result_from_state(plan: TrainingPlan, state: dict[str, Any], data: PrivateDa
     """Rebuild the trained models on the driver from the final checkpoint."""
     secret = RunSecret.from_checkpoint(state["secret"])
     trainer = make_trainer(plan.config, data.train, len(data.train), 0, LocalCollective(), "cpu", secret,
-                           plan.schedule.sampling_rate)
+                           plan.schedule.sampling_rate, plan.schedule)
     trainer.load_state_dict(state["trainer"])
     ledger = PrivacyLedger.from_json(state["ledger"])
     t = int(state["iteration"])

@@ -25,25 +25,62 @@ from .ledger import (
 
 
 @dataclass(frozen=True)
+class Phase:
+    """A fixed number of Poisson-sampled Gaussian releases run before the cycle, on their own
+    Poisson samples at their own rate (e.g. the DP-SGD label-classifier phase)."""
+
+    sampling_rate: float
+    noise: float
+    iterations: int
+
+
+@dataclass(frozen=True)
 class IterationSchedule:
-    """The private release of each iteration, as a repeating cycle of noise multipliers.
+    """The private release of each iteration: an optional prefix of phases, then a repeating
+    cycle of noise multipliers at `sampling_rate`.
 
     DPAF with conv2 updated every k-th iteration: (σ_eff, σ_agg, …, σ_agg) of length k.
-    The DP-SGD GAN baseline: (σ_sgd,).
+    The DP-SGD GAN baseline: (σ_sgd,). With a label-classifier phase, iterations
+    0 … P−1 release the classifier's DP-SGD update at (q_c, σ_c) and the cycle starts at P.
     """
 
     sampling_rate: float
     cycle: tuple[float, ...]
+    prefix: tuple[Phase, ...] = ()
 
     def __post_init__(self) -> None:
-        if not (0 < self.sampling_rate <= 1):
-            raise PrivacyConfigError(
-                f"sampling rate q = B/N must lie in (0, 1], got {self.sampling_rate}; "
-                "lower the batch size B or use more data"
-            )
-        for s in self.cycle:
+        for q in (self.sampling_rate, *(p.sampling_rate for p in self.prefix)):
+            if not (0 < q <= 1):
+                raise PrivacyConfigError(
+                    f"sampling rate q = B/N must lie in (0, 1], got {q}; "
+                    "lower the batch size B (or --classifier-batch) or use more data"
+                )
+        for s in (*self.cycle, *(p.noise for p in self.prefix)):
             if not (s > 0 and math.isfinite(s)):
                 raise PrivacyConfigError(f"noise multipliers must be > 0, got {s}; pass e.g. --sigma-agg 1.0")
+        for p in self.prefix:
+            if int(p.iterations) < 0:
+                raise PrivacyConfigError(f"a phase needs >= 0 iterations, got {p.iterations}")
+
+    @property
+    def prefix_iterations(self) -> int:
+        return sum(p.iterations for p in self.prefix)
+
+    @property
+    def largest_noise(self) -> float:
+        return max((*self.cycle, *(p.noise for p in self.prefix)))
+
+    def release_at(self, iteration: int) -> tuple[float, float]:
+        """(q, σ) of the Poisson-sampled Gaussian that iteration `iteration` releases."""
+        i = iteration
+        for p in self.prefix:
+            if i < p.iterations:
+                return p.sampling_rate, p.noise
+            i -= p.iterations
+        return self.sampling_rate, self.cycle[i % len(self.cycle)]
+
+    def with_prefix(self, *phases: Phase) -> "IterationSchedule":
+        return IterationSchedule(self.sampling_rate, self.cycle, tuple(p for p in phases if p.iterations > 0))
 
     @classmethod
     def dpaf(cls, sampling_rate: float, sigma_agg: float, sigma_sgd: float, sgd_every: int) -> "IterationSchedule":
@@ -61,19 +98,29 @@ class IterationSchedule:
         return cls(sampling_rate, (sigma,))
 
     def noise_at(self, iteration: int) -> float:
-        return self.cycle[iteration % len(self.cycle)]
+        return self.release_at(iteration)[1]
 
     def scaled(self, factor: float) -> "IterationSchedule":
-        return IterationSchedule(self.sampling_rate, tuple(s * factor for s in self.cycle))
+        """Every noise multiplier, the prefix's included, times `factor` (the planner's one knob)."""
+        return IterationSchedule(self.sampling_rate, tuple(s * factor for s in self.cycle),
+                                 tuple(Phase(p.sampling_rate, p.noise * factor, p.iterations) for p in self.prefix))
 
     def entries(self, iterations: int) -> list[Entry]:
         """Ledger entries of the first `iterations` iterations (what the ledger will hold)."""
+        out: list[Entry] = []
+        left = iterations
+        for p in self.prefix:
+            n = min(max(0, left), p.iterations)
+            if n > 0:
+                out.append(PoissonGaussian(p.sampling_rate, p.noise, n))
+            left -= p.iterations
+        left = max(0, left)
         counts: dict[float, int] = {}
         k = len(self.cycle)
         for i, s in enumerate(self.cycle):
-            n = max(0, math.ceil((iterations - i) / k))
+            n = max(0, math.ceil((left - i) / k))
             counts[s] = counts.get(s, 0) + n
-        return [PoissonGaussian(self.sampling_rate, s, n) for s, n in counts.items() if n > 0]
+        return out + [PoissonGaussian(self.sampling_rate, s, n) for s, n in counts.items() if n > 0]
 
     def rdp(self, iterations: int, orders: Sequence[float] = RDP_ORDERS) -> np.ndarray:
         # RDP composes additively: compute each distinct mechanism once, then scale.

@@ -24,10 +24,12 @@ from ..privacy.randomness import KeyedStream
 from ..distributed.collectives import all_reduce_many
 from .draw_ahead import DrawPlan
 from .gan import GANTrainerBase, stream_name
+from .label_teacher import LabelTeacher
 
 
 class DPAFTrainer(GANTrainerBase):
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, classifier_sampling_rate: float | None = None, **kwargs) -> None:
+        """`classifier_sampling_rate`: the public q_c of the plan's classifier phase (default B_c·q/B)."""
         super().__init__(*args, **kwargs)
         cfg = self.cfg
         self.private = PrivateFeatures(self.arch, self.conv1.out_channels, self.num_classes,
@@ -35,6 +37,9 @@ class DPAFTrainer(GANTrainerBase):
         pixel_dim = (pixel_statistics_dim(cfg.pixel_moment_names, self.arch.channels, self.arch.pixel_pooled,
                                          cfg.pixel_rff_features)
                      if cfg.pixel_statistics else 0)
+        # Issue #13: the frozen DP classifier's per-record features join the fixed-map block (phase two)
+        self.teacher_dim = LabelTeacher.feature_dim(self.num_classes) if cfg.teacher_features else 0
+        pixel_dim += self.teacher_dim
         self.embed = RecordEmbedding(cfg.embedding, cfg.feature_channels, self.arch.pooled,
                                      pixel_dim=pixel_dim).to(self.device)
         K = self.num_classes
@@ -61,13 +66,27 @@ class DPAFTrainer(GANTrainerBase):
         self.matching_weights = torch.full((self.embed.dim,), cfg.feature_matching, device=self.device)
         if pixel_dim:
             self.matching_weights[self.embed.dim - pixel_dim:] = cfg.pixel_matching
+        if self.teacher_dim:
+            self.matching_weights[self.embed.dim - self.teacher_dim:] = cfg.classifier_matching
         self.target_updates = 0  # releases averaged into the target so far (0: no target yet)
+        # Issue #13: a DP label classifier trained first (iterations 0 … P−1), then G's teacher.
+        self.teacher: LabelTeacher | None = None
+        self.prefix_iterations = cfg.prefix_iterations
+        if self.prefix_iterations:
+            q_c = classifier_sampling_rate if classifier_sampling_rate is not None else \
+                self.q * cfg.classifier_batch / cfg.batch_size
+            self.teacher = LabelTeacher(self, q_c)
 
     # ------------------------------------------------------------------------------
     def pixels(self, x: torch.Tensor) -> torch.Tensor | None:
-        if not self.cfg.pixel_statistics:
-            return None
-        return pixel_statistics(x, self.arch.pixel_pooled, self.cfg.pixel_moment_names, self.cfg.pixel_rff_features)
+        """The block of fixed per-record maps: public pixel statistics, then the frozen DP classifier's features."""
+        parts = []
+        if self.cfg.pixel_statistics:
+            parts.append(pixel_statistics(x, self.arch.pixel_pooled, self.cfg.pixel_moment_names,
+                                          self.cfg.pixel_rff_features))
+        if self.teacher_dim:
+            parts.append(self.teacher.features(x))
+        return torch.cat(parts, dim=1) if parts else None
 
     def bounded(self, h1: torch.Tensor, y: torch.Tensor, pix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         phi, logit = self.private(h1, y)
@@ -84,6 +103,8 @@ class DPAFTrainer(GANTrainerBase):
 
     def d_iteration(self, t: int) -> dict[str, float]:
         cfg, spec = self.cfg, self.spec
+        if t < self.prefix_iterations:  # phase one: the label classifier's DP-SGD release only
+            return self.teacher.private_step(t)
         real = self.real_sample(t)
         z, yf, guf = self.fake_codes(t, "fake/d")
         with torch.no_grad():
@@ -105,7 +126,7 @@ class DPAFTrainer(GANTrainerBase):
         self.update_feature_target(A_real.detach())
 
         stats = {"loss_d": loss_d.item()}
-        if t % cfg.sgd_every == 0:
+        if (t - self.prefix_iterations) % cfg.sgd_every == 0:  # as the schedule's cycle charges it
             scale = spec.expected_group_size  # public: makes C_sgd ≈ 1 meaningful (rule 6)
             g_real = (scale * A_real.grad).detach()
             g_fake = (scale * A_fake.grad).detach()
@@ -114,9 +135,11 @@ class DPAFTrainer(GANTrainerBase):
 
     def draw_plan(self, t: int) -> DrawPlan:
         """The sample, codes and releases of iteration t, in the order d_iteration and g_step use them."""
+        if t < self.prefix_iterations:
+            return DrawPlan()  # the classifier phase draws on demand
         steps = range(self.g_steps_at(t))
         noise = ["dpagg/real", "dpagg/fake"]
-        if t % self.cfg.sgd_every == 0:
+        if (t - self.prefix_iterations) % self.cfg.sgd_every == 0:
             noise.append("dpsgd/conv2")
         return DrawPlan(sample=True, codes=["fake/d"] + [stream_name("fake/g", s) for s in steps],
                         noise=noise + [stream_name("dpagg/g", s) for s in steps])
@@ -180,6 +203,8 @@ class DPAFTrainer(GANTrainerBase):
     def g_step(self, t: int, step: int = 0) -> dict[str, float]:
         """Generator update through D on generated images only (no privacy cost)."""
         cfg, spec = self.cfg, self.spec
+        if t < self.prefix_iterations:
+            return {}  # G starts after the classifier phase
         z, yf, guf = self.fake_codes(t, stream_name("fake/g", step))
         xf = self.generator(z, yf)
         vf, logit_f = self.bounded(self.conv1(xf), yf, self.pixels(xf))
@@ -208,17 +233,24 @@ class DPAFTrainer(GANTrainerBase):
         surrogate = (gA[groups] * vf).sum() + (gC * local_class).sum()
         loss_head = F.softplus(-logit_f).sum() / self.fake_batch
         surrogate = surrogate + cfg.head_weight * loss_head
+        stats = {}
+        if self.teacher is not None and cfg.classifier_weight > 0:  # post-processing of the released classifier
+            loss_cls = self.teacher.generator_loss(xf, yf)
+            surrogate = surrogate + cfg.classifier_weight * loss_cls
+            stats["loss_classifier"] = loss_cls.item()
         self.opt_g.zero_grad(set_to_none=True)
         surrogate.backward()
         self.step_replicated(self.generator, self.opt_g)
-        return {"loss_g": loss_rear.item(), "feature_matching": fm.item()}
+        return {"loss_g": loss_rear.item(), "feature_matching": fm.item(), **stats}
 
     # ------------------------------------------------------------------------------
     def modules(self):
-        return {**super().modules(), "private": self.private, "rear": self.rear}
+        teacher = {"classifier": self.teacher.model} if self.teacher is not None else {}
+        return {**super().modules(), "private": self.private, "rear": self.rear, **teacher}
 
     def optimizers(self):
-        return {**super().optimizers(), "private": self.opt_private, "rear": self.opt_rear}
+        teacher = {"classifier": self.teacher.opt} if self.teacher is not None else {}
+        return {**super().optimizers(), "private": self.opt_private, "rear": self.opt_rear, **teacher}
 
     def extra_state(self) -> dict:
         return {"real_class_means": self.real_class_means.clone(), "target_updates": self.target_updates}

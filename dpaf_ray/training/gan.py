@@ -59,6 +59,7 @@ class GANTrainerBase:
         # and probes, gets the base ratio). The ledger is charged from the plan, never from here.
         self.sigma_agg, self.sigma_sgd = cfg.base_sigmas()
         self.fake_batch = cfg.batch_size  # public size of the generated batch
+        self.prefix_iterations = 0  # iterations of a phase before the GAN iterations (DPAF's classifier phase)
         self.arch = architecture_for(shard.shape)
         torch.manual_seed(cfg.seed)  # public: model initialisation only; identical on every rank
         self.generator = ConditionalGenerator(self.arch, self.num_classes, cfg.z_dim,
@@ -71,21 +72,23 @@ class GANTrainerBase:
         self.draw_ahead = DrawAhead(self, default_enabled(self.device))
 
     # --- per-iteration data -------------------------------------------------------
-    def real_sample(self, t: int) -> Batch:
-        """This rank's part of the Poisson sample of iteration t, with each record's own group draw."""
-        ahead = self.draw_ahead.draws(t)
+    def real_sample(self, t: int, stream: str = "poisson", q: float | None = None) -> Batch:
+        """This rank's part of the Poisson sample of iteration t, with each record's own group draw.
+
+        A release on its own sample (the label-classifier phase) names its own `stream` and rate `q`."""
+        ahead = self.draw_ahead.draws(t) if stream == "poisson" and q is None else None
         host = ahead.sample if ahead is not None else None
         if ahead is not None:
             ahead.sample = None
             self.draw_ahead.count(host is not None)
-        return Batch(*(host or self.host_sample(t)).to(self.device))
+        return Batch(*(host or self.host_sample(t, stream, q)).to(self.device))
 
-    def host_sample(self, t: int) -> HostSample:
+    def host_sample(self, t: int, stream: str = "poisson", q: float | None = None) -> HostSample:
         """The draws and records of `real_sample` on the host (pinned when bound for CUDA)."""
-        draws = self.secret.stream("poisson", t)
+        draws = self.secret.stream(stream, t)
         draws.reserve(16 * self.n_total)  # both reads below from one SHAKE output (same numbers)
         local = slice(self.offset, self.offset + len(self.shard))
-        included = draws.bernoulli(self.n_total, self.q)[local]
+        included = draws.bernoulli(self.n_total, self.q if q is None else q)[local]
         group_uniforms = draws.uniform(self.n_total)[local]
         idx = torch.from_numpy(included.nonzero()[0])
         gu = torch.from_numpy(group_uniforms[included]).to(torch.float32)
@@ -134,8 +137,9 @@ class GANTrainerBase:
         """G's learning rate at iteration t of T: a public schedule (G only post-processes
         released values), a function of t alone so a resumed run follows the same curve."""
         lr = self.cfg.lr_g
+        t, T = t - self.prefix_iterations, T - self.prefix_iterations  # G trains after any classifier phase
         if self.cfg.lr_g_schedule == "cosine" and T > 1:
-            lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / (T - 1)))
+            lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * max(0, t) / (T - 1)))
         for group in self.opt_g.param_groups:
             group["lr"] = lr
 

@@ -23,6 +23,7 @@ import torch
 from ..config import TrainConfig
 from ..data.dataset import ImageDataset
 from ..distributed.collectives import Collective, LocalCollective, all_reduce_many
+from ..privacy.calibration import IterationSchedule
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.randomness import RunSecret
 from .checkpoint import CheckpointSink, cpu_state
@@ -56,9 +57,14 @@ def secret_for(cfg: TrainConfig) -> RunSecret:
 
 def make_trainer(cfg: TrainConfig, shard: ImageDataset, n_total: int, offset: int,
                  collective: Collective, device: str, secret: RunSecret | None = None,
-                 sampling_rate: float | None = None) -> GANTrainerBase:
-    cls = DPAFTrainer if cfg.model == "dpaf" else DPSGDGANTrainer
-    return cls(cfg, shard, n_total, offset, collective, device, secret=secret, sampling_rate=sampling_rate)
+                 sampling_rate: float | None = None, schedule: IterationSchedule | None = None) -> GANTrainerBase:
+    """`schedule`: the plan's, whose prefix fixes the classifier phase's public q_c (as charged)."""
+    if cfg.model != "dpaf":
+        return DPSGDGANTrainer(cfg, shard, n_total, offset, collective, device, secret=secret,
+                               sampling_rate=sampling_rate)
+    q_c = schedule.prefix[0].sampling_rate if schedule is not None and schedule.prefix else None
+    return DPAFTrainer(cfg, shard, n_total, offset, collective, device, secret=secret, sampling_rate=sampling_rate,
+                       classifier_sampling_rate=q_c)
 
 
 class WriteAheadLedger:
@@ -99,7 +105,8 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
     if state is not None and "secret" in state:
         secret = RunSecret.from_checkpoint(state["secret"])  # the same noise streams as before the restart
     secret = secret if secret is not None else secret_for(cfg)
-    trainer = make_trainer(cfg, shard, n_total, offset, collective, device, secret, plan.schedule.sampling_rate)
+    trainer = make_trainer(cfg, shard, n_total, offset, collective, device, secret, plan.schedule.sampling_rate,
+                           plan.schedule)
     # The ledger so far: the write-ahead file holds every charge of every attempt.
     ledger = journal.load() or (PrivacyLedger.from_json(state["ledger"]) if state is not None else None) \
         or PrivacyLedger(list(initial_ledger.entries) if initial_ledger else [])
@@ -127,7 +134,7 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
                 break
             end = min(T, (t // window + 1) * window)
             for i in range(max(t, charged_through), end):  # charge before anything is released
-                ledger.charge_poisson_gaussian(plan.schedule.sampling_rate, plan.schedule.noise_at(i))
+                ledger.charge_poisson_gaussian(*plan.schedule.release_at(i))
             charged_through = max(charged_through, end)
             journal.commit(ledger)  # on disk before the window's first release (rule 16)
             if t != start and sink is not None:  # the saved ledger already covers this window
@@ -139,7 +146,7 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
         if (t + 1) % cfg.d_steps_per_g == 0:
             for step in range(cfg.g_steps):
                 stats.update(trainer.g_step(t, step))
-        executed.charge_poisson_gaussian(plan.schedule.sampling_rate, plan.schedule.noise_at(t))
+        executed.charge_poisson_gaussian(*plan.schedule.release_at(t))
         t += 1
         if t % cfg.log_every == 0 or t == T:
             eps = executed.epsilon(cfg.delta)

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import ConfigError, TrainConfig
-from ..privacy.calibration import IterationSchedule, iterations_for_budget, noise_scale_for_iterations
+from ..privacy.calibration import IterationSchedule, Phase, iterations_for_budget, noise_scale_for_iterations
 from ..privacy.ledger import Entry, PrivacyConfigError, entry_from_json, epsilon_from_rdp, rdp_curve, validate_budget
 
 # Measured best T per image size at the default batch (bench/results/k2_900: 900 iterations at 28×28;
@@ -35,9 +35,9 @@ TIME_RESERVE_FRACTION, TIME_RESERVE_SECONDS = 0.1, 15.0
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    config: TrainConfig  # with the noise multipliers and T actually used
+    config: TrainConfig  # with the noise multipliers and T actually used (config.iterations: GAN iterations)
     schedule: IterationSchedule
-    iterations: int
+    iterations: int  # every iteration the loop runs: a classifier phase's steps, then the GAN iterations
     planned_epsilon: float  # for information; the report uses the ledger
     noise_factor: float = 1.0  # multiplier applied to the base σs (the noise split at σ_sgd = 1, or the given σs)
     how: str = ""  # where T and σ came from, for the printed plan
@@ -55,8 +55,12 @@ class TrainingPlan:
         c = self.config
         noise = (f"σ_agg={c.sigma_agg:.4g}, σ_sgd={c.sigma_sgd:.4g}, σ_eff={self.effective_noise:.4g} "
                  f"(conv2 every {c.sgd_every} it.)" if c.model == "dpaf" else f"σ={c.sigma_sgd:.4g}")
-        lines = [f"plan: T={self.iterations} iterations ({self.how}), q={self.schedule.sampling_rate:.4g}, {noise}",
+        P = self.schedule.prefix_iterations
+        lines = [f"plan: T={self.iterations - P} iterations ({self.how}), q={self.schedule.sampling_rate:.4g}, {noise}",
                  f"plan: expected ε={self.planned_epsilon:.4f} of {c.epsilon:g} at δ={c.delta:g}"]
+        for ph in self.schedule.prefix:
+            lines.insert(0, f"plan: first a DP label classifier: {ph.iterations} DP-SGD steps at q_c={ph.sampling_rate:.4g}, "
+                            f"σ_c={ph.noise:.4g}, C_c={c.classifier_clip:g} (its own Poisson samples)")
         if self.estimated_seconds is not None:
             lines.append(f"plan: about {_fmt(self.estimated_seconds)} of training "
                          f"({self.seconds_per_iteration * 1000:.0f} ms/iteration measured on generated data)")
@@ -72,7 +76,11 @@ def schedule_for(cfg: TrainConfig, n_train: float) -> IterationSchedule:
     q = cfg.sampling_rate(n_train)
     sigma_agg, sigma_sgd = cfg.base_sigmas()
     if cfg.model == "dpaf":
-        return IterationSchedule.dpaf(q, sigma_agg, sigma_sgd, cfg.sgd_every)
+        schedule = IterationSchedule.dpaf(q, sigma_agg, sigma_sgd, cfg.sgd_every)
+        if cfg.prefix_iterations:  # issue #13: the label classifier's DP-SGD phase on its own Poisson samples
+            schedule = schedule.with_prefix(Phase(cfg.classifier_batch / n_train, cfg.classifier_noise * sigma_sgd,
+                                                  cfg.prefix_iterations))
+        return schedule
     return IterationSchedule.dpsgd(q, sigma_sgd)
 
 
@@ -103,6 +111,7 @@ def plan_training(cfg: TrainConfig, n_train: float, image_size: int = 28,
     cfg.validate(n_train)
     extra = fixed_releases(cfg)
     schedule = schedule_for(cfg, n_train)
+    P = schedule.prefix_iterations  # a classifier phase runs first; T counts the GAN iterations after it
     base = rdp_curve(extra) if extra else 0.0
 
     def eps(s: IterationSchedule, t: int) -> float:
@@ -113,13 +122,13 @@ def plan_training(cfg: TrainConfig, n_train: float, image_size: int = 28,
         planned = dataclasses.replace(cfg, sigma_agg=sigma_agg * factor if cfg.model == "dpaf" else cfg.sigma_agg,
                                       sigma_sgd=sigma_sgd * factor, iterations=T)
         s = schedule_for(planned, n_train)
-        return TrainingPlan(planned, s, T, eps(s, T), factor, how, seconds_per_iteration)
+        return TrainingPlan(planned, s, P + T, eps(s, P + T), factor, how, seconds_per_iteration)
 
     if not cfg.explicit_noise:  # budget first: T from the compute, σ from the budget
         T, how = iterations_wanted(cfg, schedule.sampling_rate, image_size, seconds_per_iteration)
         if cfg.max_iterations is not None and T > cfg.max_iterations:
             T, how = cfg.max_iterations, f"{how}, capped by --max-iterations"
-        factor = _noise_factor(schedule, T, cfg, extra)
+        factor = _noise_factor(schedule, P + T, cfg, extra)
         return with_factor(factor, T, how + "; noise from the budget")
 
     # explicit noise: T from the budget (or as given, checked); a single given σ sets the other by the split
@@ -127,24 +136,27 @@ def plan_training(cfg: TrainConfig, n_train: float, image_size: int = 28,
     cfg = dataclasses.replace(cfg, sigma_agg=sigma_agg if cfg.model == "dpaf" else cfg.sigma_agg, sigma_sgd=sigma_sgd)
     if cfg.iterations is not None or cfg.epochs is not None:
         T, how = iterations_wanted(cfg, schedule.sampling_rate, image_size)
-        e = eps(schedule, T)
+        e = eps(schedule, P + T)
         if e > cfg.epsilon:
             opt = "--iterations" if cfg.iterations is not None else "--epochs"
             raise ConfigError(
                 f"{opt}: {T} iterations at σ_agg={cfg.sigma_agg}, σ_sgd={cfg.sigma_sgd} would spend ε={e:.3g} > "
                 f"target {cfg.epsilon:g}; drop --sigma-agg/--sigma-sgd to let the planner set the noise for this T, "
                 "or lower T")
-        return TrainingPlan(cfg, schedule, T, e, 1.0, how + "; noise as given", seconds_per_iteration)
-    T = iterations_for_budget(schedule, cfg.epsilon, cfg.delta, extra)
+        return TrainingPlan(cfg, schedule, P + T, e, 1.0, how + "; noise as given", seconds_per_iteration)
+    T = iterations_for_budget(schedule, cfg.epsilon, cfg.delta, extra) - P
+    if T < 1:
+        raise ConfigError(f"--classifier-steps: the {P} classifier steps alone spend ε={cfg.epsilon:g} at the given "
+                          "noise; lower --classifier-steps, raise --classifier-noise or drop the explicit sigmas")
     how = "from the budget at the given noise"
     if cfg.time_budget_minutes is not None and seconds_per_iteration is not None:
         T_time, _ = iterations_wanted(cfg, schedule.sampling_rate, image_size, seconds_per_iteration)
         if T_time < T:
             T, how = T_time, f"{how}, cut to fit --time-budget-minutes {cfg.time_budget_minutes:g} (budget left unspent)"
     if cfg.max_iterations is not None and T > cfg.max_iterations:
-        factor = noise_scale_for_iterations(schedule, cfg.max_iterations, cfg.epsilon, cfg.delta, extra)
+        factor = noise_scale_for_iterations(schedule, P + cfg.max_iterations, cfg.epsilon, cfg.delta, extra)
         return with_factor(factor, cfg.max_iterations, f"{how}, capped by --max-iterations; noise lowered to fit")
-    return TrainingPlan(dataclasses.replace(cfg, iterations=T), schedule, T, eps(schedule, T), 1.0, how,
+    return TrainingPlan(dataclasses.replace(cfg, iterations=T), schedule, P + T, eps(schedule, P + T), 1.0, how,
                         seconds_per_iteration)
 
 

@@ -1,0 +1,334 @@
+"""Issue #13: the label-classifier phase (a DP-SGD classifier that teaches G) keeps DESIGN §3.
+
+Each test is built so that a plausible bug fails it: a gradient sum that one record moves by more
+than C_c, generated images inside the classifier's clipped sum, a normaliser that uses the realised
+batch, an empty sample that is skipped, the classifier sampled from DPAGG's Poisson stream, a phase
+that runs without being charged (or charged at DPAGG's q), a ledger that differs from an
+independent dp_accounting computation of what ran, a planner that stops spending the budget.
+"""
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import pytest
+import torch
+
+from dpaf_ray import cli
+from dpaf_ray.config import ConfigError, TrainConfig
+from dpaf_ray.data.dataset import ImageDataset
+from dpaf_ray.privacy.calibration import IterationSchedule, Phase
+from dpaf_ray.privacy.ledger import PoissonGaussian, PrivacyLedger, effective_noise_multiplier
+from dpaf_ray.privacy.mechanisms import clip_and_sum_per_record
+from dpaf_ray.privacy.randomness import RunSecret
+from dpaf_ray.training import label_teacher as teacher_module
+from dpaf_ray.training.dpaf import DPAFTrainer
+from dpaf_ray.training.loop import train_loop
+from dpaf_ray.training.plan import plan_training
+
+torch.set_num_threads(1)
+SECRET = RunSecret.from_public_seed(0)  # tests only: reproducible noise
+DELTA = 1e-5
+
+
+def tiny_dataset(n: int = 60, k: int = 3, seed: int = 0) -> ImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.arange(n) % k
+    return ImageDataset(images, labels[torch.randperm(n, generator=g)], k, "tiny")
+
+
+DS = tiny_dataset()
+
+
+def make_cfg(**kw) -> TrainConfig:
+    base = dict(batch_size=12, group_size=4, seed=3, feature_channels=4, z_dim=8, num_threads=1,
+                classifier_steps=4, classifier_batch=20, classifier_clip=0.5, sigma_agg=2.0, sigma_sgd=1.0)
+    base.update(kw)
+    return TrainConfig(**base).validate()
+
+
+def make_trainer(ds: ImageDataset = DS, **kw) -> DPAFTrainer:
+    cfg = make_cfg(**kw)
+    return DPAFTrainer(cfg, ds, len(ds), secret=SECRET, classifier_sampling_rate=cfg.classifier_batch / len(ds))
+
+
+def capture(monkeypatch, name: str) -> list[dict]:
+    """Spy on a function used by the label teacher (clip_and_sum_per_record or gaussian_release)."""
+    seen: list[dict] = []
+    original = getattr(teacher_module, name)
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append({"args": args, "out": [o.detach().clone() for o in out]})
+        return out
+
+    monkeypatch.setattr(teacher_module, name, spy)
+    return seen
+
+
+def norm(tensors) -> float:
+    return math.sqrt(sum(t.pow(2).sum().item() for t in tensors))
+
+
+# ------------------------------------------------------------------ sensitivity of the release
+
+
+def test_classifier_clipped_sum_moves_by_at_most_c_when_one_record_is_added_or_removed(monkeypatch):
+    clip = 0.05  # far below typical cross-entropy gradient norms, so every record is clipped
+    tr = make_trainer(classifier_clip=clip, classifier_batch=40)
+    seen = capture(monkeypatch, "clip_and_sum_per_record")
+    tr.d_iteration(0)
+    grads = seen[0]["args"][0]
+    n = grads[0].shape[0]
+    assert n >= 10 and seen[0]["args"][1] == clip
+    raw = torch.stack([g.reshape(n, -1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    assert (raw > clip).all(), "the test needs gradients above the bound"
+    full = clip_and_sum_per_record(grads, clip)
+    worst = 0.0
+    for j in range(n):  # remove record j
+        keep = torch.tensor([i for i in range(n) if i != j])
+        d = norm(f - l for f, l in zip(full, clip_and_sum_per_record([g[keep] for g in grads], clip)))
+        assert d <= clip * (1 + 1e-5), (j, d)
+        worst = max(worst, d)
+    assert worst >= 0.99 * clip
+    # add a record whose gradient is enormous: still moves the sum by C_c at most
+    x = DS.as_float(torch.arange(1)) * 1e4
+    big = tr.teacher.per_record((x,), teacher_module._record_loss, (DS.labels[:1],))
+    more = clip_and_sum_per_record([torch.cat([g, b]) for g, b in zip(grads, big)], clip)
+    assert norm(m - f for m, f in zip(more, full)) <= clip * (1 + 1e-5)
+
+
+def test_a_record_gradient_depends_only_on_that_record():
+    tr = make_trainer()
+    idx_a, idx_b = torch.tensor([5, 0, 1, 2]), torch.tensor([7, 8, 9, 5])
+    ga = tr.teacher.per_record((DS.as_float(idx_a),), teacher_module._record_loss, (DS.labels[idx_a],))
+    gb = tr.teacher.per_record((DS.as_float(idx_b),), teacher_module._record_loss, (DS.labels[idx_b],))
+    for a, b in zip(ga, gb):  # record 5 first in one batch, last in the other
+        assert torch.allclose(a[0], b[-1], rtol=1e-5, atol=1e-7)
+
+
+def test_release_noise_is_sigma_c_times_c_and_the_update_divides_by_the_expected_batch(monkeypatch):
+    B, clip, sigma = 20, 0.5, 40.0
+    tr = make_trainer(classifier_batch=B, classifier_clip=clip, sigma_sgd=sigma / 2, classifier_noise=2.0,
+                      classifier_momentum=0.0)
+    assert tr.teacher.sigma == pytest.approx(sigma)  # σ_c = classifier_noise · σ_sgd
+    releases = capture(monkeypatch, "gaussian_release")
+    steps: list[torch.Tensor] = []
+    monkeypatch.setattr(tr.teacher.opt, "step",
+                        lambda *a, **k: steps.append(torch.cat([p.grad.reshape(-1) for p in tr.teacher.model.parameters()])))
+    t = next(t for t in range(tr.prefix_iterations)
+             if tr.real_sample(t, stream=teacher_module.POISSON_STREAM, q=tr.teacher.q).x.shape[0] != B)
+    tr.d_iteration(t)
+    (rel,) = releases
+    assert rel["args"][1] == pytest.approx(sigma * clip)  # noise std σ_c·C_c
+    grad = steps[0]
+    assert grad.numel() > 20_000
+    # the gradient is noise/B (the signal is at most C_c·n/B ≪ the noise): std σ_c·C_c/B, not /n
+    assert (grad.std() * B).item() == pytest.approx(sigma * clip, rel=0.05)
+
+
+def test_an_empty_classifier_sample_still_releases_and_updates(monkeypatch):
+    ds = tiny_dataset(40, seed=8)
+    cfg = make_cfg(classifier_batch=1, classifier_steps=60)
+    tr = DPAFTrainer(cfg, ds, len(ds), secret=SECRET, classifier_sampling_rate=1 / 40)
+    empty = [t for t in range(60)
+             if tr.real_sample(t, stream=teacher_module.POISSON_STREAM, q=tr.teacher.q).x.shape[0] == 0]
+    assert empty
+    seen = capture(monkeypatch, "clip_and_sum_per_record")
+    before = [p.detach().clone() for p in tr.teacher.model.parameters()]
+    tr.d_iteration(empty[0])
+    assert len(seen) == 1 and seen[0]["args"][0][0].shape[0] == 0  # released on n = 0
+    assert any(not torch.equal(b, a) for b, a in zip(before, tr.teacher.model.parameters()))
+
+
+# ------------------------------------------------------- generated records stay outside the sum
+
+
+def test_phase_one_never_runs_the_generator_and_clips_exactly_its_own_poisson_sample(monkeypatch):
+    tr = make_trainer()
+    seen = capture(monkeypatch, "clip_and_sum_per_record")
+
+    def no_generator(*a, **k):
+        raise AssertionError("the generator ran during the classifier phase")
+
+    monkeypatch.setattr(tr.generator, "forward", no_generator)
+    for t in range(tr.prefix_iterations):
+        seen.clear()
+        own = tr.real_sample(t, stream=teacher_module.POISSON_STREAM, q=tr.teacher.q)
+        tr.d_iteration(t)
+        assert tr.g_step(t) == {}
+        assert len(seen) == 1 and all(g.shape[0] == own.x.shape[0] for g in seen[0]["args"][0])
+
+
+def test_phase_two_never_updates_the_classifier_and_g_gets_its_gradient(monkeypatch):
+    tr = make_trainer(classifier_steps=2)
+    for t in range(2):
+        tr.d_iteration(t)
+    frozen = [p.detach().clone() for p in tr.teacher.model.parameters()]
+    seen = capture(monkeypatch, "clip_and_sum_per_record")
+    g_before = [p.detach().clone() for p in tr.generator.parameters()]
+    for t in range(2, 6):
+        tr.d_iteration(t)
+        stats = tr.g_step(t)
+        assert "loss_classifier" in stats
+    assert not seen, "the classifier made a release after its phase"
+    assert all(torch.equal(a, b) for a, b in zip(frozen, tr.teacher.model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(g_before, tr.generator.parameters()))
+
+
+def test_classifier_samples_come_from_their_own_stream():
+    tr = make_trainer(batch_size=20, classifier_batch=20)
+    same_q = tr.teacher.q
+    assert same_q == pytest.approx(tr.q)
+    dpagg = [tr.real_sample(t).x for t in range(4)]
+    own = [tr.real_sample(t, stream=teacher_module.POISSON_STREAM, q=same_q).x for t in range(4)]
+    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(dpagg, own))
+
+
+# --------------------------------------------------------------------- charged, and exactly
+
+
+def independent_epsilon(q_c, sigma_c, P, q, sigma_agg, sigma_sgd, k, T) -> float:
+    """ε of P classifier steps then T DPAF iterations, composed directly with dp_accounting."""
+    eff = effective_noise_multiplier(sigma_agg, sigma_sgd)
+    n_eff = sum(1 for u in range(T) if u % k == 0)
+    events = [dp_accounting.SelfComposedDpEvent(
+                  dp_accounting.PoissonSampledDpEvent(q_c, dp_accounting.GaussianDpEvent(sigma_c)), P),
+              dp_accounting.SelfComposedDpEvent(
+                  dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(eff)), n_eff),
+              dp_accounting.SelfComposedDpEvent(
+                  dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma_agg)), T - n_eff)]
+    acc = dp_accounting.rdp.RdpAccountant(list(PrivacyLedger().orders))
+    acc.compose(dp_accounting.ComposedDpEvent(events))
+    return acc.get_epsilon(DELTA)
+
+
+def test_the_loop_charges_the_classifier_phase_and_the_ledger_matches_dp_accounting(monkeypatch):
+    ds = tiny_dataset(60)
+    cfg = make_cfg(iterations=5, classifier_steps=3, classifier_batch=15, classifier_noise=1.5, epsilon=50.0,
+                   checkpoint_every=4, sgd_every=2)  # explicit σs: T as given, checked against the budget
+    plan = plan_training(cfg, len(ds))
+    assert plan.iterations == 8 and plan.schedule.prefix_iterations == 3
+    c = plan.config
+    q_c, q = 15 / 60, 12 / 60
+    assert plan.schedule.release_at(0) == (pytest.approx(q_c), pytest.approx(1.5 * c.sigma_sgd))
+    assert plan.schedule.release_at(3) == (pytest.approx(q), pytest.approx(effective_noise_multiplier(
+        c.sigma_agg, c.sigma_sgd)))
+    assert plan.schedule.release_at(4)[1] == pytest.approx(c.sigma_agg)
+    ran: list[tuple[int, str]] = []
+    orig_step, orig_d = teacher_module.LabelTeacher.private_step, DPAFTrainer.private_update
+
+    def step(self, t):
+        ran.append((t, "classifier"))
+        return orig_step(self, t)
+
+    def conv2(self, t, *a):
+        ran.append((t, "conv2"))
+        return orig_d(self, t, *a)
+
+    monkeypatch.setattr(teacher_module.LabelTeacher, "private_step", step)
+    monkeypatch.setattr(DPAFTrainer, "private_update", conv2)
+    result = train_loop(plan, ds, len(ds), progress=None, secret=SECRET)
+    assert ran == [(0, "classifier"), (1, "classifier"), (2, "classifier"), (3, "conv2"), (5, "conv2"), (7, "conv2")]
+    entries = [e for e in result.ledger.entries if isinstance(e, PoissonGaussian)]
+    assert entries[0] == PoissonGaussian(q_c, 1.5 * c.sigma_sgd, 3)
+    assert sum(e.count for e in entries) == 8
+    expected = independent_epsilon(q_c, 1.5 * c.sigma_sgd, 3, q, c.sigma_agg, c.sigma_sgd, 2, 5)
+    assert result.ledger.epsilon(DELTA) == pytest.approx(expected, rel=1e-9)
+    assert result.ledger.epsilon(DELTA) <= 50.0
+
+
+def test_the_planner_scales_every_sigma_together_and_spends_the_budget():
+    n, epsilon = 0.9 * 60000, 1.0
+    cfg = TrainConfig(epsilon=epsilon, delta=DELTA, seed=0, classifier_steps=300, classifier_noise=2.0)
+    plan = plan_training(cfg, n)
+    c = plan.config
+    assert plan.iterations == 300 + 900 and c.iterations == 900
+    q_c, sigma_c = plan.schedule.release_at(0)
+    assert q_c == pytest.approx(1024 / n) and sigma_c == pytest.approx(2.0 * c.sigma_sgd)
+    assert c.sigma_agg / c.sigma_sgd == pytest.approx(cfg.noise_split)
+    e = independent_epsilon(q_c, sigma_c, 300, 256 / n, c.sigma_agg, c.sigma_sgd, 2, 900)
+    assert 0.99 * epsilon <= e <= epsilon
+    # the phase is charged, not free: the DPAF iterations alone spend noticeably less
+    dpaf_only = [e for e in plan.schedule.entries(plan.iterations) if e.sampling_rate != q_c]
+    assert PrivacyLedger(dpaf_only).epsilon(DELTA) < 0.9 * epsilon
+
+
+def test_schedule_prefix_entries_scaling_and_release_at_agree():
+    s = IterationSchedule.dpaf(0.01, 2.0, 1.0, 3).with_prefix(Phase(0.02, 1.5, 4))
+    assert [s.release_at(i) for i in range(6)] == [(0.02, 1.5)] * 4 + [(0.01, s.cycle[0]), (0.01, 2.0)]
+    for T in (2, 4, 11):
+        led = PrivacyLedger()
+        for i in range(T):
+            led.charge_poisson_gaussian(*s.release_at(i))
+        assert led.epsilon(DELTA) == pytest.approx(PrivacyLedger(s.entries(T)).epsilon(DELTA), rel=1e-12)
+    s2 = s.scaled(2.0)
+    assert s2.prefix[0].noise == 3.0 and s2.cycle[1] == 4.0 and s2.prefix[0].sampling_rate == 0.02
+
+
+def test_explicit_noise_leaves_the_gan_iterations_after_the_phase():
+    kw = dict(epsilon=2.0, delta=DELTA, seed=0, sigma_agg=4.0, sigma_sgd=2.0, classifier_batch=600, batch_size=64,
+              group_size=32)
+    plan = plan_training(TrainConfig(classifier_steps=20, **kw), 6000)
+    assert plan.config.iterations == plan.iterations - 20 >= 1
+    assert PrivacyLedger(plan.schedule.entries(plan.iterations)).epsilon(DELTA) <= 2.0
+    with pytest.raises(ConfigError, match="--classifier-steps"):  # the phase alone would spend the budget
+        plan_training(TrainConfig(classifier_steps=200, **kw), 6000)
+
+
+# -------------------------------------------------------------------------------- knobs
+
+
+def test_knobs_are_validated_and_reach_the_cli():
+    with pytest.raises(ConfigError, match="--classifier-steps"):
+        TrainConfig(model="dpsgd-gan", classifier_steps=10).validate()
+    with pytest.raises(ConfigError, match="--classifier-momentum"):
+        TrainConfig(classifier_momentum=1.0).validate()
+    with pytest.raises(ConfigError, match="--classifier-batch"):
+        TrainConfig(classifier_steps=1, classifier_batch=10_000).validate(5000)
+    args = cli.build_parser().parse_args(["train", "--out", "x", "--classifier-steps", "7", "--classifier-noise",
+                                          "1.5", "--classifier-weight", "0.5"])
+    cfg = cli.config_from_args(args)
+    assert (cfg.classifier_steps, cfg.classifier_noise, cfg.classifier_weight) == (7, 1.5, 0.5)
+
+
+def test_checkpoint_carries_the_classifier():
+    a = make_trainer()
+    a.d_iteration(0)
+    b = make_trainer()
+    b.load_state_dict(a.state_dict())
+    for pa, pb in zip(a.teacher.model.parameters(), b.teacher.model.parameters()):
+        assert torch.equal(pa, pb)
+
+
+# ------------------------------------------- the classifier's features inside DPAGG (phase two)
+
+
+def test_dpagg_with_teacher_features_moves_group_sums_by_at_most_delta():
+    from dpaf_ray.models.dpagg import assign_groups, group_sums
+
+    tr = make_trainer(teacher_features=True, clip_agg=0.7, kappa=1.3)
+    assert tr.teacher_dim > 0 and tr.embed.pixel_dim > tr.teacher_dim
+    delta = math.sqrt(0.7 ** 2 + 1.3 ** 2)
+    n = 12
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat([DS.as_float(torch.arange(n - 2)), torch.full((2, 1, 28, 28), 1e4)])  # two extreme records
+    y, u = DS.labels[:n], torch.rand(n, generator=g)
+    with torch.no_grad():
+        def sums(keep):
+            v, _ = tr.bounded(tr.conv1(x[keep]), y[keep], tr.pixels(x[keep]))
+            return group_sums(v, assign_groups(y[keep], u[keep], tr.spec), tr.spec.num_groups)
+
+        full = sums(torch.arange(n))
+        for j in range(n):
+            d = (full - sums(torch.tensor([i for i in range(n) if i != j]))).norm().item()
+            assert d <= delta * (1 + 1e-5), (j, d)
+        # each record's teacher features depend on that record alone
+        alone = tr.teacher.features(x[3:4])
+        assert torch.allclose(tr.teacher.features(x)[3:4], alone, atol=1e-6)
+
+
+def test_teacher_features_need_a_classifier_phase():
+    with pytest.raises(ConfigError, match="--teacher-features"):
+        TrainConfig(teacher_features=True).validate()
