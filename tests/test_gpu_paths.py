@@ -446,8 +446,11 @@ def test_tune_use_gpu_runs_concurrent_trials_on_one_gpu(fake_gpu_ray, tmp_path, 
     trials = [json.loads(p.read_text()) for p in sorted((out / "trials").glob("*/trial.json"))]
     assert len(trials) == 2, "a trial did not finish"
     assert (release / "generator.pt").is_file()
-    # side by side: each trial started before the other one finished
-    spans = [((out / "trials" / t["trial"]).stat().st_ctime, (out / "trials" / t["trial"] / "trial.json").stat().st_mtime)
-             for t in trials]
+    # side by side: each trial started before the other one reported (Tune's own times)
+    spans = []
+    for path in sorted((out / "trials" / "ray_tune" / "search").glob("*/result.json")):
+        r = json.loads(path.read_text().splitlines()[0])
+        spans.append((r["timestamp"] - r["time_total_s"], r["timestamp"]))
+    assert len(spans) == 2
     (s0, e0), (s1, e1) = spans
     assert s0 < e1 and s1 < e0, f"trials ran one after the other: {spans} ({time.time() - t0:.0f}s)"

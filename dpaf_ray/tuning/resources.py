@@ -218,8 +218,10 @@ def synthesise_and_fit(generator: "ConditionalGenerator", ss: "SearchSpace", see
                                    seed, trial_device(ss))
     import ray
 
+    # "DEFAULT": outside the trial's placement group (a bundle of one `trial_slot`), in the share
+    # that the trial's Train workers have just given back.
     opts: dict[str, Any] = {"num_cpus": ss.cpus_per_worker, "num_gpus": ss.gpus_per_worker if ss.use_gpu else 0,
-                            "max_retries": 0}
+                            "max_retries": 0, "scheduling_strategy": "DEFAULT"}
     if forwarded_env():
         opts["runtime_env"] = {"env_vars": forwarded_env()}
     task = ray.remote(_synthesise_and_fit_task).options(**opts)
