@@ -84,6 +84,7 @@ class TrainConfig:
     classifier_weight: float = 1.0  # weight of cross-entropy(classifier(G(z, y)), y) in G's loss
     teacher_features: bool = False  # DPAGG also sums the frozen classifier's [h, h², softmax] of each record
     classifier_matching: float = 10.0  # G matches their released class means with this weight
+    generator_ema: float = 0.0  # > 0: the release holds an EMA of G's weights with this decay (0: G itself)
     z_dim: int = 64
     upsample: str = "nearest"  # G's ×2 upsampling: "nearest" or "bilinear" (public architecture)
     smooth_output: bool = True  # G ends in a fixed 3×3 low-pass filter: no pixel-level speckle (bench: fid_domain 63 → 35)
@@ -160,6 +161,8 @@ class TrainConfig:
         for name in ("classifier_weight", "classifier_matching"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if not (0 <= self.generator_ema < 1):
+            bad("generator_ema", f"must lie in [0, 1) (0: off; e.g. 0.999), got {self.generator_ema}")
         if self.teacher_features and not self.prefix_iterations:
             bad("teacher_features", "needs a classifier phase: pass --classifier-steps P (P >= 1)")
         if self.upsample not in UPSAMPLE_MODES:

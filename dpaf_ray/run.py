@@ -128,7 +128,7 @@ def finish_run(out: Path, result: TrainResult, data: PrivateData, num_synthetic:
                num_workers: int) -> dict[str, Any]:
     """The release (publishable) and the operator's files beside it."""
     cfg = result.plan.config
-    generator = result.trainer.generator.eval()
+    generator = result.trainer.released_generator().eval()
     report = privacy_report(
         result.ledger, delta=cfg.delta, target_epsilon=cfg.epsilon, reproducible_noise=cfg.reproducible_noise,
         assumptions=data_assumptions(data.n_records, cfg.validation_fraction, data.num_classes, data.shape,

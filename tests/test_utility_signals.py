@@ -332,3 +332,24 @@ def test_dpagg_with_teacher_features_moves_group_sums_by_at_most_delta():
 def test_teacher_features_need_a_classifier_phase():
     with pytest.raises(ConfigError, match="--teacher-features"):
         TrainConfig(teacher_features=True).validate()
+
+
+# ------------------------------------------------------------- EMA of G (post-processing)
+
+
+def test_generator_ema_is_released_follows_g_and_is_checkpointed():
+    tr = make_trainer(classifier_steps=1, generator_ema=0.5)
+    assert tr.released_generator() is tr.generator_ema
+    start = [p.detach().clone() for p in tr.generator_ema.parameters()]
+    for t in range(3):
+        tr.d_iteration(t)
+        tr.g_step(t)
+    g, ema = list(tr.generator.parameters()), list(tr.generator_ema.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(start, ema))  # it moved ...
+    assert any(not torch.equal(a, b) for a, b in zip(g, ema))  # ... but is not G itself
+    other = make_trainer(classifier_steps=1, generator_ema=0.5)
+    other.load_state_dict(tr.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ema, other.generator_ema.parameters()))
+    assert make_trainer(classifier_steps=1).released_generator() is not None
+    with pytest.raises(ConfigError, match="--generator-ema"):
+        TrainConfig(generator_ema=1.0).validate()

@@ -13,6 +13,7 @@ Two kinds of randomness, never mixed (DESIGN rule 13):
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -66,6 +67,8 @@ class GANTrainerBase:
                                               smooth_output=cfg.smooth_output, upsample=cfg.upsample).to(self.device)
         self.conv1 = PublicFeatures(self.arch, public_seed=0).to(self.device)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
+        # An exponential moving average of G's weights, released instead of G (post-processing of G).
+        self.generator_ema = copy.deepcopy(self.generator) if cfg.generator_ema > 0 else None
         w, r = self.collective.world_size, self.collective.rank
         self.fake_slice = slice(r * self.fake_batch // w, (r + 1) * self.fake_batch // w)
         # The next iteration's host-side draws, made while the device runs this one (on CUDA).
@@ -151,6 +154,21 @@ class GANTrainerBase:
         for p, g in zip(params, all_reduce_many(self.collective, grads)):
             p.grad = g
         opt.step()
+        if module is self.generator:
+            self.update_generator_ema()
+
+    def update_generator_ema(self) -> None:
+        if self.generator_ema is None:
+            return
+        with torch.no_grad():
+            for pe, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
+                pe.lerp_(p, 1.0 - self.cfg.generator_ema)
+            for be, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
+                be.copy_(b)
+
+    def released_generator(self) -> ConditionalGenerator:
+        """What the release holds: the EMA of G's weights when --generator-ema is on, else G."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
 
     def step_from_rank0(self, module: nn.Module, opt: torch.optim.Optimizer) -> None:
         """Step a replicated module that every rank computes whole (the rear: a function of
@@ -181,7 +199,8 @@ class GANTrainerBase:
 
     # --- checkpoint state -------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator}
+        ema = {"generator_ema": self.generator_ema} if self.generator_ema is not None else {}
+        return {"generator": self.generator, **ema}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"generator": self.opt_g}

@@ -145,7 +145,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
                                     storage_path=static["train_storage"],
                                     report_defaults={"score": float("nan")})
     ledger = result.ledger
-    generator = result.trainer.generator.eval()
+    generator = result.trainer.released_generator().eval()
     # Synthetic set and scoring classifier on the training device (a worker's share, for Ray Train).
     synthetic, classifier = synthesise_and_fit(generator, ss)
     write_artefacts(trial_dir, generator, ss.num_synthetic, synthetic=synthetic)
