@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("privacy", help="recompute ε from a privacy_report.json")
     pr.add_argument("report")
     pr.add_argument("--delta", type=float, default=None)
+    rs = sub.add_parser("results", help="the trials of a finished search, for the operator (never published)")
+    rs.add_argument("run_dir", help="the --out of tune.py")
     add_audit_parser(sub)
     return parser
 
@@ -115,6 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    args.inception_weights, args.seed, out=args.out,
                                    device=device_for(args.use_gpu), progress=print)
             print(json.dumps(metrics, indent=1))
+        elif args.command == "results":
+            from .tuning.results import SearchResults, plot_trials
+
+            results = SearchResults(Path(args.run_dir))
+            print(results.table())
+            picture = plot_trials(results.trials, results.path / "trials" / "comparison.png")
+            if picture is not None:
+                print(f"comparison plot: {picture}")
         elif args.command == "audit":
             return run_audit(args)
         elif args.command == "privacy":
@@ -128,4 +138,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, PrivacyConfigError, EvaluationError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        print(interrupted_message(args, err), file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted_message(args: argparse.Namespace, err: KeyboardInterrupt) -> str:
+    """One line after Ctrl-C: what was kept, what was charged, how to resume."""
+    from .training.loop import TrainingInterrupted
+
+    if args.command == "train":
+        out = Path(args.out)
+        where = f"at iteration {err.iteration}/{err.total} " if isinstance(err, TrainingInterrupted) else ""
+        ledger = out / "ledger.json"
+        charged = ""
+        if ledger.exists():
+            from .privacy.ledger import PrivacyLedger
+
+            charged = f"ε={PrivacyLedger.load(ledger).epsilon(args.delta):.3f} of {args.epsilon:g} charged ({ledger}); "
+        kept = ("no checkpoint yet" if not (out / "checkpoint" / "state.pt").exists()
+                else f"the checkpoint in {out / 'checkpoint'} is kept")
+        return (f"interrupted {where}— {charged}{kept}; nothing was released. Resume with the same command "
+                f"(same --out {out}): it continues the ledger instead of starting from zero")
+    if args.command == "evaluate":
+        return "interrupted — evaluate wrote nothing (it costs no privacy: it reads no private ledger)"
+    return "interrupted"

@@ -674,10 +674,9 @@ def local_head():
     sid_file = base / "state" / "head.sid"
     sid = None
     try:
-        # A custom "trial_slot" resource as DESIGN §9 suggests for 2-CPU machines (harmless if
-        # tune.py does not ask for it).
+        # The recipe itself offers the `trial_slot` resource tune.py's trials hold (DESIGN §9).
         started = subprocess.run(
-            [str(LOCAL / "start_head.sh"), '--resources={"trial_slot": 1}'],
+            [str(LOCAL / "start_head.sh")],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
         )
         if sid_file.exists():
@@ -757,6 +756,20 @@ def test_submit_trivial_job(local_head: LocalHead):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ok" in r.stdout.splitlines()
     assert _job_status(local_head, sid) == "SUCCEEDED"
+    # the follow-up commands the script prints work as shown, in a shell without RAY_AUTH_MODE
+    follow = [ln.strip() for ln in r.stdout.splitlines() if ln.strip().startswith("RAY_AUTH_MODE=token")]
+    assert any(f"job status {sid}" in ln for ln in follow), r.stdout
+    env = {k: v for k, v in local_head.env.items() if k != "RAY_AUTH_MODE"}
+    status_cmd = next(ln for ln in follow if "job status" in ln)
+    shown = local_head.run(["bash", "-c", status_cmd], timeout=120, env=env)
+    assert shown.returncode == 0 and "SUCCEEDED" in shown.stdout + shown.stderr, shown.stdout + shown.stderr
+
+
+@pytest.mark.slow
+def test_the_recipe_head_offers_the_trial_slot_tune_needs(local_head: LocalHead):
+    status, body = local_head.request("/api/cluster_status", token=local_head.token)
+    assert status == 200, body
+    assert "trial_slot" in body
 
 
 @pytest.mark.slow

@@ -118,6 +118,11 @@ def test_cli_trains_with_two_workers(tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "release" / "generator.pt").is_file() and (out / "release" / "privacy_report.json").is_file()
+    # each progress line reaches the console once (Ray Train's print patch used to double it)
+    log = r.stdout + r.stderr
+    for t in (10, 20):
+        lines = [ln for ln in log.splitlines() if f"iter {t}/20 |" in ln]
+        assert len(lines) == 1, lines
 
 
 def test_two_node_cluster_places_one_worker_per_node(tmp_path):

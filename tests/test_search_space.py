@@ -49,7 +49,7 @@ def test_every_shipped_search_space_loads(path):
     assert ss.path == path
     assert ss.epsilon > 0 and 0 < ss.delta < 1
     assert ss.search in ("random", "tpe")
-    assert ss.min_iterations <= ss.max_iterations
+    assert ss.trial_iterations is None or ss.trial_iterations >= 1
     assert ss.params, "a search space with nothing to search"
     for p in ss.params:
         p.optuna_distribution()  # Optuna accepts every distribution
@@ -60,7 +60,7 @@ def test_every_shipped_search_space_loads(path):
 
 def test_tiny_is_seconds_sized():
     ss = load_search_space(TINY)
-    assert ss.max_iterations <= 50 and ss.num_synthetic <= 1000 and ss.expected_trials <= 2
+    assert ss.trial_iterations <= 50 and ss.num_synthetic <= 1000 and ss.expected_trials <= 2
 
 
 # ------------------------------------------------------------------------------- bad files
@@ -124,8 +124,10 @@ BAD = [
     ("distribution-unknown", mutate(trials_distribution="uniform"), "`trials_distribution`", "one of"),
     ("tnb-mean-one", mutate(expected_trials=1), "`expected_trials`", "mean > 1"),
     ("tpe-fractional-k", mutate(search="tpe", expected_trials=2.5), "`expected_trials`", "whole number"),
-    ("min-above-max", mutate(trial__min_iterations=30, trial__max_iterations=20), "`trial.min_iterations`",
-     "trial.max_iterations"),
+    ("old-min-iterations", mutate(trial__min_iterations=30), "`trial.min_iterations`", "trial.iterations"),
+    ("old-reference-noise", mutate(reference__noise_multiplier=1.0), "`reference.noise_multiplier`",
+     "calibrated from the budget"),
+    ("iterations-zero", mutate(trial__iterations=0), "`trial.iterations`", "must be > 0"),
     ("reference-batch-zero", mutate(reference__batch_size=0), "`reference.batch_size`", "must be > 0"),
     ("score-noise-negative", mutate(score__noise_multiplier=-1), "`score.noise_multiplier`", "must be > 0"),
     ("section-not-a-mapping", mutate(trial=[1, 2]), "`trial`", "must be a mapping"),
@@ -249,3 +251,16 @@ def test_group_larger_than_some_batch_is_accepted_as_the_trial_clamps_it(tmp_pat
     raw["fixed"].pop("group_size")
     ss = load_search_space(write(tmp_path, raw))
     assert {p.name for p in ss.params} >= {"batch_size", "group_size"}
+
+
+def test_a_space_that_cannot_run_fails_before_ray_naming_the_key_and_charges_nothing(tmp_path, capsys):
+    """Issue #14: `batch_size: {choice: [64, 100000]}` used to start Ray and charge the whole ε."""
+    import ray
+
+    raw = mutate(params__batch_size={"choice": [64, 100000]})(base())
+    out = tmp_path / "run"
+    rc = cli.main(["--search-space", str(write(tmp_path, raw)), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "`params.batch_size`" in err and "100000" in err and "q = B/N > 1" in err, err
+    assert not ray.is_initialized()
+    assert not out.exists() or not any(out.rglob("*")), "nothing may be written (or charged) before the check"

@@ -130,9 +130,7 @@ def keys_anywhere(obj) -> set[str]:
 
 
 def reference_of(state: dict) -> Reference:
-    r = dict(state["reference"])
-    r["orders"] = tuple(r["orders"])
-    return Reference(**r)
+    return Reference.from_json(state["reference"])
 
 
 def check_trials_under_reference(out: Path, state: dict) -> list[dict]:
@@ -193,18 +191,23 @@ def test_tiny_search_end_to_end(tiny_run):
     state = json.loads((out / "trials" / "search_state.json").read_text())
     k = state["num_trials"]
     assert isinstance(k, int) and k >= 1  # truncated negative binomial: K >= 1
-    # the reference in the report is the one the trials were fitted under
+    # the reference in the report is the one the trials were fitted under, recomputable from its events
     ref = reference_of(state)
     assert report["reference"]["iterations"] == ref.iterations
     assert tuple(report["orders"]) == ref.orders
+    assert report["reference"]["events"] == state["reference"]["events"]
+    acc = dp_accounting.rdp.RdpAccountant(list(ref.orders))
+    acc.compose(dp_accounting.ComposedDpEvent([dp_event(e) for e in report["reference"]["events"]]))
+    assert acc.get_epsilon(ss["delta"]) == pytest.approx(report["reference"]["epsilon_alone"], rel=1e-9)
 
     # K runs were started: never truncated, never re-drawn
     tune_trials = [p for p in (out / "trials" / "ray_tune" / "search").iterdir() if p.is_dir()]
     assert len(tune_trials) == k, (k, [p.name for p in tune_trials])
     trials = check_trials_under_reference(out, state)
     assert 1 <= len(trials) <= k
-    for t in trials:
-        assert ss["trial"]["min_iterations"] <= t["iterations"] <= ss["trial"]["max_iterations"]
+    for t in trials:  # every trial runs the planned T, with its noise fitted under the reference
+        assert t["iterations"] == t["iterations_planned"] == ss["trial"]["iterations"]
+        assert t["epsilon_trial"] <= t["epsilon_reference"] * (1 + 1e-9)
 
     # the release is the best trial by noisy score, copied byte for byte
     best = max(trials, key=lambda t: t["score"])

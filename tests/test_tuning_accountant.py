@@ -170,11 +170,16 @@ def test_independent_helpers_against_known_values():
 
 # ====================================================== repeat-and-select: ours vs the paper
 
+def single_sigma_reference(q: float, sigma: float, iterations: int, score: float | None, orders) -> Reference:
+    """T Poisson-Gaussians at one σ (and a noisy score): the shape the independent helpers recompute."""
+    return Reference(IterationSchedule.dpsgd(q, sigma), iterations, score, tuple(orders))
+
+
 REFERENCES = [
     # the tiny/default-sized reference: T Poisson-Gaussians and a noisy score
-    Reference(128 / N_TRAIN, 1.0, 1648, 20.0, tuning_orders(10.0, DELTA)),
+    single_sigma_reference(128 / N_TRAIN, 1.0, 1648, 20.0, tuning_orders(10.0, DELTA)),
     # a different regime, no private score, the full order grid
-    Reference(0.01, 0.8, 3000, None, RDP_ORDERS),
+    single_sigma_reference(0.01, 0.8, 3000, None, RDP_ORDERS),
 ]
 DISTS = [(2.0, 1.0), (1.5, 0.5), (3.0, 2.0), (2.0, 0.0), (2.0, math.inf), (5.0, math.inf)]
 
@@ -338,7 +343,8 @@ def test_sample_num_trials_uses_a_cryptographic_rng_by_default(monkeypatch):
     from dpaf_ray.tuning.tuner import plan_search
 
     made.clear()
-    state = plan_search(SearchSpace(path="<test>", expected_trials=2.0, tnb_shape=1.0), N_TRAIN)
+    state = plan_search(SearchSpace(path="<test>", expected_trials=2.0, tnb_shape=1.0, trial_iterations=100), N_TRAIN,
+                        (1, 28, 28), 10)
     assert len(made) == 1
     assert state["num_trials"] == indep_quantile(0.95, 2.0, 1.0)
 
@@ -354,11 +360,11 @@ def test_secrets_system_random_is_what_the_default_really_is():
 
 
 CAL_CASES = [
-    # ε, δ, q, σ, score σ, search, mean, shape
-    (10.0, 1e-5, 128 / N_TRAIN, 1.0, 20.0, "random", 2.0, 1.0),
-    (10.0, 1e-5, 128 / N_TRAIN, 1.0, 20.0, "random", 1.5, 0.0),
-    (4.0, 1e-5, 64 / N_TRAIN, 1.2, None, "random", 3.0, math.inf),
-    (10.0, 1e-5, 128 / N_TRAIN, 1.0, 20.0, "tpe", 3, 1.0),
+    # ε, δ, planned trial schedule (base σs), T, score σ, search, mean, shape
+    (10.0, 1e-5, IterationSchedule.dpsgd(128 / N_TRAIN, 1.0), 1000, 20.0, "random", 2.0, 1.0),
+    (10.0, 1e-5, IterationSchedule.dpaf(256 / N_TRAIN, 2.0, 1.0, 2), 900, 20.0, "random", 1.5, 0.0),
+    (4.0, 1e-5, IterationSchedule.dpsgd(64 / N_TRAIN, 1.2), 300, None, "random", 3.0, math.inf),
+    (10.0, 1e-5, IterationSchedule.dpsgd(128 / N_TRAIN, 1.0), 1000, 20.0, "tpe", 3, 1.0),
 ]
 
 
@@ -368,18 +374,24 @@ def calibrated():
 
 
 @pytest.mark.parametrize("i", range(len(CAL_CASES)))
-def test_calibrated_reference_is_the_largest_that_meets_the_budget(i, calibrated):
-    eps, delta, q, sigma, score, search, mean, shape = CAL_CASES[i]
+def test_calibrated_reference_has_the_least_noise_that_meets_the_budget(i, calibrated):
+    eps, delta, schedule, T, score, search, mean, shape = CAL_CASES[i]
     ref = calibrated[i]
     assert ref.orders == tuning_orders(eps, delta)
-    assert (ref.sampling_rate, ref.noise_multiplier, ref.score_noise) == (q, sigma, score)
-    assert ref.iterations >= 1
+    assert ref.iterations == T and ref.score_noise == score and ref.sampling_rate == schedule.sampling_rate
+    factor = ref.schedule.cycle[0] / schedule.cycle[0]
+    assert ref.schedule.cycle == pytest.approx(tuple(c * factor for c in schedule.cycle))  # the shape is kept
     assert search_epsilon(ref, search, mean, shape, delta) <= eps
-    bigger = dataclasses.replace(ref, iterations=ref.iterations + 1)
-    assert search_epsilon(bigger, search, mean, shape, delta) > eps
+    less = Reference(schedule.scaled(factor / 1.01), T, score, ref.orders)
+    assert search_epsilon(less, search, mean, shape, delta) > eps  # noticeably less noise overspends
+    assert search_epsilon(ref, search, mean, shape, delta) >= 0.98 * eps  # the budget is used
     # and the ε that calibration promised is the one an independent conversion gives
     ledger = PrivacyLedger(search_entries(ref, search, mean, shape), ref.orders)
     assert indep_epsilon(ref.orders, ledger.rdp(), delta) == pytest.approx(ledger.epsilon(delta), rel=1e-9)
+    # recomputable from its JSON (search_state.json and the report hold it)
+    back = Reference.from_json(ref.to_json())
+    assert back == ref and [e["kind"] for e in ref.to_json()["events"]][-1] == ("gaussian" if score else
+                                                                                 "poisson_gaussian")
 
 
 def test_tpe_is_charged_as_k_fold_composition(calibrated):
@@ -404,22 +416,24 @@ def test_tpe_is_charged_as_k_fold_composition(calibrated):
 
 
 def test_impossible_budget_is_a_config_error():
+    sched = IterationSchedule.dpsgd(0.03, 1.0)
     with pytest.raises(PrivacyConfigError, match="too small"):
-        calibrate_reference(1e-6, 1e-5, 0.03, 1.0, 20.0, "random", 2.0, 1.0)
+        calibrate_reference(1e-6, 1e-5, sched, 1000, 20.0, "random", 2.0, 1.0)
     with pytest.raises(PrivacyConfigError):
-        calibrate_reference(-1.0, 1e-5, 0.03, 1.0, 20.0, "random", 2.0, 1.0)
+        calibrate_reference(-1.0, 1e-5, sched, 1000, 20.0, "random", 2.0, 1.0)
     with pytest.raises(PrivacyConfigError):
-        calibrate_reference(10.0, 1.0, 0.03, 1.0, 20.0, "random", 2.0, 1.0)
+        calibrate_reference(10.0, 1.0, sched, 1000, 20.0, "random", 2.0, 1.0)
 
 
 # ======================================================================== fitting one trial
 
-MIN_T, MAX_T, SCORE = 50, 400, 20.0
+T_PLANNED, SCORE = 900, 20.0
+PLANNED = IterationSchedule.dpaf(128 / N_TRAIN, 2.0, 1.0, 2)  # the search's planned trial shape
 
 
 @pytest.fixture(scope="module")
 def reference() -> Reference:
-    return calibrate_reference(10.0, DELTA, 128 / N_TRAIN, 1.0, SCORE, "random", 2.0, 1.0)
+    return calibrate_reference(10.0, DELTA, PLANNED, T_PLANNED, SCORE, "random", 2.0, 1.0)
 
 
 def trial_curve(schedule: IterationSchedule, iterations: int, orders) -> np.ndarray:
@@ -428,15 +442,18 @@ def trial_curve(schedule: IterationSchedule, iterations: int, orders) -> np.ndar
 
 
 def under(curve: np.ndarray, ref: np.ndarray) -> bool:
-    assert np.all(np.isfinite(ref))
-    return bool(np.all(curve <= ref * (1 + 1e-9) + 1e-12))
+    """At every order where the reference is finite (dp_accounting returns inf at low fractional
+    orders where its series does not converge; the search's bound never uses those orders)."""
+    finite = np.isfinite(ref)
+    assert finite.sum() >= 0.7 * len(ref)
+    return bool(np.all(curve[finite] <= ref[finite] * (1 + 1e-9) + 1e-12))
 
 
 def _configs():
     rng = np.random.default_rng(2024)
     out = [
-        (64 / N_TRAIN, 4.0, 3.0, 2),   # lots of noise: fits more than MAX_T → factor < 1
-        (0.2, 0.5, 0.5, 1),            # little noise, big batches: fits fewer than MIN_T → factor > 1
+        (64 / N_TRAIN, 4.0, 3.0, 2),   # lots of noise: fits with less
+        (0.07, 0.5, 0.5, 1),           # little noise, big batches: needs more
     ]
     for _ in range(4):
         b = int(rng.choice([32, 64, 128, 256]))
@@ -446,59 +463,64 @@ def _configs():
 
 
 @pytest.mark.parametrize("q,s_agg,s_sgd,k", _configs())
-def test_fitted_trial_is_dominated_by_the_reference(q, s_agg, s_sgd, k, reference):
+def test_fitted_trial_has_the_least_noise_under_the_reference(q, s_agg, s_sgd, k, reference):
     ref_curve = reference.rdp()
     orders = reference.orders
     schedule = IterationSchedule.dpaf(q, s_agg, s_sgd, k)
-    fit = fit_trial(schedule, SCORE, reference, MIN_T, MAX_T)
-    assert MIN_T <= fit.iterations <= MAX_T
+    fit = fit_trial(schedule, T_PLANNED, SCORE, reference)
+    assert fit.iterations == T_PLANNED
     fitted = schedule.scaled(fit.noise_factor)
-    assert under(trial_curve(fitted, fit.iterations, orders), ref_curve), "the fitted trial exceeds the reference"
-    if fit.noise_factor == 1.0:
-        # T is the largest that fits: one more iteration breaks dominance (unless capped)
-        if fit.iterations < MAX_T:
-            assert not under(trial_curve(fitted, fit.iterations + 1, orders), ref_curve)
-    elif fit.noise_factor < 1.0:
-        # it would fit more than MAX_T at the sampled noise: noise lowered, T = MAX_T
-        assert fit.iterations == MAX_T
-        assert under(trial_curve(schedule, MAX_T + 1, orders), ref_curve)
-        assert not under(trial_curve(schedule.scaled(fit.noise_factor / 1.01), MAX_T, orders), ref_curve)
-    else:
-        # it would fit fewer than MIN_T at the sampled noise: noise raised, T = MIN_T
-        assert fit.iterations == MIN_T
-        assert not under(trial_curve(schedule, MIN_T, orders), ref_curve)
-        assert not under(trial_curve(schedule.scaled(fit.noise_factor / 1.01), MIN_T, orders), ref_curve)
+    assert under(trial_curve(fitted, T_PLANNED, orders), ref_curve), "the fitted trial exceeds the reference"
+    assert not under(trial_curve(schedule.scaled(fit.noise_factor / 1.01), T_PLANNED, orders), ref_curve)
     # the trial's own ledger check agrees
-    check_trial_under_reference(fitted.entries(fit.iterations) + [Gaussian(SCORE)], reference)
+    check_trial_under_reference(fitted.entries(T_PLANNED) + [Gaussian(SCORE)], reference)
 
 
-def test_fit_covers_both_noise_adjustments(reference):
-    lots = fit_trial(IterationSchedule.dpaf(64 / N_TRAIN, 4.0, 3.0, 2), SCORE, reference, MIN_T, MAX_T)
-    little = fit_trial(IterationSchedule.dpaf(0.2, 0.5, 0.5, 1), SCORE, reference, MIN_T, MAX_T)
-    assert lots.noise_factor < 1 and lots.iterations == MAX_T
-    assert little.noise_factor > 1 and little.iterations == MIN_T
+def test_a_trial_shaped_like_the_reference_spends_all_of_it(reference):
+    """Issue #14: with the reference shaped like the planned trial, a trial of that shape fits
+    with no slack; trials at smaller batches running as many epochs, or with another k, keep at
+    least 90 % of the reference's ε."""
+    same = fit_trial(PLANNED, T_PLANNED, SCORE, reference)
+    fitted = PLANNED.scaled(same.noise_factor)
+    eps_ref = reference.epsilon(DELTA)
+    eps_trial = PrivacyLedger(fitted.entries(T_PLANNED) + [Gaussian(SCORE)], reference.orders).epsilon(DELTA)
+    assert eps_trial >= 0.995 * eps_ref
+    # measured at T = 900, q = 128/4500: B = 64 at the same k keeps 90 %+, another k 85 %+ (k = 1: 89.6 %),
+    # a 4× smaller batch 80 %+ (84 %)
+    for b, k, least in ((64, 2, 0.9), (128, 1, 0.85), (128, 4, 0.85), (64, 1, 0.85), (32, 2, 0.8)):
+        sched = IterationSchedule.dpaf(b / N_TRAIN, 2.0, 1.0, k)
+        T = round(T_PLANNED * 128 / b)  # as many epochs as the planned trial
+        f = fit_trial(sched, T, SCORE, reference)
+        e = PrivacyLedger(sched.scaled(f.noise_factor).entries(T) + [Gaussian(SCORE)],
+                          reference.orders).epsilon(DELTA)
+        assert least * eps_ref <= e <= eps_ref * (1 + 1e-6), (b, k, e / eps_ref)
+
+
+def test_a_trial_that_cannot_fit_is_refused(reference):
+    """q = 0.2 against a reference at q ≈ 0.03: dp_accounting's bound at fractional orders near 1 does
+    not fall with the noise at such q, so no noise fits; the search refuses it before Ray starts."""
+    with pytest.raises(PrivacyConfigError, match="no noise level fits"):
+        fit_trial(IterationSchedule.dpaf(0.2, 0.5, 0.5, 1), T_PLANNED, SCORE, reference)
 
 
 def test_fit_without_private_score_against_a_public_score_reference():
-    ref = calibrate_reference(10.0, DELTA, 128 / N_TRAIN, 1.0, None, "random", 2.0, 1.0)
+    ref = calibrate_reference(10.0, DELTA, PLANNED, T_PLANNED, None, "random", 2.0, 1.0)
     schedule = IterationSchedule.dpaf(128 / N_TRAIN, 2.0, 1.5, 1)
-    fit = fit_trial(schedule, None, ref, MIN_T, 10_000)
-    curve = rdp_curve(schedule.scaled(fit.noise_factor).entries(fit.iterations), ref.orders)
+    fit = fit_trial(schedule, T_PLANNED, None, ref)
+    curve = rdp_curve(schedule.scaled(fit.noise_factor).entries(T_PLANNED), ref.orders)
     assert under(curve, ref.rdp())
-    if fit.noise_factor == 1.0 and fit.iterations < 10_000:
-        more = rdp_curve(schedule.entries(fit.iterations + 1), ref.orders)
-        assert not under(more, ref.rdp())
+    # a private score can still fit under it: its training noise rises to make room
+    with_score = fit_trial(schedule, T_PLANNED, SCORE, ref)
+    assert with_score.noise_factor >= fit.noise_factor
 
 
 def test_check_trial_under_reference_raises_when_exceeded(reference):
     exact = reference.entries()
     check_trial_under_reference(exact, reference)  # the reference itself is fine
-    one_more = [PoissonGaussian(reference.sampling_rate, reference.noise_multiplier, reference.iterations + 1),
-                Gaussian(SCORE)]
+    one_more = reference.schedule.entries(reference.iterations + 1) + [Gaussian(SCORE)]
     with pytest.raises(RuntimeError, match="exceeds the reference"):
         check_trial_under_reference(one_more, reference)
-    less_noise = [PoissonGaussian(reference.sampling_rate, 0.99 * reference.noise_multiplier, reference.iterations),
-                  Gaussian(SCORE)]
+    less_noise = reference.schedule.scaled(0.99).entries(reference.iterations) + [Gaussian(SCORE)]
     with pytest.raises(RuntimeError):
         check_trial_under_reference(less_noise, reference)
     extra_release = exact + [Gaussian(50.0)]

@@ -11,6 +11,8 @@
 #   DPAF_RAY_DASHBOARD_PORT  dashboard / job API port (default: 8265)
 #   DPAF_RAY_PORT            GCS port (default: a free port)
 #   DPAF_RAY_NUM_CPUS        --num-cpus (default: all)
+#   DPAF_RAY_TRIAL_SLOTS     the custom `trial_slot` resource tune.py's trials hold (default 1: one
+#                            trial at a time; give a --resources option yourself to replace it)
 #   RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH   token source; default file ~/.ray/auth_token,
 #                            created (mode 600) if no token exists yet.
 #
@@ -97,6 +99,12 @@ ARGS=(
   --disable-usage-stats
 )
 [[ -n "${DPAF_RAY_NUM_CPUS:-}" ]] && ARGS+=(--num-cpus="$DPAF_RAY_NUM_CPUS")
+# tune.py's trials hold a `trial_slot` instead of a CPU (DESIGN §9), so that a trial and its Train
+# workers never deadlock on a small machine; without it a submitted tune.py warns and falls back.
+case " $* " in
+  *" --resources"*) ;;
+  *) ARGS+=("--resources={\"trial_slot\": ${DPAF_RAY_TRIAL_SLOTS:-1}}") ;;
+esac
 ARGS+=("$@")
 
 # New session: every daemon `ray start` spawns stays in it, so the session id names this head.

@@ -31,11 +31,30 @@ if [[ $# -eq 0 ]]; then
   set -- python tune.py --search-space search_spaces/tiny.yaml --out "$REPO_ROOT/runs/local"
 fi
 
-# Without RAY_AUTH_MODE=token the `ray job` client sends no token and the head answers 401.
+# Without RAY_AUTH_MODE=token the `ray job` client sends no token and the head answers 401, and so
+# would the follow-up commands Ray itself prints: print ones that work as shown.
+export RAY_AUTH_MODE=token
+OPTS=${RAY_JOB_SUBMIT_OPTS:-}
+case " $OPTS " in
+  *" --submission-id"*) SUBMISSION_ID=$(sed -n 's/.*--submission-id[ =]\([^ ]*\).*/\1/p' <<<"$OPTS") ;;
+  *) SUBMISSION_ID="dpaf-$(date +%Y%m%d-%H%M%S)-$$"; OPTS="$OPTS --submission-id $SUBMISSION_ID" ;;
+esac
+follow_ups() {
+  echo "Follow-ups (copy as shown; they need the token mode):"
+  echo "  RAY_AUTH_MODE=token $RAY job status $SUBMISSION_ID --address $ADDRESS"
+  echo "  RAY_AUTH_MODE=token $RAY job logs --follow $SUBMISSION_ID --address $ADDRESS"
+  echo "  RAY_AUTH_MODE=token $RAY job stop $SUBMISSION_ID --address $ADDRESS"
+}
+follow_ups
+set +e
 # shellcheck disable=SC2086
-RAY_AUTH_MODE=token exec "$RAY" job submit \
+"$RAY" job submit \
   --address "$ADDRESS" \
   --working-dir . \
   --runtime-env clusters/runtime_env.yaml \
-  ${RAY_JOB_SUBMIT_OPTS:-} \
+  $OPTS \
   -- "$@"
+rc=$?
+set -e
+follow_ups
+exit $rc

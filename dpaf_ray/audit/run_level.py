@@ -3,7 +3,7 @@
 m canaries are made, and each is put into the training data independently with probability 1/2
 (from the audit's secret). The run's releases are then executed as a DPAF run executes them, for
 the T iterations and at the noise that the real plan derives from (ε, δ): every iteration draws the
-Poisson sample with `GANTrainerBase.real_sample` (rate q, from the run secret), bounds, groups and
+Poisson sample with `training.gan.poisson_sample`, the trainer's own (rate q, from the run secret), bounds, groups and
 sums the sampled records with `models.dpagg` and releases them with `dpagg.release`; every k-th
 iteration it also clips the sampled records' conv2 gradients with `clip_and_sum_per_record` and
 releases them with `gaussian_release` at σ_sgd·C_sgd; and the ledger is charged as `train_loop`
@@ -36,7 +36,6 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -51,7 +50,7 @@ from ..privacy.ledger import PrivacyLedger
 from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release
 from ..privacy.randomness import RunSecret
 from ..training.dpaf import DPAFTrainer
-from ..training.gan import GANTrainerBase
+from ..training.gan import poisson_sample
 from ..training.plan import plan_training
 from .bounds import clopper_pearson, one_run_epsilon
 from .settings import RunAuditSettings
@@ -106,20 +105,6 @@ class RunAudit:
             "seconds": self.seconds,
             "notes": self.notes,
         }
-
-
-class _IndexShard:
-    """Duck-types `ImageDataset` for `GANTrainerBase.real_sample`: record i's 'image' is i itself,
-    so the real sampling code returns which records it drew."""
-
-    def __init__(self, labels: torch.Tensor) -> None:
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def as_float(self, index: torch.Tensor) -> torch.Tensor:
-        return index.to(torch.float64)
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -229,18 +214,16 @@ def audit_run(settings: RunAuditSettings = RunAuditSettings(), secret: RunSecret
     exp_grad = q * torch.cat([(a + 0.5 * b).flatten() for a, b in zip(clipped_o, clipped_c)])
     canary_class = canary_y
 
-    sampler = SimpleNamespace(secret=secret, offset=0, shard=_IndexShard(labels_all), n_total=n_data, q=q,
-                              device=torch.device("cpu"))
+
     ledger = PrivacyLedger()
     coll = LocalCollective()
     scores = torch.zeros(m, dtype=torch.float64)
     log_q, log_1q = math.log(q), math.log1p(-q)
     for t in range(T):
         ledger.charge_poisson_gaussian(q, plan.schedule.noise_at(t))  # charged before the releases, as train_loop
-        batch = GANTrainerBase.real_sample(sampler, t)
-        idx = batch.x.long()
+        idx, group_uniforms = poisson_sample(secret, "poisson", t, n_data, q, slice(0, n_data))  # the trainer's own
         v, y = v_all[idx], labels_all[idx]
-        groups = dpagg.assign_groups(y, batch.group_uniforms, spec)
+        groups = dpagg.assign_groups(y, group_uniforms, spec)
         local = dpagg.group_sums(v, groups, spec.num_groups)
         A = dpagg.release(local, run_spec, trainer.noise_stream(t, "dpagg/real"), coll)
         if spec.grouping == "class":

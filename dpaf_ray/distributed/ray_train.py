@@ -14,6 +14,7 @@ shared storage; the Ray Train checkpoints hold the ledger too).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -112,9 +113,20 @@ def worker_loop(config: dict[str, Any]) -> None:
     hook = _failure_hook(rank)
     initial = config.get("initial_ledger")
     train_loop(plan, shard, len(train), int(idx[0]) if len(idx) else 0, collective,
-               RayTrainCheckpointSink(rank, config.get("report_defaults")), print if rank == 0 else None, device,
+               RayTrainCheckpointSink(rank, config.get("report_defaults")), _prefixed(config.get("name")) if rank == 0 else None, device,
                before_iteration=hook, secret=secret, journal=WriteAheadLedger(config.get("ledger_path")),
                initial_ledger=PrivacyLedger.from_json(initial) if initial else None)
+
+
+def _prefixed(name: str | None) -> Callable[[str], None]:
+    return console_line if not name else (lambda message: console_line(f"{name}: {message}"))
+
+
+def console_line(message: str) -> None:
+    """One progress line on the worker's stdout. Not `print`: Ray Train patches `print` on its
+    workers to log *and* tee each call, so every line would reach the driver twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def _failure_hook(rank: int) -> Callable[[int], None] | None:
@@ -153,7 +165,7 @@ def fit_with_ray_train(plan: TrainingPlan, data: PrivateData, num_workers: int, 
     env = {**{k: v for k, v in os.environ.items() if k == FAIL_AT_ENV}, **forwarded_env()}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"plan": plan, "secret": secret, "split_key": split_key, "threads": threads, "use_gpu": use_gpu,
+        train_loop_config={"plan": plan, "secret": secret, "split_key": split_key, "name": name, "threads": threads, "use_gpu": use_gpu,
                            "report_defaults": report_defaults,
                            "ledger_path": str(ledger_path) if ledger_path is not None else None,
                            "initial_ledger": initial_ledger.to_json() if initial_ledger is not None else None},

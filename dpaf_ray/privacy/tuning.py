@@ -1,7 +1,9 @@
 """Privacy of the hyperparameter search itself (DESIGN §6; Papernot & Steinke, ICLR 2022).
 
 Every trial's executed mechanism (training + noisy score) must have an RDP curve at or
-below a *reference curve* at every order. Private random search then releases the best
+below a *reference curve* at every order. The reference is the search's planned trial (its
+T, q and noise split) with its noise calibrated to the budget, so trials of that shape
+spend their share with no slack. Private random search then releases the best
 of K runs, K drawn from a truncated negative binomial / logarithmic / Poisson law with a
 cryptographic RNG, and is charged `RepeatAndSelectDpEvent(reference, mean, shape)`.
 Adaptive search (TPE) with a fixed K is charged as K compositions of the reference.
@@ -112,22 +114,49 @@ def sample_num_trials(mean: float, shape: float, rng: secrets.SystemRandom | Non
 # --- the reference curve -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Reference:
-    """A reference mechanism: T Poisson-sampled Gaussians (q, σ) and one noisy score."""
+    """The reference mechanism every trial must stay under, shaped like the search's planned
+    trial: `iterations` iterations of `schedule` (its q, its cycle of σ_eff/σ_agg) and one noisy
+    score. Its noise is calibrated so that the whole search meets (ε, δ); a trial of the same
+    shape then fits under it with no slack (issue #14)."""
 
-    sampling_rate: float
-    noise_multiplier: float
+    schedule: IterationSchedule
     iterations: int
     score_noise: float | None  # None: the score uses public data (free)
     orders: tuple[float, ...] = RDP_ORDERS
 
+    @property
+    def sampling_rate(self) -> float:
+        return self.schedule.sampling_rate
+
+    @property
+    def noise_multiplier(self) -> float:
+        """σ of the first iteration of the cycle (σ_eff for DPAF), for display."""
+        return self.schedule.cycle[0]
+
     def entries(self) -> list[Entry]:
-        out: list[Entry] = [PoissonGaussian(self.sampling_rate, self.noise_multiplier, self.iterations)]
+        out: list[Entry] = list(self.schedule.entries(self.iterations))
         if self.score_noise is not None:
             out.append(Gaussian(self.score_noise))
         return out
 
     def rdp(self) -> np.ndarray:
         return rdp_curve(self.entries(), self.orders)
+
+    def epsilon(self, delta: float) -> float:
+        """ε of one run of the reference on its own."""
+        return PrivacyLedger(self.entries(), self.orders).epsilon(delta)
+
+    def to_json(self) -> dict:
+        """Recomputable by anyone: `events` in the privacy report's format."""
+        return {"events": [e.to_json() for e in self.entries()], "orders": list(self.orders),
+                "sampling_rate": self.sampling_rate, "cycle": list(self.schedule.cycle),
+                "iterations": self.iterations, "score_noise_multiplier": self.score_noise}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Reference":
+        return cls(IterationSchedule(float(d["sampling_rate"]), tuple(float(x) for x in d["cycle"])),
+                   int(d["iterations"]), None if d["score_noise_multiplier"] is None else
+                   float(d["score_noise_multiplier"]), tuple(float(o) for o in d["orders"]))
 
 
 def search_entries(reference: Reference, search: str, mean: float, shape: float) -> list[Entry]:
@@ -136,9 +165,11 @@ def search_entries(reference: Reference, search: str, mean: float, shape: float)
         return [RepeatAndSelect(tuple(reference.entries()), float(mean), float(shape))]
     if search == "tpe":
         k = int(mean)
-        return [PoissonGaussian(reference.sampling_rate, reference.noise_multiplier, reference.iterations * k)] + (
-            [Gaussian(reference.score_noise, k)] if reference.score_noise is not None else []
-        )
+        out: list[Entry] = [PoissonGaussian(e.sampling_rate, e.noise_multiplier, e.count * k)
+                            for e in reference.schedule.entries(reference.iterations)]
+        if reference.score_noise is not None:
+            out.append(Gaussian(reference.score_noise, k))
+        return out
     raise PrivacyConfigError(f"--search must be 'random' or 'tpe', got {search!r}")
 
 
@@ -147,32 +178,39 @@ def search_epsilon(reference: Reference, search: str, mean: float, shape: float,
     return ledger.epsilon(delta)
 
 
-def calibrate_reference(epsilon: float, delta: float, sampling_rate: float, noise_multiplier: float,
+def calibrate_reference(epsilon: float, delta: float, schedule: IterationSchedule, iterations: int,
                         score_noise: float | None, search: str, mean: float, shape: float,
-                        max_iterations: int = 10_000_000) -> Reference:
-    """The largest reference T such that the whole search meets (ε, δ)."""
+                        rel_tol: float = 1e-3, max_noise: float = 1e4) -> Reference:
+    """The reference: the planned trial (`schedule` for `iterations`) with the least noise
+    (all σs scaled together) such that the whole search meets (ε, δ)."""
     validate_budget(epsilon, delta)
+    if iterations < 1:
+        raise PrivacyConfigError(f"the trials' planned T must be >= 1, got {iterations}")
     orders = tuning_orders(epsilon, delta)
 
-    def ref(t: int) -> Reference:
-        return Reference(sampling_rate, noise_multiplier, t, score_noise, orders)
+    def ref(factor: float) -> Reference:
+        return Reference(schedule.scaled(factor), iterations, score_noise, orders)
 
-    if search_epsilon(ref(1), search, mean, shape, delta) > epsilon:
-        raise PrivacyConfigError(
-            f"the budget ε={epsilon:g} is too small for a search with {mean:g} expected trials of even one "
-            "iteration each; raise --epsilon, lower --expected-trials, or raise the reference noise"
-        )
-    lo, hi = 1, 2
-    while hi <= max_iterations and search_epsilon(ref(hi), search, mean, shape, delta) <= epsilon:
+    def fits(factor: float) -> bool:
+        return search_epsilon(ref(factor), search, mean, shape, delta) <= epsilon
+
+    lo, hi = 1e-3, 1.0
+    while not fits(hi):
         lo, hi = hi, hi * 2
-    hi = min(hi, max_iterations + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if search_epsilon(ref(mid), search, mean, shape, delta) <= epsilon:
-            lo = mid
-        else:
+        if hi * schedule.cycle[0] > max_noise:
+            raise PrivacyConfigError(
+                f"the budget ε={epsilon:g} is too small for a search with {mean:g} expected trials of "
+                f"{iterations} iterations each (it would need σ > {max_noise:g}); raise --epsilon, lower "
+                "--expected-trials, or plan shorter trials (trial.iterations)")
+    if fits(lo):
+        return ref(lo)
+    while hi / lo > 1 + rel_tol:  # invariant: fits(hi), not fits(lo)
+        mid = math.sqrt(lo * hi)
+        if fits(mid):
             hi = mid
-    return ref(lo)
+        else:
+            lo = mid
+    return ref(hi)
 
 
 # --- fitting a trial under the reference ----------------------------------------------------
@@ -185,65 +223,41 @@ def dominated(curve: np.ndarray, reference: np.ndarray) -> bool:
 @dataclass(frozen=True)
 class TrialFit:
     iterations: int
-    noise_factor: float  # multiplier applied to the sampled σs
+    noise_factor: float  # multiplier applied to the sampled (or base) σs
 
 
-def fit_trial(schedule: IterationSchedule, score_noise: float | None, reference: Reference,
-              min_iterations: int, max_iterations: int) -> TrialFit:
-    """T (and, if needed, a noise factor) so that the trial's curve stays under the reference.
+def fit_trial(schedule: IterationSchedule, iterations: int, score_noise: float | None, reference: Reference,
+              rel_tol: float = 1e-3) -> TrialFit:
+    """The least noise (all σs of the sampled configuration scaled together) with which
+    `iterations` iterations and the score stay under the reference at every order.
 
-    Data-independent: if the sampled configuration fits more than `max_iterations`
-    iterations, its noise is lowered so that `max_iterations` use the reference; if it fits
-    fewer than `min_iterations`, its noise is raised until `min_iterations` fit.
-    """
+    Data-independent: it depends on the sampled knobs, the planned T and the reference only."""
     ref = reference.rdp()
     orders = reference.orders
     fixed = rdp_curve([Gaussian(score_noise)], orders) if score_noise is not None else np.zeros(len(orders))
+    if not dominated(fixed, ref):
+        raise PrivacyConfigError("the trial's noisy score alone exceeds the reference; raise score.noise_multiplier")
 
-    def fits(s: IterationSchedule, t: int) -> bool:
-        return dominated(fixed + s.rdp(t, orders), ref)
+    def fits(factor: float) -> bool:
+        return dominated(fixed + schedule.scaled(factor).rdp(iterations, orders), ref)
 
-    def max_t(s: IterationSchedule) -> int:
-        if not fits(s, 1):
-            return 0
-        lo, hi = 1, 2
-        while hi <= max_iterations and fits(s, hi):
-            lo, hi = hi, hi * 2
-        if hi > max_iterations:
-            return max_iterations + 1 if fits(s, max_iterations + 1) else max(lo, _bisect(fits, s, lo, max_iterations + 1))
-        return _bisect(fits, s, lo, hi)
-
-    t = max_t(schedule)
-    if min_iterations <= t <= max_iterations:
-        return TrialFit(t, 1.0)
-    target = max_iterations if t > max_iterations else min_iterations
-    lo, hi = (1e-3, 1.0) if t > max_iterations else (1.0, 2.0)
-    while not fits(schedule.scaled(hi), target):
+    lo, hi = 1e-3, 1.0
+    while not fits(hi):
         lo, hi = hi, hi * 2
-        if hi > 1e4:
+        if hi > 1e6:
             raise PrivacyConfigError("no noise level fits this trial under the reference; raise --epsilon")
-    while hi / lo > 1.001:  # smallest factor that fits
+    if fits(lo):
+        return TrialFit(iterations, lo)
+    while hi / lo > 1 + rel_tol:  # smallest factor that fits
         mid = math.sqrt(lo * hi)
-        if fits(schedule.scaled(mid), target):
+        if fits(mid):
             hi = mid
         else:
             lo = mid
-    return TrialFit(target, hi)
-
-
-def _bisect(fits, s: IterationSchedule, lo: int, hi: int) -> int:
-    """Largest t in [lo, hi) with fits(s, t), given fits(s, lo) and not fits(s, hi)."""
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(s, mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return TrialFit(iterations, hi)
 
 
 def check_trial_under_reference(trial_entries: Sequence[Entry], reference: Reference) -> None:
     """The executed trial must not exceed the reference it was planned under."""
     if not dominated(rdp_curve(trial_entries, reference.orders), reference.rdp()):
         raise RuntimeError("a trial's executed ledger exceeds the reference curve; the search bound would not hold")
-

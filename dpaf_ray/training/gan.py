@@ -44,6 +44,19 @@ class Batch:
     group_uniforms: torch.Tensor  # each record's own draw for its DPAGG group (rule 1)
 
 
+def poisson_sample(secret: RunSecret, stream: str, t: int, n_total: int, q: float,
+                   local: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Iteration t's Poisson sample at rate q over all `n_total` training records, restricted to
+    this rank's `local` slice: (the drawn records' indices within the slice, their own group
+    draws as float32). Every rank draws for all records, so the shards' samples form one sample."""
+    draws = secret.stream(stream, t)
+    draws.reserve(16 * n_total)  # both reads below from one SHAKE output (same numbers)
+    included = draws.bernoulli(n_total, q)[local]
+    group_uniforms = draws.uniform(n_total)[local]
+    idx = torch.from_numpy(included.nonzero()[0])
+    return idx, torch.from_numpy(group_uniforms[included]).to(torch.float32)
+
+
 class GANTrainerBase:
     def __init__(self, cfg: TrainConfig, shard: ImageDataset, n_total: int, offset: int = 0,
                  collective: Collective | None = None, device: str = "cpu", *,
@@ -88,13 +101,8 @@ class GANTrainerBase:
 
     def host_sample(self, t: int, stream: str = "poisson", q: float | None = None) -> HostSample:
         """The draws and records of `real_sample` on the host (pinned when bound for CUDA)."""
-        draws = self.secret.stream(stream, t)
-        draws.reserve(16 * self.n_total)  # both reads below from one SHAKE output (same numbers)
-        local = slice(self.offset, self.offset + len(self.shard))
-        included = draws.bernoulli(self.n_total, self.q if q is None else q)[local]
-        group_uniforms = draws.uniform(self.n_total)[local]
-        idx = torch.from_numpy(included.nonzero()[0])
-        gu = torch.from_numpy(group_uniforms[included]).to(torch.float32)
+        idx, gu = poisson_sample(self.secret, stream, t, self.n_total, self.q if q is None else q,
+                                 slice(self.offset, self.offset + len(self.shard)))
         cuda = self.device.type == "cuda"
         images, labels = self.shard.images[idx], self.shard.labels[idx]
         if cuda:

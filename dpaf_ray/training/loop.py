@@ -35,6 +35,17 @@ from .plan import TrainingPlan
 Progress = Callable[[str], None]
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C inside the loop: where it stopped, what was charged, and which checkpoint is kept."""
+
+    def __init__(self, iteration: int, total: int, epsilon_charged: float, target: float,
+                 checkpoint_iteration: int | None) -> None:
+        super().__init__(iteration)
+        self.iteration, self.total = iteration, total
+        self.epsilon_charged, self.target = epsilon_charged, target
+        self.checkpoint_iteration = checkpoint_iteration
+
+
 @dataclass
 class TrainResult:
     trainer: GANTrainerBase
@@ -127,45 +138,50 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
     stopped_early = False
     stats: dict[str, float] = {}
     t = start
-    while t < T:
-        if t % window == 0 or t == start:
-            if _out_of_time(cfg, t0, t - start, window, collective, trainer.device):
-                stopped_early = True  # nothing of the next window is charged or run
-                break
-            end = min(T, (t // window + 1) * window)
-            for i in range(max(t, charged_through), end):  # charge before anything is released
-                ledger.charge_poisson_gaussian(*plan.schedule.release_at(i))
-            charged_through = max(charged_through, end)
-            journal.commit(ledger)  # on disk before the window's first release (rule 16)
-            if t != start and sink is not None:  # the saved ledger already covers this window
-                save(sink, trainer, ledger, history, t, plan, secret)
-        if before_iteration is not None:
-            before_iteration(t)
-        trainer.set_generator_lr(t, T)
-        stats.update(trainer.d_iteration(t))
-        if (t + 1) % cfg.d_steps_per_g == 0:
-            for step in range(cfg.g_steps):
-                stats.update(trainer.g_step(t, step))
-        executed.charge_poisson_gaussian(*plan.schedule.release_at(t))
-        t += 1
-        if t % cfg.log_every == 0 or t == T:
-            eps = executed.epsilon(cfg.delta)
-            now = time.time()
-            rate = (t - last_log_t) / max(1e-9, now - last_log_time)
-            last_log_t, last_log_time = t, now
-            history["iteration"].append(t)
-            history["epsilon"].append(eps)
-            history["loss_d"].append(stats.get("loss_d", stats.get("loss_d_fake", float("nan"))))
-            history["loss_g"].append(stats.get("loss_g", float("nan")))
-            if progress and collective.rank == 0:
-                left = (T - t) / max(rate, 1e-9)
-                charged = ledger.epsilon(cfg.delta)
-                progress(f"iter {t}/{T} | ε executed {eps:.3f}, charged {charged:.3f} of {cfg.epsilon:g} "
-                         f"(δ={cfg.delta:g}) | loss_d {history['loss_d'][-1]:.3f} loss_g {history['loss_g'][-1]:.3f} | "
-                         f"{rate:.1f} it/s | {_fmt(left)} left")
-            if sink is not None and _report_now(t, cfg):
-                sink.report({"iteration": t, "epsilon": eps, "loss_d": history["loss_d"][-1],
-                             "loss_g": history["loss_g"][-1]})
+    saved_at = start if state is not None else None
+    try:
+        while t < T:
+            if t % window == 0 or t == start:
+                if _out_of_time(cfg, t0, t - start, window, collective, trainer.device):
+                    stopped_early = True  # nothing of the next window is charged or run
+                    break
+                end = min(T, (t // window + 1) * window)
+                for i in range(max(t, charged_through), end):  # charge before anything is released
+                    ledger.charge_poisson_gaussian(*plan.schedule.release_at(i))
+                charged_through = max(charged_through, end)
+                journal.commit(ledger)  # on disk before the window's first release (rule 16)
+                if t != start and sink is not None:  # the saved ledger already covers this window
+                    save(sink, trainer, ledger, history, t, plan, secret)
+                    saved_at = t
+            if before_iteration is not None:
+                before_iteration(t)
+            trainer.set_generator_lr(t, T)
+            stats.update(trainer.d_iteration(t))
+            if (t + 1) % cfg.d_steps_per_g == 0:
+                for step in range(cfg.g_steps):
+                    stats.update(trainer.g_step(t, step))
+            executed.charge_poisson_gaussian(*plan.schedule.release_at(t))
+            t += 1
+            if t % cfg.log_every == 0 or t == T:
+                eps = executed.epsilon(cfg.delta)
+                now = time.time()
+                rate = (t - last_log_t) / max(1e-9, now - last_log_time)
+                last_log_t, last_log_time = t, now
+                history["iteration"].append(t)
+                history["epsilon"].append(eps)
+                history["loss_d"].append(stats.get("loss_d", stats.get("loss_d_fake", float("nan"))))
+                history["loss_g"].append(stats.get("loss_g", float("nan")))
+                if progress and collective.rank == 0:
+                    left = (T - t) / max(rate, 1e-9)
+                    charged = ledger.epsilon(cfg.delta)
+                    progress(f"iter {t}/{T} | ε executed {eps:.3f}, charged {charged:.3f} of {cfg.epsilon:g} "
+                             f"(δ={cfg.delta:g}) | loss_d {history['loss_d'][-1]:.3f} loss_g {history['loss_g'][-1]:.3f} | "
+                             f"{rate:.1f} it/s | {_fmt(left)} left")
+                if sink is not None and _report_now(t, cfg):
+                    sink.report({"iteration": t, "epsilon": eps, "loss_d": history["loss_d"][-1],
+                                 "loss_g": history["loss_g"][-1]})
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(t, T, ledger.epsilon(cfg.delta), cfg.epsilon, saved_at) from None
     trainer.draw_ahead.close()  # the draws made ahead for iteration T are never used
     if sink is not None:
         save(sink, trainer, ledger, history, t, plan, secret)

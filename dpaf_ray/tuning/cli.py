@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
         if ss.epsilon <= 0:
             raise PrivacyConfigError(f"--epsilon must be > 0, got {ss.epsilon}")
-        from .tuner import SearchInterrupted, run_search
+        from .tuner import SearchFailed, SearchInterrupted, run_search
 
         try:
             release = run_search(ss, out, resume=bool(args.resume), address=args.address,
@@ -83,6 +83,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SearchInterrupted as err:
             print(f"interrupted: {err}", file=sys.stderr)
             return 3
+        except SearchFailed as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            charged = ""
+            if (out / "ledger.json").exists():
+                from ..privacy.ledger import PrivacyLedger
+
+                charged = (f"the whole search's ε={PrivacyLedger.load(out / 'ledger.json').epsilon(ss.delta):.3f} was "
+                           f"charged when it started ({out / 'ledger.json'}); ")
+            print(f"interrupted — {charged}finished trials are kept in {out / 'trials'} and nothing was released. "
+                  f"Continue with: python tune.py --resume {out}", file=sys.stderr)
+            return 130
         print(f"release written to {release}")
     except (ConfigError, DataError, PrivacyConfigError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -14,9 +14,9 @@ from .resources import check_declared_hardware, check_resource_keys, parse_hardw
 
 TOP_KEYS = {"dataset", "data_root", "num_classes", "epsilon", "delta", "search", "expected_trials", "trials_distribution",
             "tnb_shape", "reference", "score", "trial", "fixed", "params", "hardware"}
-REFERENCE_KEYS = {"batch_size", "noise_multiplier"}
+REFERENCE_KEYS = {"batch_size"}
 SCORE_KEYS = {"noise_multiplier", "classifier_epochs", "classifier_max_steps", "public_validation"}
-TRIAL_KEYS = {"min_iterations", "max_iterations", "time_budget_minutes", "num_synthetic", "num_workers",
+TRIAL_KEYS = {"iterations", "time_budget_minutes", "num_synthetic", "num_workers",
               "use_gpu", "cpus_per_worker", "max_concurrent_trials", "gpus_per_worker"}
 # Knobs a trial derives itself: never searched or fixed by the user.
 DERIVED = {"epsilon", "delta", "dataset", "data_root", "num_classes", "iterations", "max_iterations", "seed",
@@ -62,14 +62,12 @@ class SearchSpace:
     expected_trials: float = 2.0
     trials_distribution: str = "tnb"
     tnb_shape: float = 1.0
-    reference_batch_size: int = 128
-    reference_noise: float = 1.0
+    reference_batch_size: int | None = None  # the planned trial's B (default: fixed.batch_size, else TrainConfig's)
     score_noise: float = 20.0
     classifier_epochs: int = 2
     classifier_max_steps: int | None = 300
     public_validation: str | None = None
-    min_iterations: int = 50
-    max_iterations: int = 400
+    trial_iterations: int | None = None  # T of every trial (default: the time budget's probe, else 900 at 28×28)
     time_budget_minutes: float | None = None
     num_synthetic: int = 4000
     num_workers: int = 1
@@ -89,7 +87,18 @@ def _err(path: str, key: str, msg: str) -> SearchSpaceError:
     return SearchSpaceError(f"{path}: `{key}`: {msg}")
 
 
+_REPLACED = {
+    "reference.noise_multiplier": "the reference's noise is now calibrated from the budget; drop the key",
+    "trial.min_iterations": "trials now all run the planned T: use trial.iterations (or trial.time_budget_minutes)",
+    "trial.max_iterations": "trials now all run the planned T: use trial.iterations (or trial.time_budget_minutes)",
+}
+
+
 def _unknown(path: str, section: str, got: dict, allowed: set[str]) -> None:
+    for key in got:
+        full = f"{section}.{key}" if section else key
+        if full in _REPLACED:
+            raise _err(path, full, _REPLACED[full])
     extra = sorted(set(got) - allowed)
     if extra:
         where = f"{section}." if section else ""
@@ -168,8 +177,6 @@ def load_search_space(path: str | Path) -> SearchSpace:
     ref, score, trial = (raw.get(s, {}) or {} for s in sections)
     if "batch_size" in ref:
         ss.reference_batch_size = int(_number(p, "reference.batch_size", ref["batch_size"]))
-    if "noise_multiplier" in ref:
-        ss.reference_noise = _number(p, "reference.noise_multiplier", ref["noise_multiplier"])
     if "noise_multiplier" in score:
         ss.score_noise = _number(p, "score.noise_multiplier", score["noise_multiplier"])
     if "classifier_epochs" in score:
@@ -178,9 +185,11 @@ def load_search_space(path: str | Path) -> SearchSpace:
         v = score["classifier_max_steps"]
         ss.classifier_max_steps = None if v is None else int(_number(p, "score.classifier_max_steps", v))
     ss.public_validation = score.get("public_validation")
-    for k in ("min_iterations", "max_iterations", "num_synthetic", "max_concurrent_trials"):
+    for k in ("num_synthetic", "max_concurrent_trials"):
         if k in trial:
             setattr(ss, k, int(_number(p, f"trial.{k}", trial[k])))
+    if trial.get("iterations") is not None:
+        ss.trial_iterations = int(_number(p, "trial.iterations", trial["iterations"]))
     if "num_workers" in trial:
         ss.num_workers = int(_number(p, "trial.num_workers", trial["num_workers"], positive=False))
     if "time_budget_minutes" in trial:
@@ -258,8 +267,8 @@ def validate_search_space(ss: SearchSpace) -> SearchSpace:
                    f"{ss.public_validation!r} is the private data set itself: scoring trials on it without noise "
                    "would select on private data for free; drop --public-validation (trials are then scored on "
                    "the private validation split, with noise, charged) or name a different, public data set")
-    if ss.min_iterations > ss.max_iterations:
-        raise _err(p, "trial.min_iterations", f"{ss.min_iterations} > trial.max_iterations {ss.max_iterations}")
+    if ss.trial_iterations is not None and (ss.trial_iterations != int(ss.trial_iterations) or ss.trial_iterations < 1):
+        raise _err(p, "trial.iterations", f"must be a whole number >= 1, got {ss.trial_iterations}")
     check_resource_keys(ss)
     # `fixed` alone, then each extreme of each range against `fixed`, then all first values
     # together. A group larger than the batch is clamped to it, as a trial does.

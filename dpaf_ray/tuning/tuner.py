@@ -39,27 +39,69 @@ STATE_FILE = "search_state.json"
 
 
 # --- the search plan (kept in the trusted run directory) -------------------------------------
-def plan_search(ss: SearchSpace, n_records: int) -> dict[str, Any]:
-    """K, the reference and the sampler's seed; data-independent given the public N."""
-    shape = distribution_shape(ss.trials_distribution, ss.tnb_shape)
+def reference_batch_size(ss: SearchSpace) -> int:
+    """The planned trial's B: reference.batch_size, else the largest batch the space can draw.
+
+    A trial with a larger q than the reference's has an RDP curve that rises faster with the
+    order and fits under it only with much slack (a trial at 2× the reference's batch keeps about
+    70 % of its ε); trials at smaller q with the same number of epochs keep 90–100 %."""
+    if ss.reference_batch_size is not None:
+        return ss.reference_batch_size
+    sizes = [int(v) for p in ss.params if p.name == "batch_size" for v in p.extremes()]
+    return max(sizes) if sizes else int(ss.fixed.get("batch_size", TrainConfig.batch_size))
+
+
+def reference_config(ss: SearchSpace) -> TrainConfig:
+    """The planned trial: the fixed knobs and the measured defaults, at the reference batch size."""
+    cfg = TrainConfig.from_dict({**ss.fixed, "batch_size": reference_batch_size(ss), "dataset": ss.dataset,
+                                 "data_root": ss.data_root, "num_classes": ss.num_classes, "epsilon": ss.epsilon,
+                                 "delta": ss.delta, "time_budget_minutes": ss.time_budget_minutes})
+    return dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))
+
+
+def trial_iterations(ss: SearchSpace, cfg: TrainConfig, shape: tuple[int, int, int], num_classes: int,
+                     n_train: float, device: str = "cpu") -> tuple[int, str]:
+    """T of a trial, planned like a single run: trial.iterations (at the reference batch size;
+    a trial with another batch runs the same number of epochs), else a speed probe against
+    trial.time_budget_minutes (on generated data: no privacy cost), else the resolution's default."""
+    from ..training.plan import default_iterations, iterations_wanted
+    from ..training.probe import seconds_per_iteration
+
+    ref_b = reference_batch_size(ss)
+    if ss.time_budget_minutes is not None and ss.trial_iterations is None:
+        speed = seconds_per_iteration(cfg, shape, num_classes, n_train, device)
+        timed = dataclasses.replace(cfg, iterations=None, epochs=None, time_budget_minutes=ss.time_budget_minutes)
+        return iterations_wanted(timed, cfg.sampling_rate(n_train), shape[1], speed)
+    base, how = ((ss.trial_iterations, "trial.iterations") if ss.trial_iterations is not None
+                 else (default_iterations(shape[1]), f"the default for {shape[1]}×{shape[2]}"))
+    if cfg.batch_size == ref_b:
+        return base, how
+    return max(1, round(base * ref_b / cfg.batch_size)), f"{how} at B={ref_b}, as many epochs at B={cfg.batch_size}"
+
+
+def plan_search(ss: SearchSpace, n_records: int, shape: tuple[int, int, int], num_classes: int) -> dict[str, Any]:
+    """K, the reference and the sampler's seed; data-independent given the public N, shape and K classes."""
+    from ..training.plan import schedule_for
+
+    shape_k = distribution_shape(ss.trials_distribution, ss.tnb_shape)
     score_noise = None if ss.public_validation else ss.score_noise
-    fraction = float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction))
-    q_ref = ss.reference_batch_size / ((1 - fraction) * n_records)
-    reference = calibrate_reference(ss.epsilon, ss.delta, q_ref, ss.reference_noise, score_noise,
-                                    ss.search, ss.expected_trials, shape)
+    cfg = reference_config(ss)
+    n_train = (1 - cfg.validation_fraction) * n_records
+    cfg.validate(n_train)
+    T, how = trial_iterations(ss, cfg, shape, num_classes, n_train)
+    reference = calibrate_reference(ss.epsilon, ss.delta, schedule_for(cfg, n_train), T, score_noise,
+                                    ss.search, ss.expected_trials, shape_k)
     if ss.search == "random":
-        k = sample_num_trials(ss.expected_trials, shape)  # cryptographic; never re-drawn
+        k = sample_num_trials(ss.expected_trials, shape_k)  # cryptographic; never re-drawn
     else:
         k = int(ss.expected_trials)
-    return {"num_trials": k, "shape": shape, "reference": dataclasses.asdict(reference),
+    return {"num_trials": k, "shape": shape_k, "reference": reference.to_json(), "reference_iterations_from": how,
             "sampler_seed": secrets.randbits(31), "created": time.time(), "search_space": ss.to_dict(),
-            "n_records": n_records}
+            "n_records": n_records, "image_shape": list(shape), "num_classes": num_classes}
 
 
 def reference_from(state: dict[str, Any]) -> Reference:
-    r = dict(state["reference"])
-    r["orders"] = tuple(r["orders"])
-    return Reference(**r)
+    return Reference.from_json(state["reference"])
 
 
 def search_ledger(ss: SearchSpace, state: dict[str, Any]) -> PrivacyLedger:
@@ -68,23 +110,21 @@ def search_ledger(ss: SearchSpace, state: dict[str, Any]) -> PrivacyLedger:
     return PrivacyLedger(search_entries(reference, ss.search, ss.expected_trials, state["shape"]), reference.orders)
 
 
-def search_privacy_report(ss: SearchSpace, state: dict[str, Any], best_knobs: dict[str, Any] | None,
-                          shape: tuple[int, int, int] | None = None, num_classes: int | None = None) -> dict[str, Any]:
+def search_privacy_report(ss: SearchSpace, state: dict[str, Any], best_knobs: dict[str, Any] | None) -> dict[str, Any]:
     """The release's report: ε of the whole search, from the search ledger."""
-    reference = reference_from(state)
     fraction = float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction))
-    assumptions = data_assumptions(state["n_records"], fraction, num_classes or 0, shape or (0, 0, 0))
+    assumptions = data_assumptions(state["n_records"], fraction, state["num_classes"], tuple(state["image_shape"]))
     assumptions["search"] = ("every trial's executed RDP curve lies under the reference at every order; the "
                              "number of trials K is drawn with a cryptographic RNG and kept private")
+    reference = reference_from(state)
     return privacy_report(
         search_ledger(ss, state), delta=ss.delta, target_epsilon=ss.epsilon, reproducible_noise=False,
         assumptions=assumptions,
         extra={"search": ss.search,
-               "trials_distribution": {"kind": ss.trials_distribution, "mean": ss.expected_trials,
+               "trials_distribution": {"kind": ss.trials_distribution,
+                                       "mean": ss.expected_trials,
                                        "shape": "inf" if math.isinf(state["shape"]) else state["shape"]},
-               "reference": {"sampling_rate": reference.sampling_rate,
-                             "noise_multiplier": reference.noise_multiplier,
-                             "iterations": reference.iterations, "score_noise_multiplier": reference.score_noise},
+               "reference": {**reference.to_json(), "epsilon_alone": reference.epsilon(ss.delta)},
                "knobs": best_knobs})
 
 
@@ -108,6 +148,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
 
     if search_secret is None:
         raise RuntimeError("a trial needs the search secret (pass it with tune.with_parameters)")
+    trial_started = time.time()
     static = config["_static"]
     ss = SearchSpace(**{**static["search_space"], "params": []})
     reference = reference_from(static)
@@ -122,19 +163,24 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     cfg = dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))  # as clamp_group
     data = load_training_data(cfg, split_key)
     score_noise = None if ss.public_validation else ss.score_noise
-    schedule = schedule_for(cfg, data.expected_train)
-    fit = fit_trial(schedule, score_noise, reference, ss.min_iterations, ss.max_iterations)
+    cfg.validate(data.expected_train)
+    T, how = trial_iterations(ss, cfg, data.shape, data.num_classes, data.expected_train)
+    fit = fit_trial(schedule_for(cfg, data.expected_train), T, score_noise, reference)
     base_agg, base_sgd = cfg.base_sigmas()  # as sampled, or the noise split at σ_sgd = 1
-    cfg = dataclasses.replace(cfg, iterations=fit.iterations, sigma_agg=base_agg * fit.noise_factor,
+    cfg = dataclasses.replace(cfg, iterations=T, sigma_agg=base_agg * fit.noise_factor,
                               sigma_sgd=base_sgd * fit.noise_factor)
     cfg.validate(data.expected_train)
-    plan = TrainingPlan(cfg, schedule_for(cfg, data.expected_train), fit.iterations, float("nan"), fit.noise_factor)
+    plan = TrainingPlan(cfg, schedule_for(cfg, data.expected_train), T, float("nan"), fit.noise_factor,
+                        f"{how}; noise fitted under the reference")
     trial_dir = Path(static["trials_dir"]) / trial_name
     trial_dir.mkdir(parents=True, exist_ok=True)
     journal = WriteAheadLedger(trial_dir / "ledger.json")
     if ss.num_workers == 0:
-        result = train_loop(plan, data.train, len(data.train), progress=None, secret=trial_secret, journal=journal,
-                            device=trial_device(ss))  # the GPU share the trial holds, when use_gpu
+        from ..distributed.ray_train import console_line
+
+        result = train_loop(plan, data.train, len(data.train), sink=TrialProgressSink(),
+                            progress=lambda m: console_line(f"{trial_name}: {m}"), secret=trial_secret,
+                            journal=journal, device=trial_device(ss))  # the GPU share the trial holds, when use_gpu
     else:
         from ..distributed.ray_train import fit_with_ray_train
 
@@ -158,10 +204,18 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     check_trial_under_reference(ledger.entries, reference)
 
     knobs = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "data_root", "extra_fixed_releases")}
-    summary = {"trial": trial_name, "score": score.value, "score_kind": score.kind,
+    if result.stopped_early:  # said in the record: the trial left part of its share unspent
+        summary_note = (f"stopped early by its time budget after {result.iterations_done} of {T} iterations; "
+                        "the unspent part of its share is not used")
+    else:
+        summary_note = None
+    summary = {"trial": trial_name, "note": summary_note, "seconds": time.time() - trial_started,
+               "score": score.value, "score_kind": score.kind,
                "score_noise_multiplier": score.noise_multiplier, "expected_validation": score.expected_validation,
-               "iterations": result.iterations_done, "noise_factor": fit.noise_factor,
-               "epsilon_trial": ledger.epsilon(ss.delta), "knobs": knobs, "sampled": sampled,
+               "iterations": result.iterations_done, "iterations_planned": T, "noise_factor": fit.noise_factor,
+               "stopped_early": result.stopped_early,
+               "epsilon_trial": ledger.epsilon(ss.delta), "epsilon_reference": reference.epsilon(ss.delta),
+               "knobs": knobs, "sampled": sampled,
                "shape": list(data.shape), "num_classes": data.num_classes,
                "ledger": ledger.to_json()}
     (trial_dir / "trial.json").write_text(json.dumps(summary, indent=1))
@@ -202,7 +256,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     from ray.tune.search.optuna import OptunaSearch
     import optuna
 
-    from ..data import load_dataset
+    from ..data import check_image_shape, load_dataset
     from .resources import check_search_hardware, trial_resources
 
     # Before anything is written or charged: the search fits this machine or the cluster
@@ -220,10 +274,11 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     else:
         if state_path.exists():
             raise FileExistsError(f"{out} already holds a search; use --resume {out} or another --out")
-        base = TrainConfig.from_dict({**ss.fixed, "dataset": ss.dataset, "data_root": ss.data_root,
-                                      "num_classes": ss.num_classes})
-        n_records = len(load_dataset(base.dataset, "train", base.data_root, num_classes=base.num_classes))
-        state = plan_search(ss, n_records)
+        ds = load_dataset(ss.dataset, "train", ss.data_root, num_classes=ss.num_classes)
+        check_image_shape(ds)
+        state = plan_search(ss, len(ds), ds.shape, ds.num_classes)
+        check_space_fits(ss, state)  # every extreme of the space runs under the reference, before Ray starts
+        del ds
         secret = RunSecret.fresh()
         trials_dir.mkdir(parents=True, exist_ok=True)
         save_search_secret(out, secret)
@@ -232,10 +287,12 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     reference = reference_from(state)
     k = state["num_trials"]
     report_eps = search_ledger(ss, state).epsilon(ss.delta)
+    cycle = ", ".join(f"{x:.3g}" for x in reference.schedule.cycle)
     progress(f"private {ss.search} search on {ss.dataset}: total ε={report_eps:.3f} (target {ss.epsilon:g}, "
              f"δ={ss.delta:g}) covers training, scoring and the search; expected trials {ss.expected_trials:g} "
-             f"({ss.trials_distribution}); reference: q={reference.sampling_rate:.4g}, σ={reference.noise_multiplier:g},"
-             f" T={reference.iterations}")
+             f"({ss.trials_distribution}); each trial: T={reference.iterations} ({state['reference_iterations_from']}),"
+             f" reference q={reference.sampling_rate:.4g}, σ cycle ({cycle}), ε alone "
+             f"{reference.epsilon(ss.delta):.3f}")
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     from ..distributed.ray_train import ensure_ray
@@ -292,6 +349,39 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     return finish_search(ss, state, out, results, progress)
 
 
+def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
+    """Before Ray starts and before any trial: each extreme value of each searched knob (with
+    the fixed ones) gives q ≤ 1 and fits under the reference within the noise limit; the
+    error names the YAML key."""
+    from ..privacy.ledger import PrivacyConfigError
+    from ..training.plan import MAX_NOISE_MULTIPLIER, schedule_for
+    from .search_space import SearchSpaceError, clamp_group
+
+    reference = reference_from(state)
+    n_train = (1 - float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction))) * state["n_records"]
+    score_noise = None if ss.public_validation else ss.score_noise
+    schedule_knobs = {"batch_size", "sgd_every", "noise_split", "sigma_agg", "sigma_sgd", "model"}
+    cases = [("fixed", {})] + [(f"params.{p.name}", {p.name: v}) for p in ss.params for v in p.extremes()]
+    for key, knobs in cases:
+        cfg = TrainConfig.from_dict(clamp_group({**ss.fixed, **knobs, "dataset": ss.dataset, "epsilon": ss.epsilon,
+                                                 "delta": ss.delta}))
+        if cfg.batch_size > n_train:
+            raise SearchSpaceError(f"{ss.path}: `{key}`: batch size {cfg.batch_size} exceeds the {n_train:g} expected "
+                                   f"training records (q = B/N > 1); lower it")
+        if key != "fixed" and not set(knobs) & schedule_knobs:
+            continue
+        try:
+            fit = fit_trial(schedule_for(cfg, n_train), reference.iterations, score_noise, reference)
+        except PrivacyConfigError as err:
+            raise SearchSpaceError(f"{ss.path}: `{key}`: {knobs or 'the fixed knobs'} cannot run under the "
+                                   f"reference ({err})") from err
+        sigma = schedule_for(cfg, n_train).cycle[0] * fit.noise_factor
+        if sigma > MAX_NOISE_MULTIPLIER:
+            raise SearchSpaceError(f"{ss.path}: `{key}`: {knobs} needs σ_eff={sigma:.3g} to fit under the reference, "
+                                   f"beyond the limit {MAX_NOISE_MULTIPLIER:g}; narrow the range, raise the budget or "
+                                   "lower the expected number of trials")
+
+
 class SearchInterrupted(RuntimeError):
     pass
 
@@ -301,52 +391,80 @@ def finished_trial_files(out: Path) -> list[Path]:
     return sorted((out / "trials").glob("*/trial.json"))
 
 
+class TrialProgressSink:
+    """An in-process trial's progress for Tune's table and the dashboard (no checkpoints: a trial
+    is never retried, and its ledger is journaled in its folder)."""
+
+    def latest(self) -> None:
+        return None
+
+    def save(self, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+        pass
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        import ray.tune
+
+        ray.tune.report({"score": float("nan"), **metrics})  # `score` arrives with the final report
+
+
+class NamedTrial:
+    """Mixin for Tune's trial actor: its repr (the name the dashboard and the log prefixes show)
+    becomes the trial's name instead of the generic function name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        name = getattr(self, "trial_name", None)
+        if name:
+            self._name = f"dpaf_trial[{name}]"
+
+
 def _trainable_with_static(static: dict[str, Any]) -> Callable[..., None]:
     def dpaf_trial(config: dict[str, Any], search_secret: RunSecret | None = None) -> None:
         run_trial({**config, "_static": static}, search_secret)
 
+    dpaf_trial.__mixins__ = (NamedTrial,)  # kept by tune.with_parameters
     return dpaf_trial
 
 
 def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: Any,
                   progress: Callable[[str], None]) -> Path:
+    """Release the best finished trial with the search's report. With K ≥ 1 and no trial
+    finished, the trials touched the data, so ε is gone: the release holds only the report,
+    and `SearchFailed` carries the first trial's error (the command exits non-zero)."""
     from ..release import write_release
+    from .results import load_trials, plot_trials
 
-    trials = [json.loads(p.read_text()) for p in finished_trial_files(out)]
-    best = max(trials, key=lambda t: t["score"]) if trials else None
-    report = search_privacy_report(ss, state, best["knobs"] if best else None,
-                                   tuple(best["shape"]) if best else None, best["num_classes"] if best else None)
-    score = None
+    trials = load_trials(out)
+    finished = [t for t in trials if t.status == "finished"]
+    best_trial = max(finished, key=lambda t: t.score) if finished else None
+    best = json.loads((best_trial.path / "trial.json").read_text()) if best_trial else None
+    report = search_privacy_report(ss, state, best["knobs"] if best else None)
     if best:
         score = {"score": best["score"], "kind": best["score_kind"],
                  "noise_multiplier": best["score_noise_multiplier"],
                  "expected_validation": best["expected_validation"]}
-    release = write_release(out, out / "trials" / best["trial"] if best else None, score, report)
-    _plot_trials(trials, out / "trials" / "comparison.png")
-    progress(f"release: {release} (ε={report['epsilon']:.3f}, δ={ss.delta:g}; best noisy score "
-             f"{best['score']:.3f})" if best else f"release: {release} (no trial finished)")
+    else:
+        score = {"score": None, "note": "no trial finished: nothing usable was released"
+                 if state["num_trials"] else "K = 0 trials were drawn: nothing was trained"}
+    release = write_release(out, best_trial.path if best_trial else None, score, report)
+    plot_trials(trials, out / "trials" / "comparison.png")
+    if best:
+        progress(f"release: {release} (ε={report['epsilon']:.3f}, δ={ss.delta:g}; best noisy score "
+                 f"{best['score']:.3f})")
+    elif state["num_trials"]:
+        first = next((t for t in trials if t.error), None)
+        raise SearchFailed(
+            f"no trial finished ({len(trials)} started); the first error: "
+            f"{first.error if first else 'unknown (see the Ray logs)'}. The trials touched the data, so the "
+            f"search's ε={report['epsilon']:.3f} is spent, and nothing usable was released "
+            f"({release} holds only the privacy report). Inspect: python -m dpaf_ray results {out}")
+    else:
+        progress(f"release: {release} (K = 0: nothing trained; ε={report['epsilon']:.3f})")
     return release
 
 
-def _plot_trials(trials: list[dict[str, Any]], path: Path) -> None:
-    """Scores against each searched knob, for the operator (kept in trials/)."""
-    if not trials:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    knobs = sorted({k for t in trials for k in t["sampled"]}) or ["iterations"]
-    fig, axes = plt.subplots(1, len(knobs), figsize=(3.2 * len(knobs), 3), squeeze=False)
-    for ax, k in zip(axes[0], knobs):
-        xs = [t["sampled"].get(k, t.get(k)) for t in trials]
-        ax.scatter(xs, [t["score"] for t in trials])
-        ax.set_xlabel(k)
-        ax.set_ylabel("noisy validation score")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+class SearchFailed(RuntimeError):
+    """No trial of the search finished."""
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
