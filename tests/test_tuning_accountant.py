@@ -496,11 +496,16 @@ def test_a_trial_shaped_like_the_reference_spends_all_of_it(reference):
         assert least * eps_ref <= e <= eps_ref * (1 + 1e-6), (b, k, e / eps_ref)
 
 
-def test_a_trial_that_cannot_fit_is_refused(reference):
-    """q = 0.2 against a reference at q ≈ 0.03: dp_accounting's bound at fractional orders near 1 does
-    not fall with the noise at such q, so no noise fits; the search refuses it before Ray starts."""
-    with pytest.raises(PrivacyConfigError, match="no noise level fits"):
-        fit_trial(IterationSchedule.dpaf(0.2, 0.5, 0.5, 1), T_PLANNED, SCORE, reference)
+def test_a_far_larger_batch_fits_with_more_noise_and_a_trial_that_cannot_fit_is_refused(reference):
+    """q = 0.2 against a reference at q ≈ 0.03 fits with more noise on the tuning orders (near
+    1 + log(1/δ)/ε; dp_accounting's bound at fractional orders near 1 would not fall with the
+    noise at such q). A score noisier than the reference allows cannot fit at all."""
+    big = IterationSchedule.dpaf(0.2, 0.5, 0.5, 1)
+    fit = fit_trial(big, 100, SCORE, reference)
+    assert fit.noise_factor > 1
+    assert under(trial_curve(big.scaled(fit.noise_factor), 100, reference.orders), reference.rdp())
+    with pytest.raises(PrivacyConfigError, match="score"):
+        fit_trial(big, 100, 0.05, reference)
 
 
 def test_fit_without_private_score_against_a_public_score_reference():
