@@ -95,6 +95,11 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
     device = resolve_device(use_gpu, num_workers)
     cfg, data, plan, secret = prepare(cfg, secret, carried,  # every check before anything is written
                                       probe_device(use_gpu, num_workers))
+    if num_workers > 0:  # the cluster can hold the workers (GPU shares included), before anything is written
+        from .distributed.ray_train import check_resources, ensure_ray
+
+        ensure_ray(address)
+        check_resources(num_workers, use_gpu, 1.0, gpus_per_worker)
     out.mkdir(parents=True, exist_ok=True)
     if progress:
         if carried is not None and carried.entries:

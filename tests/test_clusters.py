@@ -762,14 +762,14 @@ def test_submit_trivial_job(local_head: LocalHead):
     env = {k: v for k, v in local_head.env.items() if k != "RAY_AUTH_MODE"}
     status_cmd = next(ln for ln in follow if "job status" in ln)
     shown = local_head.run(["bash", "-c", status_cmd], timeout=120, env=env)
-    assert shown.returncode == 0 and "SUCCEEDED" in shown.stdout + shown.stderr, shown.stdout + shown.stderr
+    assert shown.returncode == 0 and "succeeded" in (shown.stdout + shown.stderr).lower(), shown.stdout + shown.stderr
 
 
 @pytest.mark.slow
 def test_the_recipe_head_offers_the_trial_slot_tune_needs(local_head: LocalHead):
     status, body = local_head.request("/api/cluster_status", token=local_head.token)
     assert status == 200, body
-    assert "trial_slot" in body
+    assert b"trial_slot" in body, body[:2000]
 
 
 @pytest.mark.slow

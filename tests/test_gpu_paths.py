@@ -427,6 +427,13 @@ def test_two_workers_share_one_gpu(fake_gpu_ray, prepared, tmp_path):
     res = fit_with_ray_train(plan, data, 2, use_gpu=True, gpus_per_worker=0.5, out=tmp_path / "b", progress=None,
                              secret=secret, split_key=secret.child(SPLIT_LABEL))
     assert res.iterations_done == plan.iterations
+    # `train --num-workers 2 --use-gpu` asking for a whole GPU each: refused before anything is written
+    from dpaf_ray.config import ConfigError
+    from dpaf_ray.run import run_train
+
+    with pytest.raises(ConfigError, match="GPU: need 2"):  # a ResourceError: the CLI exits 2
+        run_train(small_config(), tmp_path / "refused", num_workers=2, use_gpu=True, progress=None)
+    assert not (tmp_path / "refused").exists()
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..config import ConfigError
 from ..data import PrivateData, load_training_data
 from ..devices import forwarded_env, gpu_device, torch_backend
 from ..distributed.collectives import LocalCollective, TorchDistributedCollective
@@ -34,8 +35,8 @@ from ..training.plan import TrainingPlan
 FAIL_AT_ENV = "DPAF_TEST_FAIL_AT"  # "ITERATION:RANK:MARKER_FILE": kill that worker once (fault tests)
 
 
-class ResourceError(RuntimeError):
-    """The cluster cannot give the run the resources it asks for."""
+class ResourceError(ConfigError, RuntimeError):
+    """The cluster cannot give the run the resources it asks for (the CLI exits 2 with the message)."""
 
 
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
