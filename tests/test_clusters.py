@@ -787,3 +787,8 @@ def test_submit_tune_py(local_head: LocalHead):
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     assert _job_status(local_head, sid) == "SUCCEEDED"
     assert (out / "release" / "privacy_report.json").is_file()
+    # what the dashboard shows of it, through the endpoints its Jobs and Actors pages read
+    shown = local_head.run([sys.executable, str(LOCAL / "check_dashboard.py"), "--job", sid,
+                            "--address", local_head.url], timeout=120)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "dpaf_trial[dpaf_trial_" in shown.stdout and "printed twice" in shown.stdout, shown.stdout

@@ -208,8 +208,10 @@ def test_tiny_search_end_to_end(tiny_run):
     assert len(tune_trials) == k, (k, [p.name for p in tune_trials])
     trials = check_trials_under_reference(out, state)
     assert 1 <= len(trials) <= k
-    for t in trials:  # every trial runs the planned T, with its noise fitted under the reference
-        assert t["iterations"] == t["iterations_planned"] == ss["trial"]["iterations"]
+    ref_b = ss.get("reference", {}).get("batch_size") or max(ss["params"]["batch_size"]["choice"])
+    for t in trials:  # every trial runs its planned T (as many epochs as the reference), noise fitted under it
+        planned = max(1, round(ss["trial"]["iterations"] * ref_b / t["knobs"]["batch_size"]))
+        assert t["iterations"] == t["iterations_planned"] == planned, (t["knobs"]["batch_size"], ref_b)
         assert t["epsilon_trial"] <= t["epsilon_reference"] * (1 + 1e-9)
 
     # the release is the best trial by noisy score, copied byte for byte
