@@ -96,8 +96,8 @@ def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
              "|---|---|---|---|---|---|---|---|"]
     for eps in sorted({r["epsilon"] for r in rows}):
         rs = [r for r in rows if r["epsilon"] == eps]
-        lines.append(f"| {eps:g} | {', '.join(str(r['seed']) for r in rs)} | "
-                     f"{', '.join(f'{100 * r['downstream_accuracy']:.1f}' for r in rs)} | "
+        per_seed = ", ".join(f"{100 * r['downstream_accuracy']:.1f}" for r in rs)
+        lines.append(f"| {eps:g} | {', '.join(str(r['seed']) for r in rs)} | {per_seed} | "
                      f"{100 * _mean([r['downstream_accuracy'] for r in rs]):.1f} % | "
                      f"{_mean([r['fid_domain'] for r in rs]):.0f} | {_mean([r['diversity_ratio'] for r in rs]):.2f} | "
                      f"{rs[0]['iterations']} | {_mean([r['train_seconds'] for r in rs]) / 60:.1f} |")
