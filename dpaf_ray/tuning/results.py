@@ -29,6 +29,8 @@ class TrialResult:
     knobs: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     path: Path | None = None
+    iterations_planned: int | None = None
+    stopped_early: bool = False  # stopped by its time cap: spent less than its share of the budget
 
     @property
     def sigmas(self) -> tuple[float | None, float | None]:
@@ -97,7 +99,8 @@ def load_trials(out: Path) -> list[TrialResult]:
         t = json.loads(path.read_text())
         trials[t["trial"]] = TrialResult(
             t["trial"], "finished", t["score"], t.get("epsilon_trial"), t.get("epsilon_reference"),
-            t.get("iterations"), t.get("seconds"), t.get("sampled", {}), t.get("knobs", {}), path=path.parent)
+            t.get("iterations"), t.get("seconds"), t.get("sampled", {}), t.get("knobs", {}), path=path.parent,
+            iterations_planned=t.get("iterations_planned"), stopped_early=bool(t.get("stopped_early")))
     for d in _tune_trial_dirs(out):
         name = next((n for n in trials if d.name.startswith(n) or n in d.name), None)
         if name is not None:
@@ -129,7 +132,9 @@ def format_table(trials: list[TrialResult], state: dict[str, Any] | None = None)
     for t in trials:
         s_agg, s_sgd = t.sigmas
         rows.append([t.name + (" *" if t is best else ""), t.status, *(_fmt(t.sampled.get(k)) for k in knobs),
-                     _fmt(s_agg), _fmt(s_sgd), _fmt(t.iterations), _fmt(t.epsilon), _fmt(t.epsilon_reference),
+                     _fmt(s_agg), _fmt(s_sgd),
+                     f"{t.iterations}/{t.iterations_planned}" if t.stopped_early else _fmt(t.iterations),
+                     _fmt(t.epsilon), _fmt(t.epsilon_reference),
                      _fmt(t.score), "-" if t.seconds is None else f"{t.seconds / 60:.1f} min"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
@@ -137,6 +142,10 @@ def format_table(trials: list[TrialResult], state: dict[str, Any] | None = None)
     for t in trials:
         if t.error:
             lines.append(f"{t.name}: error: {t.error}")
+        if t.stopped_early:
+            lines.append(f"{t.name}: stopped by its time cap after {t.iterations} of {t.iterations_planned} "
+                         f"iterations: its own ledger holds ε {_fmt(t.epsilon)} of the {_fmt(t.epsilon_reference)} "
+                         "it was fitted to (the search is charged for the full reference all the same)")
     if state is not None:
         lines.append(f"K = {state.get('num_trials')} trials were drawn (private to this run directory); "
                      "* marks the released trial")
