@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--use-gpu", action="store_true", help="train on CUDA (in-process, or one GPU per Ray Train worker)")
     t.add_argument("--gpus-per-worker", type=float, default=1.0,
                    help="with --num-workers: each worker's share of a GPU, e.g. 0.5 puts 2 workers on one GPU")
+    t.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="with --num-workers: CPUs Ray reserves for each worker (default 1)")
     t.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     t.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left in --out")
 
@@ -102,12 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             from .run import run_train
 
-            from .devices import check_gpu_fraction
+            from .devices import check_cpu_share, check_gpu_fraction
 
             cfg = config_from_args(args)
             run_train(cfg, args.out, args.num_synthetic, args.num_workers, args.use_gpu, args.address,
                       resume=not args.no_resume,
-                      gpus_per_worker=check_gpu_fraction(args.gpus_per_worker, "--gpus-per-worker"))
+                      gpus_per_worker=check_gpu_fraction(args.gpus_per_worker, "--gpus-per-worker"),
+                      cpus_per_worker=check_cpu_share(args.cpus_per_worker, "--cpus-per-worker"))
         elif args.command == "evaluate":
             from .devices import device_for
             from .evaluation.run import evaluate_run

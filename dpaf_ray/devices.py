@@ -77,6 +77,13 @@ def forwarded_env() -> dict[str, str]:
     return {TEST_GPU_ENV: stand_in} if stand_in else {}
 
 
+def check_cpu_share(value: float, key: str) -> float:
+    """Ray reserves a positive number of CPUs per worker; 0 would let workers pile onto one core."""
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0 CPUs per worker, got {value}")
+    return float(value)
+
+
 def check_gpu_fraction(value: float, key: str) -> float:
     """Ray accepts a fraction of one GPU or a whole number of GPUs per worker."""
     if not value > 0:

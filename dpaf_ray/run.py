@@ -80,8 +80,10 @@ def probe_device(use_gpu: bool, num_workers: int) -> str:
 
 def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, num_workers: int = 0,
               use_gpu: bool = False, address: str | None = None, resume: bool = True,
-              progress: Callable[[str], None] | None = print, gpus_per_worker: float = 1.0) -> dict[str, Any]:
-    """`gpus_per_worker`: each Ray Train worker's share of a GPU (< 1: workers share one)."""
+              progress: Callable[[str], None] | None = print, gpus_per_worker: float = 1.0,
+              cpus_per_worker: float = 1.0) -> dict[str, Any]:
+    """`gpus_per_worker`: each Ray Train worker's share of a GPU (< 1: workers share one);
+    `cpus_per_worker`: the CPUs Ray reserves per worker, checked and requested with one value."""
     out = Path(out)
     journal = WriteAheadLedger(out / LEDGER_FILE)
     sink = LocalCheckpointSink(out, resume)
@@ -99,7 +101,7 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
         from .distributed.ray_train import check_resources, ensure_ray
 
         ensure_ray(address)
-        check_resources(num_workers, use_gpu, 1.0, gpus_per_worker)
+        check_resources(num_workers, use_gpu, cpus_per_worker, gpus_per_worker)
     out.mkdir(parents=True, exist_ok=True)
     if progress:
         if carried is not None and carried.entries:
@@ -120,7 +122,8 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
 
         result = fit_with_ray_train(plan, data, num_workers, use_gpu, address, out, progress, secret=secret,
                                     split_key=secret.child(SPLIT_LABEL), ledger_path=out / LEDGER_FILE,
-                                    initial_ledger=carried, gpus_per_worker=gpus_per_worker)
+                                    initial_ledger=carried, gpus_per_worker=gpus_per_worker,
+                                    cpus_per_worker=cpus_per_worker)
         journal.commit(result.ledger)
     metrics = finish_run(out, result, data, num_synthetic, num_workers)
     if progress:

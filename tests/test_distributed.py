@@ -107,6 +107,14 @@ def test_missing_resources_fail_at_once_naming_them(local_ray, tmp_path):
         fit(plan, data, 3, out=tmp_path, progress=None)
     with pytest.raises(ResourceError, match="GPU"):
         fit(plan, data, 1, use_gpu=True, out=tmp_path, progress=None)
+    # `train --num-workers 1 --cpus-per-worker 3` on 2 CPUs: the value checked is the value requested,
+    # and the refusal comes before anything is written
+    from dpaf_ray.config import ConfigError
+    from dpaf_ray.run import run_train
+
+    with pytest.raises(ConfigError, match="CPU: need 3"):
+        run_train(plan.config, tmp_path / "refused", num_workers=1, cpus_per_worker=3.0, progress=None)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_cli_trains_with_two_workers(tmp_path):

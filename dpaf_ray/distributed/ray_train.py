@@ -82,6 +82,7 @@ def check_resources(num_workers: int, use_gpu: bool, cpus_per_worker: float, gpu
     if missing:
         parts = ", ".join(f"{k}: need {v:g}, cluster has {have:g}" for k, (v, have) in missing.items())
         hint = " or a smaller --gpus-per-worker (workers can share a GPU)" if "GPU" in missing else ""
+        hint += f" or a smaller --cpus-per-worker (now {cpus_per_worker:g})" if "CPU" in missing else ""
         raise ResourceError(
             f"{num_workers} Ray Train workers need {parts}; lower --num-workers{hint}, drop --use-gpu, "
             "or add nodes to the cluster"
