@@ -107,11 +107,8 @@ def train(dataset: str = "mnist-5k", epsilon: float = 10.0, delta: float = 1e-5,
         raise ConfigError(f"unknown option(s) {unknown}; see `python -m dpaf_ray train --help`")
     cfg = TrainConfig(dataset=dataset, epsilon=epsilon, delta=delta, **knobs)
     out = Path(out) if out is not None else _default_out("train")
-    from .devices import check_cpu_share, check_gpu_fraction
-
     run_train(cfg, out, num_synthetic, num_workers, use_gpu, address, resume=resume, progress=progress,
-              gpus_per_worker=check_gpu_fraction(gpus_per_worker, "gpus_per_worker"),
-              cpus_per_worker=check_cpu_share(cpus_per_worker, "cpus_per_worker"))
+              gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
     return Run.load(out)
 
 

@@ -104,13 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             from .run import run_train
 
-            from .devices import check_cpu_share, check_gpu_fraction
-
             cfg = config_from_args(args)
             run_train(cfg, args.out, args.num_synthetic, args.num_workers, args.use_gpu, args.address,
                       resume=not args.no_resume,
-                      gpus_per_worker=check_gpu_fraction(args.gpus_per_worker, "--gpus-per-worker"),
-                      cpus_per_worker=check_cpu_share(args.cpus_per_worker, "--cpus-per-worker"))
+                      gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
         elif args.command == "evaluate":
             from .devices import device_for
             from .evaluation.run import evaluate_run

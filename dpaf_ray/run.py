@@ -21,7 +21,8 @@ from typing import Any, Callable
 from .config import ConfigError, TrainConfig
 from .data import PrivateData, load_training_data
 from .data.splits import SPLIT_LABEL
-from .devices import DeviceError, gpu_device, local_gpu_count, test_gpu_stand_in  # noqa: F401 (DeviceError: API)
+from .devices import (DeviceError, check_cpu_share, check_gpu_fraction, gpu_device,  # noqa: F401 (DeviceError: API)
+                      local_gpu_count, test_gpu_stand_in)
 from .pictures import save_curves
 from .privacy.calibration import warn_large_delta
 from .privacy.ledger import PrivacyLedger
@@ -83,7 +84,10 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
               progress: Callable[[str], None] | None = print, gpus_per_worker: float = 1.0,
               cpus_per_worker: float = 1.0) -> dict[str, Any]:
     """`gpus_per_worker`: each Ray Train worker's share of a GPU (< 1: workers share one);
-    `cpus_per_worker`: the CPUs Ray reserves per worker, checked and requested with one value."""
+    `cpus_per_worker`: the CPUs Ray reserves per worker, checked and requested with one value.
+    Both are validated here, the one boundary the CLI and the Python API share."""
+    gpus_per_worker = check_gpu_fraction(gpus_per_worker, "--gpus-per-worker")
+    cpus_per_worker = check_cpu_share(cpus_per_worker, "--cpus-per-worker")
     out = Path(out)
     journal = WriteAheadLedger(out / LEDGER_FILE)
     sink = LocalCheckpointSink(out, resume)
