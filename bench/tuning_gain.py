@@ -11,7 +11,8 @@
    accuracy with `python -m dpaf_ray evaluate` (defaults); a plot and a table.
 
     python bench/tuning_gain.py [--search-space search_spaces/fashion-mnist-cpu.yaml]
-    python bench/tuning_gain.py --train --epsilons 1 10 --searches 3 [--quick]
+    python bench/tuning_gain.py --train --epsilons 1 10 --searches 3 [--quick] [--oracle]
+    # side by side on 2 CPUs: --part search and --part default in two processes, then --part both
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from dpaf_ray.config import TrainConfig  # noqa: E402
 from dpaf_ray.privacy.ledger import Gaussian, PrivacyLedger  # noqa: E402
-from dpaf_ray.privacy.tuning import calibrate_reference, distribution_shape, fit_trial  # noqa: E402
+from dpaf_ray.privacy.tuning import calibrate_reference, distribution_shape, fit_trial, num_trials_pmf  # noqa: E402
 from dpaf_ray.training.plan import schedule_for  # noqa: E402
 from dpaf_ray.tuning.search_space import load_search_space  # noqa: E402
 from dpaf_ray.tuning.tuner import reference_config  # noqa: E402
@@ -76,29 +80,85 @@ def per_trial(ss, n_records: int, T: int) -> list[dict]:
     return rows
 
 
-def train_and_evaluate(args, ss_path: str, eps: float, seed: int, work: Path) -> dict:
-    """One search and one default run at the same ε and seed; their evaluate accuracies."""
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    out_s, out_d = work / f"search_eps{eps:g}_s{seed}", work / f"default_eps{eps:g}_s{seed}"
-    ev = ["--num-synthetic", "20000", "--max-train-records", "20000"] if args.quick else []
-    t0 = time.time()
-    if not (out_s / "release").exists():
-        subprocess.run([sys.executable, "tune.py", "--search-space", ss_path, "--epsilon", str(eps), "--out",
-                        str(out_s)], cwd=ROOT, env=env, check=True)
-    t_search = time.time() - t0
-    ss = load_search_space(ss_path)
-    if not (out_d / "release").exists():
-        subprocess.run([sys.executable, "-m", "dpaf_ray", "train", "--dataset", ss.dataset, "--epsilon", str(eps),
-                        "--delta", str(ss.delta), "--seed", str(seed), "--iterations", str(ss.trial_iterations or 900),
-                        "--out", str(out_d), "--num-threads", str(ss.fixed.get("num_threads", 1))],
-                       cwd=ROOT, env=env, check=True)
-    acc = {}
-    for name, out in (("search", out_s), ("default", out_d)):
-        if not list((out / "evaluation").glob("*.json")):
-            subprocess.run([sys.executable, "-m", "dpaf_ray", "evaluate", str(out), "--test-data", ss.dataset, *ev],
-                           cwd=ROOT, env=env, check=True)
-        acc[name] = json.loads(sorted((out / "evaluation").glob("*.json"))[-1].read_text())["downstream_accuracy"]
-    return {"epsilon": eps, "seed": seed, "search_seconds": t_search, **acc}
+def distribution_table(ss, n_records: int, T: int) -> list[dict]:
+    """The law of K at equal E[K] (issue #14): what each trial may spend, against the chance that the
+    search cannot select at all (K ≤ 1) and the long runs (K ≥ 5). Privacy only; no training."""
+    cfg = reference_config(ss)
+    sched = schedule_for(cfg, (1 - cfg.validation_fraction) * n_records)
+    laws = {"logarithmic": 0.0, "tnb η=0.5": 0.5, "geometric": 1.0, "tnb η=2": 2.0, "poisson": math.inf}
+    rows = []
+    for mean in (2, 3, 5):
+        for name, shape in laws.items():
+            ref = calibrate_reference(ss.epsilon, ss.delta, sched, T, ss.score_noise, "random", mean, shape)
+            probs = dict(itertools.takewhile(lambda kp: kp[0] < 200, num_trials_pmf(mean, shape)))
+            rows.append({"expected_trials": mean, "law": name, "epsilon_per_trial": ref.epsilon(ss.delta),
+                         "p_no_release": probs.get(0, 0.0), "p_no_choice": probs.get(0, 0.0) + probs.get(1, 0.0),
+                         "p_k_ge_5": 1 - sum(p for k, p in probs.items() if k < 5)})
+    return rows
+
+
+def run_logged(cmd: list[str], log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with log.open("w") as f:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}; see {log}")
+
+
+def evaluate_dir(args, out: Path, dataset: str) -> dict:
+    """`python -m dpaf_ray evaluate` (defaults unless --quick) once per run directory."""
+    if not list((out / "evaluation").glob("*.json")):
+        ev = ["--num-synthetic", "20000", "--max-train-records", "20000"] if args.quick else []
+        run_logged([sys.executable, "-m", "dpaf_ray", "evaluate", str(out), "--test-data", dataset, *ev],
+                   out.parent / f"{out.name}.eval.log")
+    return json.loads(sorted((out / "evaluation").glob("*.json"))[-1].read_text())
+
+
+def run_search(args, ss, eps: float, seed: int, work: Path) -> dict:
+    """One private search (`tune.py`) at total ε, its release evaluated; every trial evaluated too
+    (`--oracle`): the operator's own view, which tells the search's cost from the space's lack of
+    better configurations."""
+    out = work / f"search_eps{eps:g}_s{seed}"
+    if not (out / "release" / "generator.pt").exists():
+        t0 = time.time()
+        run_logged([sys.executable, "tune.py", "--search-space", args.search_space, "--epsilon", str(eps),
+                    "--out", str(out)], work / f"{out.name}.log")
+        (out / "bench_seconds.txt").write_text(f"{time.time() - t0:.0f}\n")
+    metrics = evaluate_dir(args, out, ss.dataset)
+    report = json.loads((out / "release" / "privacy_report.json").read_text())
+    released = json.loads((out / "release" / "score.json").read_text())
+    trials = []
+    for tj in sorted((out / "trials").glob("*/trial.json")):
+        t = json.loads(tj.read_text())
+        row = {"trial": t["trial"], "score": t["score"], "epsilon_trial": t["epsilon_trial"],
+               "iterations": t["iterations"], **{k: t["knobs"][k] for k in ("group_size", "noise_split", "lr_g",
+                                                                          "batch_size", "sgd_every")}}
+        if args.oracle and (tj.parent / "generator.pt").exists():
+            od = work / "oracle" / f"{out.name}_{t['trial']}"
+            (od / "release").mkdir(parents=True, exist_ok=True)
+            if not (od / "release" / "generator.pt").exists():
+                shutil.copy(tj.parent / "generator.pt", od / "release" / "generator.pt")
+            row["accuracy"] = evaluate_dir(args, od, ss.dataset)["downstream_accuracy"]
+        trials.append(row)
+    secs = out / "bench_seconds.txt"
+    return {"epsilon": eps, "seed": seed, "epsilon_ledger": report["epsilon"], "K": len(trials),
+            "search_seconds": float(secs.read_text()) if secs.exists() else None,
+            "released_score": released.get("score"), "accuracy": metrics["downstream_accuracy"],
+            "diversity_ratio": metrics.get("diversity_ratio"), "trials": trials}
+
+
+def run_default(args, ss, eps: float, seed: int, work: Path) -> dict:
+    """The default configuration trained once with the whole ε, as a user runs it (the planner's T)."""
+    out = work / f"default_eps{eps:g}_s{seed}"
+    if not (out / "release" / "generator.pt").exists():
+        run_logged([sys.executable, "-m", "dpaf_ray", "train", "--dataset", ss.dataset, "--epsilon", str(eps),
+                    "--delta", str(ss.delta), "--seed", str(seed), "--num-threads", "1", "--out", str(out)],
+                   work / f"{out.name}.log")
+    metrics = evaluate_dir(args, out, ss.dataset)
+    report = json.loads((out / "release" / "privacy_report.json").read_text())
+    return {"epsilon": eps, "seed": seed, "epsilon_ledger": report["epsilon"],
+            "iterations": report["iterations_executed"], "accuracy": metrics["downstream_accuracy"],
+            "diversity_ratio": metrics.get("diversity_ratio")}
 
 
 def main() -> None:
@@ -109,7 +169,12 @@ def main() -> None:
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 10.0])
     ap.add_argument("--searches", type=int, default=3)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="these seeds instead of 0..searches-1")
     ap.add_argument("--quick", action="store_true", help="evaluate with 20k synthetic images (screening)")
+    ap.add_argument("--part", choices=["search", "default", "both"], default="both",
+                    help="run only the searches or only the default runs (two processes side by side, one "
+                         "thread each); `both` collects what exists, runs the rest and writes the table and plot")
+    ap.add_argument("--oracle", action="store_true", help="also evaluate every trial's generator (operator-only)")
     ap.add_argument("--work", default="/tmp/tuning_gain")
     args = ap.parse_args()
     ss = load_search_space(args.search_space)
@@ -129,31 +194,71 @@ def main() -> None:
     rows = per_trial(ss, args.n_records, T)
     for r in rows:
         print(json.dumps(r))
-    result = {"search_space": args.search_space, "fit": table, "per_trial": rows}
+    laws = distribution_table(ss, args.n_records, T)
+    print(f"{'E[K]':>5} {'law':>12} {'ε per trial':>12} {'P[K=0]':>8} {'P[K≤1]':>8} {'P[K≥5]':>8}")
+    for r in laws:
+        print(f"{r['expected_trials']:>5} {r['law']:>12} {r['epsilon_per_trial']:>12.3f} {r['p_no_release']:>8.3f} "
+              f"{r['p_no_choice']:>8.3f} {r['p_k_ge_5']:>8.3f}")
+    result = {"search_space": args.search_space, "fit": table, "per_trial": rows, "k_distributions": laws}
     if args.train:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
-        result["training"] = [train_and_evaluate(args, args.search_space, e, s, work)
-                              for e in args.epsilons for s in range(args.searches)]
-        plot(result["training"], ROOT / "bench" / "results" / "tuning_gain.png")
-    out = ROOT / "bench" / "results" / f"tuning_gain_eps{ss.epsilon:g}.json"
+        jobs = [(e, s) for e in args.epsilons for s in (args.seeds or range(args.searches))]
+        training = {}
+        if args.part in ("default", "both"):
+            training["default"] = [run_default(args, ss, e, s, work) for e, s in jobs]
+        if args.part in ("search", "both"):
+            training["search"] = [run_search(args, ss, e, s, work) for e, s in jobs]
+        result["training"] = training
+        if args.part == "both":
+            write_training_table(training, ROOT / "bench" / "results" / "tuning_gain_train.md")
+            plot(training, ROOT / "bench" / "results" / "tuning_gain.png")
+    name = f"tuning_gain_eps{ss.epsilon:g}.json" if not args.train else f"tuning_gain_train_{args.part}.json"
+    out = ROOT / "bench" / "results" / name
     out.write_text(json.dumps(result, indent=1))
     print(f"written: {out}")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def write_training_table(training: dict, path: Path) -> None:
+    lines = ["| ε | seed | default (acc, div) | search (acc, div) | K | search ε trial | released config "
+             "(b, split, lr_g) | best trial by test accuracy |", "|---|---|---|---|---|---|---|---|"]
+    defaults = {(r["epsilon"], r["seed"]): r for r in training["default"]}
+    for r in training["search"]:
+        d = defaults[(r["epsilon"], r["seed"])]
+        best = max(r["trials"], key=lambda t: t["score"])
+        oracle = max((t.get("accuracy", -1) for t in r["trials"]), default=-1)
+        lines.append(f"| {r['epsilon']:g} | {r['seed']} | {100 * d['accuracy']:.1f} %, {d['diversity_ratio']:.2f} | "
+                     f"{100 * r['accuracy']:.1f} %, {r['diversity_ratio']:.2f} | {r['K']} | "
+                     f"{best['epsilon_trial']:.3f} | {best['group_size']}, {best['noise_split']:g}, {best['lr_g']:g} | "
+                     + (f"{100 * oracle:.1f} % |" if oracle >= 0 else "|"))
+    for eps in sorted({r["epsilon"] for r in training["search"]}):
+        s = [r["accuracy"] for r in training["search"] if r["epsilon"] == eps]
+        d = [r["accuracy"] for r in training["default"] if r["epsilon"] == eps]
+        lines.append(f"| {eps:g} | mean | {100 * sum(d) / len(d):.1f} % | {100 * sum(s) / len(s):.1f} % | | | | |")
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def plot(training: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for name, marker in (("default", "o"), ("search", "s")):
-        ax.plot([r["epsilon"] for r in rows], [100 * r[name] for r in rows], marker, label=name, alpha=0.7)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, marker, dx in (("default", "o", 0.95), ("search", "s", 1.05)):
+        rows = training[name]
+        ax.plot([r["epsilon"] * dx for r in rows], [100 * r["accuracy"] for r in rows], marker,
+                label=f"{name} (one release per seed)", alpha=0.7)
+    trials = [(r["epsilon"], t) for r in training["search"] for t in r["trials"] if "accuracy" in t]
+    if trials:
+        ax.plot([e * 1.1 for e, _ in trials], [100 * t["accuracy"] for _, t in trials], "x", color="grey",
+                label="every trial (oracle, not released)")
     ax.set_xscale("log")
-    ax.set_xlabel("total ε")
+    ax.set_xlabel("total ε (δ = 1e-5), tuning included")
     ax.set_ylabel("downstream accuracy (%)")
-    ax.legend()
+    ax.set_title("Fashion-MNIST: private search vs one default run")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import random
 
@@ -291,6 +292,15 @@ def indep_quantile(u: float, mean: float, shape: float) -> int:
 def test_inversion_sampler_is_the_inverse_cdf(mean, shape, fast_gamma):
     for u in (0.0, 1e-6, 0.13, 0.31, 0.47, 0.71, 0.93, 0.99, 0.999):  # off CDF atoms
         assert tuning.sample_num_trials(mean, shape, rng=FixedRng(u)) == indep_quantile(u, mean, shape), u
+
+
+@pytest.mark.parametrize("mean,shape", [(2.0, 0.5), (2.0, 1.0), (3.0, 2.0), (2.0, 0.0), (5.0, math.inf)])
+def test_num_trials_pmf_is_the_closed_form_law(mean, shape):
+    """The law the bench tables print (P[K = 1], tails) is the closed form the sampler inverts."""
+    pmf = itertools.islice(tuning.num_trials_pmf(mean, shape), 60)
+    for k, p in pmf:
+        expected = stats.poisson.pmf(k, mean) if math.isinf(shape) else tnb_pmf(np.array([k]), indep_gamma(mean, shape), shape)[0]
+        assert p == pytest.approx(expected, rel=1e-7, abs=1e-300), k
 
 
 @pytest.mark.parametrize("name,mean,shape", [

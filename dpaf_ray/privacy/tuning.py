@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -89,33 +89,36 @@ def tnb_gamma(mean: float, shape: float) -> float:
     return (lo + hi) / 2
 
 
-def sample_num_trials(mean: float, shape: float, rng: secrets.SystemRandom | None = None) -> int:
-    """K by inversion with a cryptographic RNG; never truncated, never re-drawn."""
-    rng = rng or secrets.SystemRandom()
-    u = rng.random()
+def num_trials_pmf(mean: float, shape: float) -> Iterator[tuple[int, float]]:
+    """(k, P[K = k]) for k = 0 (Poisson) or 1 (TNB) upwards, without end: the law K is drawn from."""
     if math.isinf(shape):  # Poisson(mean): K = 0 is possible, and then nothing is released
         k, p = 0, math.exp(-mean)
-        cdf = p
-        while cdf <= u:
+        while True:
+            yield k, p
             k += 1
             p *= mean / k
-            cdf += p
-            if p == 0.0 and k > mean:  # floating-point exhaustion far in the tail
-                break
-        return k
     gamma = tnb_gamma(mean, shape)
     if shape == 0:
         p = (1 - gamma) / math.log(1 / gamma)
     else:
         p = shape * gamma ** shape * (1 - gamma) / (1 - gamma ** shape)
-    k, cdf = 1, p
-    while cdf <= u:
+    k = 1
+    while True:
+        yield k, p
         p *= (1 - gamma) * (k + shape) / (k + 1)
         k += 1
+
+
+def sample_num_trials(mean: float, shape: float, rng: secrets.SystemRandom | None = None) -> int:
+    """K by inversion with a cryptographic RNG; never truncated, never re-drawn."""
+    rng = rng or secrets.SystemRandom()
+    u = rng.random()
+    cdf = 0.0
+    for k, p in num_trials_pmf(mean, shape):
         cdf += p
-        if p == 0.0:
-            break
-    return k
+        if cdf > u or (p == 0.0 and k > mean):  # the latter: floating-point exhaustion far in the tail
+            return k
+    raise AssertionError("unreachable")
 
 
 # --- the reference curve -------------------------------------------------------------------
