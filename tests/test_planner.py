@@ -184,3 +184,14 @@ def test_a_machine_slower_than_probed_stops_at_a_boundary_and_reports_what_it_sp
     assert report["epsilon"] < 2 and report["iterations_executed"] == metrics["iterations_executed"]
     ledger = PrivacyLedger.load(tmp_path / "r" / "ledger.json")
     assert sum(e.count for e in ledger.entries) == metrics["iterations_executed"]
+
+
+def test_a_plan_whose_dpagg_means_are_mostly_noise_is_warned_about_not_refused():
+    """mnist-5k at ε = 1 spends its budget correctly but released 11–16 % (bench/results/epsilon_curve_mnist-5k):
+    the plan says so before training; the measured-good plans stay silent."""
+    few = plan_training(TrainConfig.from_dict({"dataset": "mnist-5k", "epsilon": 1.0, "delta": 1e-5}), 3600)
+    assert few.warnings and "σ_agg/b" in few.warnings[0] and "--epsilon" in few.warnings[0]
+    assert any(line.startswith("plan: WARNING: DPAGG") for line in few.describe())
+    assert few.planned_epsilon <= 1.0  # still a valid plan
+    for ds, n, eps in (("fashion-mnist", 54_000, 0.2), ("fashion-mnist", 54_000, 10.0), ("mnist-5k", 3600, 10.0)):
+        assert plan_training(TrainConfig.from_dict({"dataset": ds, "epsilon": eps, "delta": 1e-5}), n).warnings == []
