@@ -128,12 +128,17 @@ def run_search(args, ss, eps: float, seed: int, work: Path) -> dict:
     report = json.loads((out / "release" / "privacy_report.json").read_text())
     released = json.loads((out / "release" / "score.json").read_text())
     trials = []
-    for tj in sorted((out / "trials").glob("*/trial.json")):
-        t = json.loads(tj.read_text())
+    records = [json.loads(tj.read_text()) for tj in sorted((out / "trials").glob("*/trial.json"))]
+    chosen = max(records, key=lambda t: -math.inf if t["score"] is None else t["score"])["trial"]
+    for t in records:
+        tj = out / "trials" / t["trial"] / "trial.json"
         row = {"trial": t["trial"], "score": t["score"], "epsilon_trial": t["epsilon_trial"],
                "iterations": t["iterations"], **{k: t["knobs"][k] for k in ("group_size", "noise_split", "lr_g",
                                                                           "batch_size", "sgd_every")}}
-        if args.oracle and (tj.parent / "generator.pt").exists():
+        row["released"] = t["trial"] == chosen
+        if row["released"]:  # the release is this trial's generator: the same evaluation
+            row["accuracy"] = metrics["downstream_accuracy"]
+        elif args.oracle and (tj.parent / "generator.pt").exists():
             od = work / "oracle" / f"{out.name}_{t['trial']}"
             (od / "release").mkdir(parents=True, exist_ok=True)
             if not (od / "release" / "generator.pt").exists():
