@@ -216,10 +216,12 @@ def main() -> None:
             training["search"] = [run_search(args, ss, e, s, work) for e, s in jobs]
         result["training"] = training
         if args.part == "both":
-            write_training_table(training, ROOT / "bench" / "results" / "tuning_gain_train.md")
+            (ROOT / "bench" / "results" / "tuning_gain_train").mkdir(exist_ok=True)
+            write_training_table(training, ROOT / "bench" / "results" / "tuning_gain_train" / "table.md")
             plot(training, ROOT / "bench" / "results" / "tuning_gain.png")
-    name = f"tuning_gain_eps{ss.epsilon:g}.json" if not args.train else f"tuning_gain_train_{args.part}.json"
+    name = f"tuning_gain_eps{ss.epsilon:g}.json" if not args.train else f"tuning_gain_train/result_{args.part}.json"
     out = ROOT / "bench" / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"written: {out}")
 
