@@ -179,7 +179,8 @@ def main() -> None:
                     help="run only the searches or only the default runs (two processes side by side, one "
                          "thread each); `both` collects what exists, runs the rest and writes the table and plot")
     ap.add_argument("--oracle", action="store_true",
-                    help="also evaluate every trial's generator, quickly (20k synthetic images, 20k records; operator-only)")
+                    help="also evaluate every trial's generator, quickly (20k synthetic images, 20k records; "
+                         "operator-only)")
     ap.add_argument("--work", default="/tmp/tuning_gain")
     args = ap.parse_args()
     ss = load_search_space(args.search_space)

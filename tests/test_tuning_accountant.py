@@ -299,7 +299,10 @@ def test_num_trials_pmf_is_the_closed_form_law(mean, shape):
     """The law the bench tables print (P[K = 1], tails) is the closed form the sampler inverts."""
     pmf = itertools.islice(tuning.num_trials_pmf(mean, shape), 60)
     for k, p in pmf:
-        expected = stats.poisson.pmf(k, mean) if math.isinf(shape) else tnb_pmf(np.array([k]), indep_gamma(mean, shape), shape)[0]
+        if math.isinf(shape):
+            expected = stats.poisson.pmf(k, mean)
+        else:
+            expected = tnb_pmf(np.array([k]), indep_gamma(mean, shape), shape)[0]
         assert p == pytest.approx(expected, rel=1e-7, abs=1e-300), k
 
 
