@@ -17,25 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from logged_run import run_logged  # noqa: E402  (bench/ is on sys.path when a script runs)
 DPIMAGEBENCH_FMNIST = {  # accuracy (%) at ε = 1 and ε = 10
     "DP-GAN": (71.8, 70.3), "DP-Kernel": (68.4, 70.0), "DPDM": (76.4, 85.6), "DP-FETA": (81.7, 87.3),
 }
-
-
-def run(cmd: list[str], log: Path) -> float:
-    t0 = time.time()
-    with log.open("w") as f:
-        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    if r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}; see {log}")
-    return time.time() - t0
 
 
 def main() -> None:
@@ -59,14 +49,14 @@ def main() -> None:
             if not done:
                 train_s = None
                 if not (out / "release" / "generator.pt").exists():
-                    train_s = run([sys.executable, "-m", "dpaf_ray", "train", "--dataset", args.dataset,
+                    train_s = run_logged([sys.executable, "-m", "dpaf_ray", "train", "--dataset", args.dataset,
                                    "--epsilon", str(eps), "--delta", str(args.delta), "--seed", str(seed),
                                    "--num-threads", str(args.threads), "--out", str(out), *args.train_args.split()],
                                   work / f"{out.name}.train.log")
                 ev = [sys.executable, "-m", "dpaf_ray", "evaluate", str(out), "--test-data", args.dataset]
                 if args.quick:
                     ev += ["--num-synthetic", "20000", "--max-train-records", "20000"]
-                run(ev, work / f"{out.name}.eval.log")
+                run_logged(ev, work / f"{out.name}.eval.log")
                 done = sorted((out / "evaluation").glob("evaluation-*.json"))
                 if train_s is not None:
                     (out / "bench_train_seconds.txt").write_text(f"{train_s:.0f}\n")

@@ -21,11 +21,8 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +32,10 @@ from dpaf_ray.config import TrainConfig  # noqa: E402
 from dpaf_ray.privacy.ledger import Gaussian, PrivacyLedger  # noqa: E402
 from dpaf_ray.privacy.tuning import calibrate_reference, distribution_shape, fit_trial, num_trials_pmf  # noqa: E402
 from dpaf_ray.training.plan import schedule_for  # noqa: E402
+from dpaf_ray.tuning.results import SearchResults  # noqa: E402
 from dpaf_ray.tuning.search_space import load_search_space  # noqa: E402
 from dpaf_ray.tuning.tuner import reference_config  # noqa: E402
+from logged_run import run_logged  # noqa: E402
 
 SHAPE_KNOBS = ("batch_size", "sgd_every", "noise_split")
 
@@ -97,18 +96,10 @@ def distribution_table(ss, n_records: int, T: int) -> list[dict]:
     return rows
 
 
-def run_logged(cmd: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with log.open("w") as f:
-        r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}; see {log}")
-
-
-def evaluate_dir(args, out: Path, dataset: str) -> dict:
-    """`python -m dpaf_ray evaluate` (defaults unless --quick) once per run directory."""
+def evaluate_dir(out: Path, dataset: str, quick: bool) -> dict:
+    """`python -m dpaf_ray evaluate` (defaults unless quick) once per run directory."""
     if not list((out / "evaluation").glob("*.json")):
-        ev = ["--num-synthetic", "20000", "--max-train-records", "20000"] if args.quick else []
+        ev = ["--num-synthetic", "20000", "--max-train-records", "20000"] if quick else []
         run_logged([sys.executable, "-m", "dpaf_ray", "evaluate", str(out), "--test-data", dataset, *ev],
                    out.parent / f"{out.name}.eval.log")
     return json.loads(sorted((out / "evaluation").glob("*.json"))[-1].read_text())
@@ -120,29 +111,25 @@ def run_search(args, ss, eps: float, seed: int, work: Path) -> dict:
     better configurations."""
     out = work / f"search_eps{eps:g}_s{seed}"
     if not (out / "release" / "generator.pt").exists():
-        t0 = time.time()
-        run_logged([sys.executable, "tune.py", "--search-space", args.search_space, "--epsilon", str(eps),
-                    "--out", str(out)], work / f"{out.name}.log")
-        (out / "bench_seconds.txt").write_text(f"{time.time() - t0:.0f}\n")
-    metrics = evaluate_dir(args, out, ss.dataset)
+        seconds = run_logged([sys.executable, "tune.py", "--search-space", args.search_space, "--epsilon", str(eps),
+                              "--out", str(out)], work / f"{out.name}.log")
+        (out / "bench_seconds.txt").write_text(f"{seconds:.0f}\n")
+    metrics = evaluate_dir(out, ss.dataset, args.quick)
     report = json.loads((out / "release" / "privacy_report.json").read_text())
     released = json.loads((out / "release" / "score.json").read_text())
+    results = SearchResults(out)
+    chosen = results.get_best_result()
     trials = []
-    records = [json.loads(tj.read_text()) for tj in sorted((out / "trials").glob("*/trial.json"))]
-    chosen = max(records, key=lambda t: -math.inf if t["score"] is None else t["score"])["trial"]
-    for t in records:
-        tj = out / "trials" / t["trial"] / "trial.json"
-        row = {"trial": t["trial"], "score": t["score"], "epsilon_trial": t["epsilon_trial"],
-               "iterations": t["iterations"], **{k: t["knobs"][k] for k in ("group_size", "noise_split", "lr_g",
-                                                                          "batch_size", "sgd_every")}}
-        row["released"] = t["trial"] == chosen
-        if args.oracle and (tj.parent / "generator.pt").exists():  # quick evaluation: 20k synthetic, 20k records
-            od = work / "oracle" / f"{out.name}_{t['trial']}"
+    for t in results.finished:
+        row = {"trial": t.name, "score": t.score, "epsilon_trial": t.epsilon, "iterations": t.iterations,
+               **{k: t.knobs[k] for k in ("group_size", "noise_split", "lr_g", "batch_size", "sgd_every")},
+               "released": t is chosen}
+        if args.oracle and (t.path / "generator.pt").exists():  # quick evaluation: 20k synthetic, 20k records
+            od = work / "oracle" / f"{out.name}_{t.name}"
             (od / "release").mkdir(parents=True, exist_ok=True)
             if not (od / "release" / "generator.pt").exists():
-                shutil.copy(tj.parent / "generator.pt", od / "release" / "generator.pt")
-            quick = argparse.Namespace(quick=True)
-            row["accuracy_quick"] = evaluate_dir(quick, od, ss.dataset)["downstream_accuracy"]
+                shutil.copy(t.path / "generator.pt", od / "release" / "generator.pt")
+            row["accuracy_quick"] = evaluate_dir(od, ss.dataset, quick=True)["downstream_accuracy"]
         trials.append(row)
     secs = out / "bench_seconds.txt"
     return {"epsilon": eps, "seed": seed, "epsilon_ledger": report["epsilon"], "K": len(trials),
@@ -158,7 +145,7 @@ def run_default(args, ss, eps: float, seed: int, work: Path) -> dict:
         run_logged([sys.executable, "-m", "dpaf_ray", "train", "--dataset", ss.dataset, "--epsilon", str(eps),
                     "--delta", str(ss.delta), "--seed", str(seed), "--num-threads", "1", "--out", str(out)],
                    work / f"{out.name}.log")
-    metrics = evaluate_dir(args, out, ss.dataset)
+    metrics = evaluate_dir(out, ss.dataset, args.quick)
     report = json.loads((out / "release" / "privacy_report.json").read_text())
     return {"epsilon": eps, "seed": seed, "epsilon_ledger": report["epsilon"],
             "iterations": report["iterations_executed"], "accuracy": metrics["downstream_accuracy"],
@@ -233,7 +220,7 @@ def write_training_table(training: dict, path: Path) -> None:
     defaults = {(r["epsilon"], r["seed"]): r for r in training["default"]}
     for r in training["search"]:
         d = defaults[(r["epsilon"], r["seed"])]
-        best = max(r["trials"], key=lambda t: t["score"])
+        best = next(t for t in r["trials"] if t["released"])
         quick = [t["accuracy_quick"] for t in r["trials"] if "accuracy_quick" in t]
         chosen_quick = [t["accuracy_quick"] for t in r["trials"] if t.get("released") and "accuracy_quick" in t]
         lines.append(f"| {r['epsilon']:g} | {r['seed']} | {100 * d['accuracy']:.1f} %, {d['diversity_ratio']:.2f} | "
