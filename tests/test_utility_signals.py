@@ -239,6 +239,15 @@ def test_the_loop_charges_the_classifier_phase_and_the_ledger_matches_dp_account
     assert result.ledger.epsilon(DELTA) <= 50.0
 
 
+def test_progress_names_the_classifier_phase_instead_of_printing_nan_losses():
+    cfg = make_cfg(iterations=2, classifier_steps=2, classifier_batch=15, epsilon=50.0, log_every=1)
+    lines: list[str] = []
+    train_loop(plan_training(cfg, len(DS)), DS, len(DS), progress=lines.append, secret=SECRET)
+    assert len(lines) == 4 and not any("nan" in line for line in lines)
+    assert all("label classifier phase" in line for line in lines[:2])
+    assert all("loss_d" in line and "loss_g" in line for line in lines[2:])
+
+
 def test_the_planner_scales_every_sigma_together_and_spends_the_budget():
     n, epsilon = 0.9 * 60000, 1.0
     cfg = TrainConfig(epsilon=epsilon, delta=DELTA, seed=0, classifier_steps=300, classifier_noise=2.0)

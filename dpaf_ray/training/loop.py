@@ -175,7 +175,7 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
                     left = (T - t) / max(rate, 1e-9)
                     charged = ledger.epsilon(cfg.delta)
                     progress(f"iter {t}/{T} | ε executed {eps:.3f}, charged {charged:.3f} of {cfg.epsilon:g} "
-                             f"(δ={cfg.delta:g}) | loss_d {history['loss_d'][-1]:.3f} loss_g {history['loss_g'][-1]:.3f} | "
+                             f"(δ={cfg.delta:g}) | {_losses(history, t <= trainer.prefix_iterations)} | "
                              f"{rate:.1f} it/s | {_fmt(left)} left")
                 if sink is not None and _report_now(t, cfg):
                     sink.report({"iteration": t, "epsilon": eps, "loss_d": history["loss_d"][-1],
@@ -186,6 +186,13 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
     if sink is not None:
         save(sink, trainer, ledger, history, t, plan, secret)
     return TrainResult(trainer, ledger, plan, t, stopped_early, time.time() - t0, history)
+
+
+def _losses(history: dict[str, list[float]], classifier_phase: bool) -> str:
+    # During DPAF's classifier phase neither D's rear nor G trains yet: say so rather than "nan".
+    if classifier_phase:
+        return "label classifier phase (G starts after it)"
+    return f"loss_d {history['loss_d'][-1]:.3f} loss_g {history['loss_g'][-1]:.3f}"
 
 
 def _report_now(t: int, cfg: TrainConfig) -> bool:
