@@ -2,6 +2,8 @@
 
     python bench/utility_table.py WORKDIR [WORKDIR ...] > table.md
 
+Then a second table: the mean over seeds of each (options, ε, evaluation).
+
 One row per run directory (the latest evaluation file of each): seed, ε, δ, the classifier
 phase's steps P and the GAN iterations T, σs, ε from the ledger, wall times, downstream accuracy,
 fid_domain, diversity ratio, the DP classifier's own test accuracy and how often it labels G's
@@ -26,6 +28,24 @@ def rows(work: Path):
         for ev_path in evals:
             ev = json.loads(ev_path.read_text())
             yield d, words[0], info, opts, ev, ev_path
+
+
+def summary(works: list[str]) -> None:
+    """Mean over seeds of each (options, ε, evaluation): the numbers a claim may quote."""
+    groups: dict[tuple, list[dict]] = {}
+    for work in works:
+        for _d, _name, info, opts, ev, _p in rows(Path(work)):
+            n_syn = ev.get("settings", {}).get("num_synthetic")
+            full = n_syn == 60000 and ev["settings"].get("max_train_records") is None
+            groups.setdefault((opts or "(defaults)", float(info.get("eps", "nan")), full), []).append(
+                {"seed": info.get("seed"), "acc": ev["downstream_accuracy"], "div": ev["diversity_ratio"]})
+    print("\n| options | ε | evaluation | seeds | accuracy per seed (%) | mean accuracy | mean diversity |")
+    print("|---|---|---|---|---|---|---|")
+    for (opts, eps, full), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], not kv[0][2])):
+        accs = [100 * r["acc"] for r in runs]
+        print(f"| `{opts}` | {eps:g} | {'defaults (60k)' if full else 'quick'} | "
+              f"{', '.join(str(r['seed']) for r in runs)} | {' / '.join(f'{a:.1f}' for a in accs)} | "
+              f"{sum(accs) / len(accs):.1f} % | {sum(r['div'] for r in runs) / len(runs):.2f} |")
 
 
 def main(works: list[str]) -> None:
@@ -58,3 +78,4 @@ def main(works: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    summary(sys.argv[1:])
