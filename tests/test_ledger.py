@@ -284,7 +284,7 @@ def test_privacy_report_lets_anyone_recompute_epsilon(cli_run, capsys):
     assert all(e["kind"] == "poisson_gaussian" for e in events)
     assert sum(e["count"] for e in events) == 20
     n_train = 3600  # q = B / ((1 - f)·N): the public expected size of mnist-5k's 4,000 records minus 10 %
-    # the planner set both σs from the budget in the ratio --noise-split (default 2)
+    # the planner set both σs from the budget in the ratio --noise-split (default 1)
     s_agg, s_sgd = report["knobs"]["sigma_agg"], report["knobs"]["sigma_sgd"]
     assert s_agg / s_sgd == pytest.approx(TrainConfig().noise_split)
     s_eff = (s_agg ** -2 + s_sgd ** -2) ** -0.5

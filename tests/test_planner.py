@@ -65,7 +65,7 @@ def test_explicit_noise_keeps_todays_behaviour_t_from_the_budget():
     plan = plan_training(TrainConfig(epsilon=2, sigma_agg=4.0, sigma_sgd=2.0, seed=0), DATASETS["mnist-5k"])
     assert plan.config.sigma_agg == 4.0 and plan.config.sigma_sgd == 2.0 and plan.noise_factor == 1.0
     assert executed_epsilon(plan) <= 2.0
-    one_sigma = plan_training(TrainConfig(epsilon=2, sigma_sgd=2.0, seed=0), DATASETS["mnist-5k"])
+    one_sigma = plan_training(TrainConfig(epsilon=2, sigma_sgd=2.0, noise_split=2.0, seed=0), DATASETS["mnist-5k"])
     assert one_sigma.config.sigma_agg == 4.0 and one_sigma.iterations == plan.iterations  # the split sets σ_agg
 
 

@@ -250,7 +250,7 @@ def test_progress_names_the_classifier_phase_instead_of_printing_nan_losses():
 
 def test_the_planner_scales_every_sigma_together_and_spends_the_budget():
     n, epsilon = 0.9 * 60000, 1.0
-    cfg = TrainConfig(epsilon=epsilon, delta=DELTA, seed=0, classifier_steps=300, classifier_noise=2.0)
+    cfg = TrainConfig(epsilon=epsilon, delta=DELTA, seed=0, classifier_steps=300, classifier_noise=2.0, noise_split=2.0)
     plan = plan_training(cfg, n)
     c = plan.config
     assert plan.iterations == 300 + 900 and c.iterations == 900
