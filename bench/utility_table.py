@@ -30,14 +30,19 @@ def rows(work: Path):
             yield d, words[0], info, opts, ev, ev_path
 
 
+def is_full_evaluation(ev: dict) -> bool:
+    """The evaluate command's defaults (60k synthetic, no cap on the CNN's training set)."""
+    settings = ev.get("settings", {})
+    return settings.get("num_synthetic") == 60000 and settings.get("max_train_records") is None
+
+
 def summary(works: list[str]) -> None:
     """Mean over seeds of each (options, ε, evaluation): the numbers a claim may quote."""
     groups: dict[tuple, list[dict]] = {}
     for work in works:
         for _d, _name, info, opts, ev, _p in rows(Path(work)):
-            n_syn = ev.get("settings", {}).get("num_synthetic")
-            full = n_syn == 60000 and ev["settings"].get("max_train_records") is None
-            groups.setdefault((opts or "(defaults)", float(info.get("eps", "nan")), full), []).append(
+            key = (opts or "(defaults)", float(info.get("eps", "nan")), is_full_evaluation(ev))
+            groups.setdefault(key, []).append(
                 {"seed": info.get("seed"), "acc": ev["downstream_accuracy"], "div": ev["diversity_ratio"]})
     print("\n| options | ε | evaluation | seeds | accuracy per seed (%) | mean accuracy | mean diversity |")
     print("|---|---|---|---|---|---|---|")
@@ -63,7 +68,7 @@ def main(works: list[str]) -> None:
             P = cfg.get("classifier_steps", 0)
             s_c = f"{cfg['classifier_noise'] * cfg['sigma_sgd']:.3g}" if P else "–"
             n_syn = ev.get("settings", {}).get("num_synthetic", "?")
-            evname = "60k (defaults)" if n_syn == 60000 and ev["settings"].get("max_train_records") is None \
+            evname = "60k (defaults)" if is_full_evaluation(ev) \
                 else f"{n_syn // 1000}k/cap {ev['settings'].get('max_train_records')}"
             ca = cls.get("classifier_test_accuracy")
             cg = cls.get("classifier_on_generated")

@@ -19,7 +19,8 @@ LR_G_SCHEDULES = ("constant", "cosine")  # G's learning rate over the planned it
 
 
 # The configuration behind the README's Fashion-MNIST results (bench/results/k2_900: mean 71.0 % over 5
-# seeds at ε = 10, 900 iterations, at noise split 2; split 1 since bench/results/utility_13_seeds). TrainConfig's defaults, and so the CLI's, equal it (tests/test_planner.py).
+# seeds at ε = 10, 900 iterations, at noise split 2; split 1 since bench/results/utility_13_seeds).
+# TrainConfig's defaults, and so the CLI's, equal it (tests/test_planner.py).
 MEASURED_BEST: dict[str, Any] = {
     "batch_size": 256, "group_size": 128, "sgd_every": 2, "noise_split": 1.0, "lr_d": 2e-4, "lr_g": 1.5e-4,
     "grouping": "class", "embedding": "moments", "pixel_statistics": True, "pixel_moments": "mean,sq_mean,rff",
