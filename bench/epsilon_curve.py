@@ -8,6 +8,8 @@ Each (ε, seed) is one `python -m dpaf_ray train --dataset D --epsilon E --delta
 the evaluate defaults (60k synthetic images, 3 epochs; `--quick`: 20k and a 20k cap, for
 screening only). Runs that already have an evaluation are reused, so the script can be resumed.
 Writes bench/results/epsilon_curve.{json,png,md} (other data sets: epsilon_curve_<dataset>.*).
+`--existing-only` draws what is already evaluated under --work (a run dir may be a link to a run
+made another way with the same plan, e.g. by bench/utility_run.sh) and trains nothing.
 
 DPImageBench (Chen et al. 2025) rows are Fashion-MNIST accuracies at ε = 1 / 10 reported by that
 benchmark with its own classifiers, which differ from ours: they show the shape of the curves,
@@ -38,6 +40,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/epsilon_curve")
     ap.add_argument("--quick", action="store_true", help="20k synthetic images for screening (not the defaults)")
     ap.add_argument("--train-args", default="", help="extra `train` options, e.g. '--iterations 600'")
+    ap.add_argument("--existing-only", action="store_true",
+                    help="table and plot from the runs under --work that already have an evaluation; train nothing")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -46,6 +50,8 @@ def main() -> None:
         for seed in args.seeds:
             out = work / f"{args.dataset}_eps{eps:g}_seed{seed}"
             done = sorted((out / "evaluation").glob("evaluation-*.json")) if out.exists() else []
+            if not done and args.existing_only:
+                continue
             if not done:
                 train_s = None
                 if not (out / "release" / "generator.pt").exists():
@@ -63,8 +69,9 @@ def main() -> None:
             metrics = json.loads(done[-1].read_text())
             report = json.loads((out / "release" / "privacy_report.json").read_text())
             seconds = json.loads((out / "metrics.json").read_text())["train_seconds"]
+            split = json.loads((out / "config.json").read_text()).get("noise_split")
             rows.append({"epsilon": eps, "seed": seed, "epsilon_ledger": report["epsilon"], "delta": args.delta,
-                         "iterations": report["iterations_executed"], "train_seconds": seconds,
+                         "iterations": report["iterations_executed"], "train_seconds": seconds, "noise_split": split,
                          "downstream_accuracy": metrics["downstream_accuracy"], "fid_domain": metrics["fid_domain"],
                          "diversity_ratio": metrics["diversity_ratio"], "num_synthetic": metrics["num_synthetic"],
                          "real_data_accuracy": metrics.get("real_data_accuracy")})
@@ -81,8 +88,14 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
+def _splits(rows: list[dict]) -> str:
+    """The noise split(s) σ_agg/σ_sgd the runs were trained at, e.g. "1"."""
+    return ", ".join(f"{x:g}" for x in sorted({r["noise_split"] for r in rows if r.get("noise_split") is not None}))
+
+
 def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
-    lines = [f"Dataset {args.dataset}, δ = {args.delta:g}, default plan; evaluate "
+    splits = _splits(rows)
+    lines = [f"Dataset {args.dataset}, δ = {args.delta:g}, default plan (noise split σ_agg/σ_sgd = {splits}); evaluate "
              f"{'quick (20k)' if args.quick else 'defaults (60k synthetic, 3 epochs)'}.", "",
              "| ε | seeds | accuracy per seed | mean accuracy | mean fid_domain | diversity | T | train min |",
              "|---|---|---|---|---|---|---|---|"]
@@ -130,7 +143,8 @@ def plot(rows: list[dict], path: Path, dataset: str) -> None:
     a2.set_xlabel("ε")
     a2.set_ylabel("fid_domain (lower is better)")
     a2.grid(alpha=0.3)
-    fig.suptitle(f"{dataset}: accuracy and fid_domain against ε")
+    splits = _splits(rows)
+    fig.suptitle(f"{dataset}: accuracy and fid_domain against ε (default plan, noise split {splits})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

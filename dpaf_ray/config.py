@@ -86,6 +86,9 @@ class TrainConfig:
     classifier_momentum: float = 0.9
     classifier_lr_schedule: str = "constant"  # "cosine": decays to classifier_lr/10 over the phase
     classifier_weight: float = 1.0  # weight of cross-entropy(classifier(G(z, y)), y) in G's loss
+    # nats: only cross-entropy above it teaches G (an image with p(y) >= e^-m is left alone), so G
+    # need not pull each class onto the classifier's most confident image (0: plain cross-entropy)
+    classifier_margin: float = 0.0
     teacher_features: bool = False  # DPAGG also sums the frozen classifier's [h, h², softmax] of each record
     classifier_matching: float = 10.0  # G matches their released class means with this weight
     generator_ema: float = 0.0  # > 0: the release holds an EMA of G's weights with this decay (0: G itself)
@@ -162,7 +165,7 @@ class TrainConfig:
             bad("classifier_momentum", f"must lie in [0, 1), got {self.classifier_momentum}")
         if self.classifier_lr_schedule not in LR_G_SCHEDULES:
             bad("classifier_lr_schedule", f"must be one of {LR_G_SCHEDULES}, got {self.classifier_lr_schedule!r}")
-        for name in ("classifier_weight", "classifier_matching"):
+        for name in ("classifier_weight", "classifier_matching", "classifier_margin"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.generator_ema < 1):

@@ -177,6 +177,30 @@ def test_phase_two_never_updates_the_classifier_and_g_gets_its_gradient(monkeypa
     assert any(not torch.equal(a, b) for a, b in zip(g_before, tr.generator.parameters()))
 
 
+def test_the_margin_leaves_confidently_labelled_images_alone():
+    """margin 0 is the plain cross-entropy; an image whose cross-entropy is under the margin gives G
+    no gradient, one above it gives the excess (post-processing of the frozen classifier)."""
+    tr = make_trainer(classifier_steps=2)
+    for t in range(2):
+        tr.d_iteration(t)
+    xf = torch.rand(6, 1, 28, 28, requires_grad=True)
+    yf = torch.arange(6) % 3
+    ce = torch.nn.functional.cross_entropy(tr.teacher.model(xf), yf, reduction="none").detach()
+    assert torch.allclose(tr.teacher.generator_loss(xf, yf), ce.sum() / tr.fake_batch)
+    margin = float(ce.median())
+    tr.cfg.classifier_margin = margin
+    loss = tr.teacher.generator_loss(xf, yf)
+    assert torch.allclose(loss, (ce - margin).clamp(min=0).sum() / tr.fake_batch)
+    (grad,) = torch.autograd.grad(loss, xf)
+    below = ce < margin
+    assert below.any() and (~below).any()
+    assert grad[below].abs().max() == 0 and grad[~below].abs().max() > 0
+    tr.cfg.classifier_margin = float(ce.max()) + 1
+    assert tr.teacher.generator_loss(xf, yf).item() == 0
+    with pytest.raises(ConfigError, match="--classifier-margin"):
+        TrainConfig(classifier_margin=-0.1).validate()
+
+
 def test_classifier_samples_come_from_their_own_stream():
     tr = make_trainer(batch_size=20, classifier_batch=20)
     same_q = tr.teacher.q
@@ -297,9 +321,10 @@ def test_knobs_are_validated_and_reach_the_cli():
     with pytest.raises(ConfigError, match="--classifier-batch"):
         TrainConfig(classifier_steps=1, classifier_batch=10_000).validate(5000)
     args = cli.build_parser().parse_args(["train", "--out", "x", "--classifier-steps", "7", "--classifier-noise",
-                                          "1.5", "--classifier-weight", "0.5"])
+                                          "1.5", "--classifier-weight", "0.5", "--classifier-margin", "0.2"])
     cfg = cli.config_from_args(args)
-    assert (cfg.classifier_steps, cfg.classifier_noise, cfg.classifier_weight) == (7, 1.5, 0.5)
+    knobs = (cfg.classifier_steps, cfg.classifier_noise, cfg.classifier_weight, cfg.classifier_margin)
+    assert knobs == (7, 1.5, 0.5, 0.2)
 
 
 def test_checkpoint_carries_the_classifier():

@@ -6,7 +6,7 @@
         + N(0, σ_c² C_c² I) (stream "noise/dpsgd/classifier"), ÷ B_c (expected, never realised)
         → SGD with momentum                                               (DP-SGD release)
     phase two, iterations P …: the DPAF iterations; the classifier is frozen and G also
-        minimises cross-entropy(classifier(G(z, y)), y)           (post-processing: no cost)
+        minimises max(0, cross-entropy(classifier(G(z, y)), y) − margin)  (post-processing: no cost)
 
 Each step of phase one is one Poisson-sampled Gaussian release of sensitivity C_c, charged
 as (q_c, σ_c) by the schedule's prefix (`privacy.calibration.Phase`) before it runs; σ_c =
@@ -66,10 +66,12 @@ class LabelTeacher:
         return {}
 
     def generator_loss(self, xf: torch.Tensor, yf: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the mean cross-entropy of the frozen classifier on G's images."""
+        """This rank's share of the mean cross-entropy of the frozen classifier on G's images, less
+        the margin: an image the classifier already labels with p(y) >= e^-margin adds nothing."""
         self.model.requires_grad_(False)  # phase two: frozen; G's gradient flows through it only
         logits = self.model(xf)
-        return F.cross_entropy(logits, yf, reduction="sum") / self.trainer.fake_batch
+        excess = (F.cross_entropy(logits, yf, reduction="none") - self.cfg.classifier_margin).clamp(min=0)
+        return excess.sum() / self.trainer.fake_batch
 
     @staticmethod
     def feature_dim(num_classes: int, hidden: int = 32) -> int:
