@@ -2,7 +2,7 @@
 
     python bench/utility_table.py WORKDIR [WORKDIR ...] > table.md
 
-Then a second table: the mean over seeds of each (options, ε, evaluation).
+Then a second table: the mean over seeds of each (options, noise split, ε, evaluation).
 
 One row per run directory (the latest evaluation file of each): seed, ε, δ, the classifier
 phase's steps P and the GAN iterations T, σs, ε from the ledger, wall times, downstream accuracy,
@@ -37,18 +37,22 @@ def is_full_evaluation(ev: dict) -> bool:
 
 
 def summary(works: list[str]) -> None:
-    """Mean over seeds of each (options, ε, evaluation): the numbers a claim may quote."""
+    """Mean over seeds of each (options, noise split, ε, evaluation): the numbers a claim may quote.
+    The split is read from each run's config: the default moved from 2 to 1, so the same options
+    meant different runs before and after."""
     groups: dict[tuple, list[dict]] = {}
     for work in works:
-        for _d, _name, info, opts, ev, _p in rows(Path(work)):
-            key = (opts or "(defaults)", float(info.get("eps", "nan")), is_full_evaluation(ev))
+        for d, _name, info, opts, ev, _p in rows(Path(work)):
+            split = json.loads((d / "run" / "config.json").read_text()).get("noise_split")
+            key = (opts or "(defaults)", split, float(info.get("eps", "nan")), is_full_evaluation(ev))
             groups.setdefault(key, []).append(
                 {"seed": info.get("seed"), "acc": ev["downstream_accuracy"], "div": ev["diversity_ratio"]})
-    print("\n| options | ε | evaluation | seeds | accuracy per seed (%) | mean accuracy | mean diversity |")
-    print("|---|---|---|---|---|---|---|")
-    for (opts, eps, full), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], not kv[0][2])):
+    print("\n| options | noise split | ε | evaluation | seeds | accuracy per seed (%) | mean accuracy | mean diversity |")
+    print("|---|---|---|---|---|---|---|---|")
+    order = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, -kv[0][2], not kv[0][3]))
+    for (opts, split, eps, full), runs in order:
         accs = [100 * r["acc"] for r in runs]
-        print(f"| `{opts}` | {eps:g} | {'defaults (60k)' if full else 'quick'} | "
+        print(f"| `{opts}` | {split:g} | {eps:g} | {'defaults (60k)' if full else 'quick'} | "
               f"{', '.join(str(r['seed']) for r in runs)} | {' / '.join(f'{a:.1f}' for a in accs)} | "
               f"{sum(accs) / len(accs):.1f} % | {sum(r['div'] for r in runs) / len(runs):.2f} |")
 
