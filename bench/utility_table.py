@@ -52,7 +52,7 @@ def summary(works: list[str]) -> None:
     order = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, -kv[0][2], not kv[0][3]))
     for (opts, split, eps, full), runs in order:
         accs = [100 * r["acc"] for r in runs]
-        print(f"| `{opts}` | {split:g} | {eps:g} | {'defaults (60k)' if full else 'quick'} | "
+        print(f"| `{opts}` | {'?' if split is None else f'{split:g}'} | {eps:g} | {'defaults (60k)' if full else 'quick'} | "
               f"{', '.join(str(r['seed']) for r in runs)} | {' / '.join(f'{a:.1f}' for a in accs)} | "
               f"{sum(accs) / len(accs):.1f} % | {sum(r['div'] for r in runs) / len(runs):.2f} |")
 
