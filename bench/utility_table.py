@@ -25,9 +25,10 @@ def rows(work: Path):
         words = done.read_text().split()
         info = dict(w.split("=", 1) for w in words[1:] if "=" in w and not w.startswith("--"))
         opts = " ".join(w for w in words[1:] if "=" not in w or w.startswith("--"))
+        cfg = json.loads((run / "config.json").read_text())
         for ev_path in evals:
             ev = json.loads(ev_path.read_text())
-            yield d, words[0], info, opts, ev, ev_path
+            yield d, words[0], info, opts, cfg, ev
 
 
 def is_full_evaluation(ev: dict) -> bool:
@@ -42,8 +43,8 @@ def summary(works: list[str]) -> None:
     meant different runs before and after."""
     groups: dict[tuple, list[dict]] = {}
     for work in works:
-        for d, _name, info, opts, ev, _p in rows(Path(work)):
-            split = json.loads((d / "run" / "config.json").read_text()).get("noise_split")
+        for _d, _name, info, opts, cfg, ev in rows(Path(work)):
+            split = cfg.get("noise_split")
             key = (opts or "(defaults)", split, float(info.get("eps", "nan")), is_full_evaluation(ev))
             groups.setdefault(key, []).append(
                 {"seed": info.get("seed"), "acc": ev["downstream_accuracy"], "div": ev["diversity_ratio"]})
@@ -62,8 +63,7 @@ def main(works: list[str]) -> None:
           "| fid_domain | diversity | DP classifier test acc | classifier on G | command |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for work in works:
-        for d, name, info, opts, ev, ev_path in rows(Path(work)):
-            cfg = json.loads((d / "run" / "config.json").read_text())
+        for d, name, info, opts, cfg, ev in rows(Path(work)):
             rep = json.loads((d / "run" / "release" / "privacy_report.json").read_text())
             m = json.loads((d / "run" / "metrics.json").read_text())
             cls = {}
