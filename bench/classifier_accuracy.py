@@ -25,7 +25,8 @@ def main(run_dir: str) -> dict:
     mods = state["trainer"]["modules"] if state else {}
     if "classifier" not in mods:
         return {}
-    test = load_dataset("fashion-mnist", "test")
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    test = load_dataset(config.get("dataset", "fashion-mnist"), "test", config.get("data_root"))
     model = LabelClassifier(architecture_for(test.shape), test.num_classes)
     model.load_state_dict(mods["classifier"])
     model.eval()

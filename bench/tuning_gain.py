@@ -38,7 +38,7 @@ from dpaf_ray.tuning.search_space import load_search_space  # noqa: E402
 from dpaf_ray.tuning.tuner import reference_config  # noqa: E402
 from logged_run import run_logged  # noqa: E402
 
-SHAPE_KNOBS = ("batch_size", "sgd_every", "noise_split")
+SHAPE_KNOBS = ("batch_size", "sgd_every", "noise_split", "classifier_steps")
 
 
 def fit_table(ss, n_records: int, T: int) -> dict:
@@ -46,8 +46,9 @@ def fit_table(ss, n_records: int, T: int) -> dict:
     cfg = reference_config(ss)
     n_train = (1 - cfg.validation_fraction) * n_records
     shape = distribution_shape(ss.trials_distribution, ss.tnb_shape)
-    ref = calibrate_reference(ss.epsilon, ss.delta, schedule_for(cfg, n_train), T, ss.score_noise, ss.search,
-                              ss.expected_trials, shape)
+    ref_sched = schedule_for(cfg, n_train)
+    ref = calibrate_reference(ss.epsilon, ss.delta, ref_sched, ref_sched.prefix_iterations + T, ss.score_noise,
+                              ss.search, ss.expected_trials, shape)
     e_ref = ref.epsilon(ss.delta)
     choices = {p.name: p.extremes() if p.kind != "choice" else p.values for p in ss.params if p.name in SHAPE_KNOBS}
     rows = []
@@ -56,8 +57,9 @@ def fit_table(ss, n_records: int, T: int) -> dict:
         c = TrainConfig.from_dict({**ss.fixed, **knobs})
         t = max(1, round(T * cfg.batch_size / c.batch_size))  # as many epochs as the planned trial
         sched = schedule_for(c, n_train)
-        fit = fit_trial(sched, t, ss.score_noise, ref)
-        e = PrivacyLedger(sched.scaled(fit.noise_factor).entries(t) + [Gaussian(ss.score_noise)],
+        t_all = sched.prefix_iterations + t  # T GAN iterations after any classifier phase
+        fit = fit_trial(sched, t_all, ss.score_noise, ref)
+        e = PrivacyLedger(sched.scaled(fit.noise_factor).entries(t_all) + [Gaussian(ss.score_noise)],
                           ref.orders).epsilon(ss.delta)
         rows.append({**knobs, "iterations": t, "sigma_eff": sched.cycle[0] * fit.noise_factor,
                      "epsilon_trial": e, "fraction_of_reference": e / e_ref})
@@ -72,10 +74,12 @@ def per_trial(ss, n_records: int, T: int) -> list[dict]:
     for mean in (2, 3, 5, 10):
         row = {"expected_trials": mean}
         for search in ("random", "tpe"):
-            ref = calibrate_reference(ss.epsilon, ss.delta, sched, T, ss.score_noise, search, mean, 1.0)
+            ref = calibrate_reference(ss.epsilon, ss.delta, sched, sched.prefix_iterations + T, ss.score_noise,
+                                      search, mean, 1.0)
             row[f"{search}_epsilon_per_trial"] = ref.epsilon(ss.delta)
         rows.append(row)
-    single = calibrate_reference(ss.epsilon, ss.delta, sched, T, ss.score_noise, "tpe", 1, 1.0)
+    single = calibrate_reference(ss.epsilon, ss.delta, sched, sched.prefix_iterations + T, ss.score_noise, "tpe", 1,
+                                 1.0)
     rows.append({"expected_trials": 1, "single_run_epsilon": single.epsilon(ss.delta)})
     return rows
 
@@ -89,7 +93,8 @@ def distribution_table(ss, n_records: int, T: int) -> list[dict]:
     rows = []
     for mean in (2, 3, 5):
         for name, shape in laws.items():
-            ref = calibrate_reference(ss.epsilon, ss.delta, sched, T, ss.score_noise, "random", mean, shape)
+            ref = calibrate_reference(ss.epsilon, ss.delta, sched, sched.prefix_iterations + T, ss.score_noise,
+                                      "random", mean, shape)
             probs = dict(itertools.takewhile(lambda kp: kp[0] < 200, num_trials_pmf(mean, shape)))
             rows.append({"expected_trials": mean, "law": name, "epsilon_per_trial": ref.epsilon(ss.delta),
                          "p_no_release": probs.get(0, 0.0), "p_no_choice": probs.get(0, 0.0) + probs.get(1, 0.0),

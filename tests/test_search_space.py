@@ -129,6 +129,8 @@ BAD = [
      "calibrated from the budget"),
     ("iterations-zero", mutate(trial__iterations=0), "`trial.iterations`", "must be > 0"),
     ("reference-batch-zero", mutate(reference__batch_size=0), "`reference.batch_size`", "must be > 0"),
+    ("reference-classifier-steps-negative", mutate(reference__classifier_steps=-5), "`reference.classifier_steps`",
+     "whole number >= 0"),
     ("score-noise-negative", mutate(score__noise_multiplier=-1), "`score.noise_multiplier`", "must be > 0"),
     ("section-not-a-mapping", mutate(trial=[1, 2]), "`trial`", "must be a mapping"),
 ]

@@ -548,3 +548,55 @@ def test_check_trial_under_reference_raises_when_exceeded(reference):
     ledger = PrivacyLedger(one_more, reference.orders)
     with pytest.raises(RuntimeError):
         check_trial_under_reference(PrivacyLedger.from_json(ledger.to_json()).entries, reference)
+
+
+# ======================================================================= a searched classifier phase
+
+
+def test_a_searched_classifier_phase_is_in_the_reference_its_json_and_the_search_charge(tmp_path):
+    """A space that draws the DP label classifier's phase (issue #13's knob) plans its reference
+    with the longest phase it can draw; the phase's releases are in the reference's recomputable
+    events, survive the JSON round trip the trials and the report read, and every trial, with or
+    without the phase, runs its T GAN iterations after it and stays under the reference."""
+    import yaml
+
+    from dpaf_ray.config import TrainConfig
+    from dpaf_ray.training.plan import schedule_for
+    from dpaf_ray.tuning.search_space import load_search_space
+    from dpaf_ray.tuning.tuner import check_space_fits, plan_search, reference_config, reference_from, search_ledger
+
+    T, P, b_c, n_records = 100, 40, 64, 5000
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({
+        "dataset": "mnist-5k", "epsilon": 2.0, "delta": 1e-5, "search": "random", "expected_trials": 2,
+        "trial": {"iterations": T}, "fixed": {"batch_size": 128, "classifier_batch": b_c, "classifier_noise": 2.0},
+        "params": {"classifier_steps": {"choice": [0, P]}, "noise_split": {"choice": [1.0, 2.0]}}}))
+    ss = load_search_space(str(path))
+    state = plan_search(ss, n_records, (1, 28, 28), 10)
+    ref = reference_from(state)
+    n_train = (1 - TrainConfig.validation_fraction) * n_records
+    assert ref.iterations == P + T and ref.gan_iterations == T
+    (phase,) = ref.schedule.prefix
+    assert phase.iterations == P and phase.sampling_rate == pytest.approx(b_c / n_train)
+    base = schedule_for(reference_config(ss), n_train)  # σ_sgd = 1 at the default split 1
+    factor = ref.schedule.cycle[0] / base.cycle[0]
+    assert base.prefix[0].noise == pytest.approx(2.0) and phase.noise == pytest.approx(2.0 * factor)  # σ_c = 2 σ_sgd
+    events = state["reference"]["events"]
+    assert any(e["kind"] == "poisson_gaussian" and e["count"] == P and e["sampling_rate"] == pytest.approx(b_c / n_train)
+               for e in events), events
+    back = Reference.from_json(state["reference"])
+    np.testing.assert_allclose(back.rdp(), Reference(ref.schedule, P + T, ref.score_noise, ref.orders).rdp())
+    # the charge covers the phase: the whole search spends (almost all of) the budget, no more
+    eps = search_ledger(ss, state).epsilon(ss.delta)
+    assert 0.98 * ss.epsilon <= eps <= ss.epsilon
+    check_space_fits(ss, state)
+    for steps, split in itertools.product((0, P), (1.0, 2.0)):
+        cfg = TrainConfig.from_dict({**ss.fixed, "classifier_steps": steps, "noise_split": split})
+        schedule = schedule_for(cfg, n_train)
+        assert schedule.prefix_iterations == steps
+        fit = fit_trial(schedule, steps + T, ss.score_noise, ref)  # T GAN iterations after the phase
+        entries = schedule.scaled(fit.noise_factor).entries(steps + T) + [Gaussian(ss.score_noise)]
+        check_trial_under_reference(entries, ref)
+        if split == 1.0:  # the reference's own cycle: no more noise than it, less without the phase
+            assert fit.noise_factor <= factor * (1 + 2e-3)
+            assert steps == P or fit.noise_factor < factor

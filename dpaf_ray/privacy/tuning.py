@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .calibration import IterationSchedule
+from .calibration import IterationSchedule, Phase
 from .ledger import (
     RDP_ORDERS,
     Entry,
@@ -156,15 +156,23 @@ class Reference:
         """ε of one run of the reference on its own."""
         return PrivacyLedger(self.entries(), self.orders).epsilon(delta)
 
+    @property
+    def gan_iterations(self) -> int:
+        """The planned trial's iterations after its classifier phase (`iterations` counts both)."""
+        return self.iterations - self.schedule.prefix_iterations
+
     def to_json(self) -> dict:
-        """Recomputable by anyone: `events` in the privacy report's format."""
+        """Recomputable by anyone: `events` in the privacy report's format. `prefix` holds a
+        classifier phase's (q_c, σ_c, steps), run before the cycle and counted in `iterations`."""
         return {"events": [e.to_json() for e in self.entries()], "orders": list(self.orders),
                 "sampling_rate": self.sampling_rate, "cycle": list(self.schedule.cycle),
+                "prefix": [[p.sampling_rate, p.noise, p.iterations] for p in self.schedule.prefix],
                 "iterations": self.iterations, "score_noise_multiplier": self.score_noise}
 
     @classmethod
     def from_json(cls, d: dict) -> "Reference":
-        return cls(IterationSchedule(float(d["sampling_rate"]), tuple(float(x) for x in d["cycle"])),
+        prefix = tuple(Phase(float(q), float(s), int(n)) for q, s, n in d.get("prefix", []))
+        return cls(IterationSchedule(float(d["sampling_rate"]), tuple(float(x) for x in d["cycle"]), prefix),
                    int(d["iterations"]), None if d["score_noise_multiplier"] is None else
                    float(d["score_noise_multiplier"]), tuple(float(o) for o in d["orders"]))
 

@@ -14,7 +14,7 @@ from .resources import check_declared_hardware, check_resource_keys, parse_hardw
 
 TOP_KEYS = {"dataset", "data_root", "num_classes", "epsilon", "delta", "search", "expected_trials", "trials_distribution",
             "tnb_shape", "reference", "score", "trial", "fixed", "params", "hardware"}
-REFERENCE_KEYS = {"batch_size"}
+REFERENCE_KEYS = {"batch_size", "classifier_steps"}
 SCORE_KEYS = {"noise_multiplier", "classifier_epochs", "classifier_max_steps", "public_validation"}
 TRIAL_KEYS = {"iterations", "time_budget_minutes", "num_synthetic", "num_workers",
               "use_gpu", "cpus_per_worker", "max_concurrent_trials", "gpus_per_worker"}
@@ -63,6 +63,7 @@ class SearchSpace:
     trials_distribution: str = "tnb"
     tnb_shape: float = 1.0
     reference_batch_size: int | None = None  # the planned trial's B (default: fixed.batch_size, else TrainConfig's)
+    reference_classifier_steps: int | None = None  # its classifier phase (default: the longest the space can draw)
     score_noise: float = 20.0
     classifier_epochs: int = 2
     classifier_max_steps: int | None = 300
@@ -177,6 +178,11 @@ def load_search_space(path: str | Path) -> SearchSpace:
     ref, score, trial = (raw.get(s, {}) or {} for s in sections)
     if "batch_size" in ref:
         ss.reference_batch_size = int(_number(p, "reference.batch_size", ref["batch_size"]))
+    if "classifier_steps" in ref:
+        v = _number(p, "reference.classifier_steps", ref["classifier_steps"], positive=False)
+        if v < 0 or v != int(v):
+            raise _err(p, "reference.classifier_steps", f"must be a whole number >= 0 (0: no classifier phase), got {v:g}")
+        ss.reference_classifier_steps = int(v)
     if "noise_multiplier" in score:
         ss.score_noise = _number(p, "score.noise_multiplier", score["noise_multiplier"])
     if "classifier_epochs" in score:

@@ -51,9 +51,21 @@ def reference_batch_size(ss: SearchSpace) -> int:
     return max(sizes) if sizes else int(ss.fixed.get("batch_size", TrainConfig.batch_size))
 
 
+def reference_classifier_steps(ss: SearchSpace) -> int:
+    """The planned trial's classifier phase: reference.classifier_steps, else the longest the space
+    can draw, so that a trial drawn with the phase fits under the reference without extra noise
+    (one drawn without it fits with slack)."""
+    if ss.reference_classifier_steps is not None:
+        return ss.reference_classifier_steps
+    steps = [int(v) for p in ss.params if p.name == "classifier_steps" for v in p.extremes()]
+    return max(steps) if steps else int(ss.fixed.get("classifier_steps", TrainConfig.classifier_steps))
+
+
 def reference_config(ss: SearchSpace) -> TrainConfig:
-    """The planned trial: the fixed knobs and the measured defaults, at the reference batch size."""
-    cfg = TrainConfig.from_dict({**ss.fixed, "batch_size": reference_batch_size(ss), "dataset": ss.dataset,
+    """The planned trial: the fixed knobs and the measured defaults, at the reference batch size
+    and classifier phase."""
+    cfg = TrainConfig.from_dict({**ss.fixed, "batch_size": reference_batch_size(ss),
+                                 "classifier_steps": reference_classifier_steps(ss), "dataset": ss.dataset,
                                  "data_root": ss.data_root, "num_classes": ss.num_classes, "epsilon": ss.epsilon,
                                  "delta": ss.delta, "time_budget_minutes": ss.time_budget_minutes})
     return dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))
@@ -89,7 +101,8 @@ def plan_search(ss: SearchSpace, n_records: int, shape: tuple[int, int, int], nu
     n_train = (1 - cfg.validation_fraction) * n_records
     cfg.validate(n_train)
     T, how = trial_iterations(ss, cfg, shape, num_classes, n_train)
-    reference = calibrate_reference(ss.epsilon, ss.delta, schedule_for(cfg, n_train), T, score_noise,
+    schedule = schedule_for(cfg, n_train)  # T GAN iterations after any classifier phase, as in a single run
+    reference = calibrate_reference(ss.epsilon, ss.delta, schedule, schedule.prefix_iterations + T, score_noise,
                                     ss.search, ss.expected_trials, shape_k)
     if ss.search == "random":
         k = sample_num_trials(ss.expected_trials, shape_k)  # cryptographic; never re-drawn
@@ -165,12 +178,13 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     score_noise = None if ss.public_validation else ss.score_noise
     cfg.validate(data.expected_train)
     T, how = trial_iterations(ss, cfg, data.shape, data.num_classes, data.expected_train)
-    fit = fit_trial(schedule_for(cfg, data.expected_train), T, score_noise, reference)
+    P = schedule_for(cfg, data.expected_train).prefix_iterations  # T GAN iterations after the classifier phase
+    fit = fit_trial(schedule_for(cfg, data.expected_train), P + T, score_noise, reference)
     base_agg, base_sgd = cfg.base_sigmas()  # as sampled, or the noise split at σ_sgd = 1
     cfg = dataclasses.replace(cfg, iterations=T, sigma_agg=base_agg * fit.noise_factor,
                               sigma_sgd=base_sgd * fit.noise_factor)
     cfg.validate(data.expected_train)
-    plan = TrainingPlan(cfg, schedule_for(cfg, data.expected_train), T, float("nan"), fit.noise_factor,
+    plan = TrainingPlan(cfg, schedule_for(cfg, data.expected_train), P + T, float("nan"), fit.noise_factor,
                         f"{how}; noise fitted under the reference")
     trial_dir = Path(static["trials_dir"]) / trial_name
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -205,14 +219,14 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
 
     knobs = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "data_root", "extra_fixed_releases")}
     if result.stopped_early:  # said in the record: the trial left part of its share unspent
-        summary_note = (f"stopped early by its time budget after {result.iterations_done} of {T} iterations; "
+        summary_note = (f"stopped early by its time budget after {result.iterations_done} of {P + T} iterations; "
                         "the unspent part of its share is not used")
     else:
         summary_note = None
     summary = {"trial": trial_name, "note": summary_note, "seconds": time.time() - trial_started,
                "score": score.value, "score_kind": score.kind,
                "score_noise_multiplier": score.noise_multiplier, "expected_validation": score.expected_validation,
-               "iterations": result.iterations_done, "iterations_planned": T, "noise_factor": fit.noise_factor,
+               "iterations": result.iterations_done, "iterations_planned": P + T, "noise_factor": fit.noise_factor,
                "stopped_early": result.stopped_early,
                "epsilon_trial": ledger.epsilon(ss.delta), "epsilon_reference": reference.epsilon(ss.delta),
                "knobs": knobs, "sampled": sampled,
@@ -290,7 +304,9 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     cycle = ", ".join(f"{x:.3g}" for x in reference.schedule.cycle)
     progress(f"private {ss.search} search on {ss.dataset}: total ε={report_eps:.3f} (target {ss.epsilon:g}, "
              f"δ={ss.delta:g}) covers training, scoring and the search; expected trials {ss.expected_trials:g} "
-             f"({ss.trials_distribution}); each trial: T={reference.iterations} ({state['reference_iterations_from']}),"
+             f"({ss.trials_distribution}); each trial: T={reference.gan_iterations} ({state['reference_iterations_from']})"
+             + (f" after {reference.schedule.prefix_iterations} classifier steps" if reference.schedule.prefix else "")
+             + ","
              f" reference q={reference.sampling_rate:.4g}, σ cycle ({cycle}), ε alone "
              f"{reference.epsilon(ss.delta):.3f}")
 
@@ -360,7 +376,8 @@ def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
     reference = reference_from(state)
     n_train = (1 - float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction))) * state["n_records"]
     score_noise = None if ss.public_validation else ss.score_noise
-    schedule_knobs = {"batch_size", "sgd_every", "noise_split", "sigma_agg", "sigma_sgd", "model"}
+    schedule_knobs = {"batch_size", "sgd_every", "noise_split", "sigma_agg", "sigma_sgd", "model",
+                      "classifier_steps", "classifier_batch", "classifier_noise"}
     cases = [("fixed", {})] + [(f"params.{p.name}", {p.name: v}) for p in ss.params for v in p.extremes()]
     for key, knobs in cases:
         cfg = TrainConfig.from_dict(clamp_group({**ss.fixed, **knobs, "dataset": ss.dataset, "epsilon": ss.epsilon,
@@ -370,12 +387,16 @@ def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
                                    f"training records (q = B/N > 1); lower it")
         if key != "fixed" and not set(knobs) & schedule_knobs:
             continue
+        schedule = schedule_for(cfg, n_train)
+        T = reference.gan_iterations
+        if ss.trial_iterations is not None or ss.time_budget_minutes is None:  # as many epochs as the reference
+            T = max(1, round(T * reference_batch_size(ss) / cfg.batch_size))
         try:
-            fit = fit_trial(schedule_for(cfg, n_train), reference.iterations, score_noise, reference)
+            fit = fit_trial(schedule, schedule.prefix_iterations + T, score_noise, reference)
         except PrivacyConfigError as err:
             raise SearchSpaceError(f"{ss.path}: `{key}`: {knobs or 'the fixed knobs'} cannot run under the "
                                    f"reference ({err})") from err
-        sigma = schedule_for(cfg, n_train).cycle[0] * fit.noise_factor
+        sigma = schedule.cycle[0] * fit.noise_factor
         if sigma > MAX_NOISE_MULTIPLIER:
             raise SearchSpaceError(f"{ss.path}: `{key}`: {knobs} needs σ_eff={sigma:.3g} to fit under the reference, "
                                    f"beyond the limit {MAX_NOISE_MULTIPLIER:g}; narrow the range, raise the budget or "
