@@ -129,6 +129,7 @@ def run_search(args, ss, eps: float, seed: int, work: Path) -> dict:
     for t in results.finished:
         row = {"trial": t.name, "score": t.score, "epsilon_trial": t.epsilon, "iterations": t.iterations,
                **{k: t.knobs[k] for k in ("group_size", "noise_split", "lr_g", "batch_size", "sgd_every")},
+               "sampled": dict(t.sampled),
                "released": t is chosen}
         if args.oracle and (t.path / "generator.pt").exists():  # quick evaluation: 20k synthetic, 20k records
             od = work / "oracle" / f"{out.name}_{t.name}"
@@ -175,11 +176,13 @@ def main() -> None:
                     help="also evaluate every trial's generator, quickly (20k synthetic images, 20k records; "
                          "operator-only)")
     ap.add_argument("--work", default="/tmp/tuning_gain")
+    ap.add_argument("--results", default="tuning_gain_train",
+                    help="folder under bench/results/ for --train's JSON, tables and plot (one per search space)")
     ap.add_argument("--tables-from", default=None, metavar="RESULT_JSON",
                     help="only rewrite the tables and plot from a finished --train run's result JSON")
     args = ap.parse_args()
     if args.tables_from:
-        write_tables(json.loads(Path(args.tables_from).read_text())["training"])
+        write_tables(json.loads(Path(args.tables_from).read_text())["training"], Path(args.tables_from).parent)
         return
     ss = load_search_space(args.search_space)
     if args.epsilon is not None:
@@ -215,20 +218,21 @@ def main() -> None:
             training["search"] = [run_search(args, ss, e, s, work) for e, s in jobs]
         result["training"] = training
         if args.part == "both":
-            write_tables(training)
-    name = f"tuning_gain_eps{ss.epsilon:g}.json" if not args.train else f"tuning_gain_train/result_{args.part}.json"
+            write_tables(training, ROOT / "bench" / "results" / args.results)
+    name = f"tuning_gain_eps{ss.epsilon:g}.json" if not args.train else f"{args.results}/result_{args.part}.json"
     out = ROOT / "bench" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"written: {out}")
 
 
-def write_tables(training: dict) -> None:
-    (ROOT / "bench" / "results" / "tuning_gain_train").mkdir(exist_ok=True)
-    write_training_table(training, ROOT / "bench" / "results" / "tuning_gain_train" / "table.md")
+def write_tables(training: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_training_table(training, folder / "table.md")
     if any("accuracy_quick" in t for r in training["search"] for t in r["trials"]):
-        write_config_table(training, ROOT / "bench" / "results" / "tuning_gain_train" / "configs.md")
-    plot(training, ROOT / "bench" / "results" / "tuning_gain.png")
+        write_config_table(training, folder / "configs.md")
+    plot(training, ROOT / "bench" / "results" / "tuning_gain.png" if folder.name == "tuning_gain_train"
+         else folder / "tuning_gain.png")
 
 
 def write_config_table(training: dict, path: Path) -> None:
@@ -241,21 +245,29 @@ def write_config_table(training: dict, path: Path) -> None:
     for r in training["search"]:
         for t in r["trials"]:
             if "accuracy_quick" in t:
-                key = (r["epsilon"], t["group_size"], t["noise_split"], t["lr_g"])
+                key = (r["epsilon"], config_label(t))
                 by_config.setdefault(key, []).append((t["epsilon_trial"], t["accuracy_quick"]))
-    lines = ["| total ε | b | split | lr_g | trials | trial ε | accuracy of each trial, quick evaluation (%) | mean |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (eps, b, split, lr), runs in sorted(by_config.items(), key=lambda kv: (-kv[0][0], kv[0][1:])):
+    lines = ["| total ε | configuration | trials | trial ε | accuracy of each trial, quick evaluation (%) | mean |",
+             "|---|---|---|---|---|---|"]
+    for (eps, label), runs in sorted(by_config.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
         accs = [100 * a for _, a in runs]
-        lines.append(f"| {eps:g} | {b} | {split:g} | {lr:g} | {len(runs)} | {runs[0][0]:.3f} | "
+        lines.append(f"| {eps:g} | {label} | {len(runs)} | {runs[0][0]:.3f} | "
                      f"{' / '.join(f'{a:.1f}' for a in accs)} | {sum(accs) / len(accs):.1f} |")
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
+def config_label(trial: dict) -> str:
+    """The searched knobs of a trial (older results: b, split, lr_g)."""
+    if "sampled" in trial:
+        return ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                         for k, v in sorted(trial["sampled"].items()))
+    return f"b {trial['group_size']}, noise_split {trial['noise_split']:g}, lr_g {trial['lr_g']:g}"
+
+
 def write_training_table(training: dict, path: Path) -> None:
     lines = ["| ε | seed | default (acc, div) | search (acc, div) | K | search ε trial | released config "
-             "(b, split, lr_g) | every trial, quick evaluation (%) |", "|---|---|---|---|---|---|---|---|"]
+             "| every trial, quick evaluation (%) |", "|---|---|---|---|---|---|---|---|"]
     defaults = {(r["epsilon"], r["seed"]): r for r in training["default"]}
     for r in training["search"]:
         d = defaults[(r["epsilon"], r["seed"])]
@@ -264,7 +276,7 @@ def write_training_table(training: dict, path: Path) -> None:
         chosen_quick = [t["accuracy_quick"] for t in r["trials"] if t.get("released") and "accuracy_quick" in t]
         lines.append(f"| {r['epsilon']:g} | {r['seed']} | {100 * d['accuracy']:.1f} %, {d['diversity_ratio']:.2f} | "
                      f"{100 * r['accuracy']:.1f} %, {r['diversity_ratio']:.2f} | {r['K']} | "
-                     f"{best['epsilon_trial']:.3f} | {best['group_size']}, {best['noise_split']:g}, {best['lr_g']:g} | "
+                     f"{best['epsilon_trial']:.3f} | {config_label(best)} | "
                      + (f"{' / '.join(f'{100 * a:.1f}' for a in quick)} (released {100 * chosen_quick[0]:.1f}) |"
                         if quick and chosen_quick else "|"))
     for eps in sorted({r["epsilon"] for r in training["search"]}):
