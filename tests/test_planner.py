@@ -195,3 +195,16 @@ def test_a_plan_whose_dpagg_means_are_mostly_noise_is_warned_about_not_refused()
     assert few.planned_epsilon <= 1.0  # still a valid plan
     for ds, n, eps in (("fashion-mnist", 54_000, 0.2), ("fashion-mnist", 54_000, 10.0), ("mnist-5k", 3600, 10.0)):
         assert plan_training(TrainConfig.from_dict({"dataset": ds, "epsilon": eps, "delta": 1e-5}), n).warnings == []
+
+
+def test_a_classifier_phase_too_noisy_to_teach_is_warned_about_not_refused():
+    """The classifier phase gained ~2 points on Fashion-MNIST (B_c = 1024 of 54,000) and lost 12.6 on
+    mnist-5k (B_c = 256 of 3,600: its classifier tested at 39 %): the plan says so before training."""
+    phase = {"classifier_steps": 300, "classifier_noise": 2.0, "classifier_weight": 0.3, "delta": 1e-5}
+    small = plan_training(TrainConfig.from_dict({**phase, "dataset": "mnist-5k", "epsilon": 10.0,
+                                                 "classifier_batch": 256}), 3600)
+    assert len(small.warnings) == 1 and "σ_c/B_c" in small.warnings[0] and "--classifier-steps 0" in small.warnings[0]
+    assert small.planned_epsilon <= 10.0  # still a valid plan
+    for eps in (1.0, 10.0):  # the measured-good plans stay silent
+        good = plan_training(TrainConfig.from_dict({**phase, "dataset": "fashion-mnist", "epsilon": eps}), 54_000)
+        assert good.warnings == [], good.warnings
