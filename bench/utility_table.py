@@ -76,7 +76,8 @@ def main(works: list[str]) -> None:
                 else f"{n_syn // 1000}k/cap {ev['settings'].get('max_train_records')}"
             ca = cls.get("classifier_test_accuracy")
             cg = cls.get("classifier_on_generated")
-            cmd = (f"EPS={info.get('eps')} SEED={info.get('seed')} EVAL={info.get('eval', 'quick')} "
+            ds = f"DATASET={info['dataset']} " if info.get("dataset", "fashion-mnist") != "fashion-mnist" else ""
+            cmd = (f"{ds}EPS={info.get('eps')} SEED={info.get('seed')} EVAL={info.get('eval', 'quick')} "
                    f"bash bench/utility_run.sh WORK {name} {opts}".strip())
             print(f"| {name} | {info.get('seed')} | {cfg['epsilon']:g} | {cfg['delta']:g} | {P} + {cfg['iterations']} | "
                   f"{cfg['sigma_agg']:.3g} | {cfg['sigma_sgd']:.3g} | {s_c} | {rep['epsilon']:.3f} | "
