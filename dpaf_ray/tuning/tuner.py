@@ -297,6 +297,10 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     # Before anything is written or charged: the search fits this machine or the cluster
     # (max_concurrent_trials × workers × GPU share), so no trial waits for resources forever.
     check_search_hardware(ss, address)
+    if ss.subsample_fraction is not None and ss.use_gpu and ss.num_workers == 0:
+        from ..run import resolve_device
+
+        resolve_device(True, 0)  # the final run trains in this process: it needs a GPU here, before anything is charged
     out = out.absolute()
     trials_dir = out / "trials"
     state_path = trials_dir / STATE_FILE
