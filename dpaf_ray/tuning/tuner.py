@@ -325,7 +325,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
         _atomic_json(state_path, state)  # K is fixed before any trial runs
     reference = reference_from(state)
     k = state["num_trials"]
-    target_eps, target_delta = ss.search_target()
+    _, target_delta = ss.search_target()
     cycle = ", ".join(f"{x:.3g}" for x in reference.schedule.cycle)
     budget = ss.subsample_budget()
     if budget is None:
