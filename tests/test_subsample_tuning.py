@@ -465,3 +465,17 @@ def test_subsampled_search_end_to_end(tmp_path):
         keys = keys_anywhere(json.loads((release / name).read_text()))
         assert not keys & {"num_trials", "k", "K", "trials", "realised_trials"}, (name, keys)
     assert recompute(report)["epsilon"] == pytest.approx(report["epsilon"], rel=1e-9)
+    # the subsample's membership (its key, the search secret, the chosen indices) is nowhere outside checkpoints
+    from test_privacy_threats import files_outside_checkpoints, leaks
+
+    from dpaf_ray.data import load_dataset
+
+    secret = RunSecret.from_checkpoint(torch.load(out / "checkpoint" / "search_secret.pt", weights_only=True))
+    key = secret.child("subsample")
+    strings = {"search secret": secret.to_checkpoint()["key"], "subsample key": key.to_checkpoint()["key"]}
+    assert not leaks(out, strings)
+    chosen = torch.nonzero(poisson_subsample(load_dataset("mnist-5k", "train"), 0.5, key)).squeeze(1).tolist()[:16]
+    patterns = [", ".join(map(str, chosen)).encode(), ",".join(map(str, chosen)).encode()]
+    for path in files_outside_checkpoints(out):
+        data = path.read_bytes()
+        assert not any(pat in data for pat in patterns), f"{path} lists the subsample's indices"
