@@ -402,6 +402,29 @@ def test_good_subsample_section_loads(tmp_path):
     assert again.subsample_budget() == ss.subsample_budget()
 
 
+def test_a_final_run_that_cannot_be_planned_is_refused_before_anything_is_spent(tmp_path):
+    """With nearly all of ε given to the search, the final run would need σ past the planner's limit:
+    refused by check_space_fits (before Ray starts and before any charge), naming the key to change."""
+    from dpaf_ray.tuning.tuner import check_space_fits, plan_search
+
+    raw = yaml.safe_load(BASE_YAML.read_text())
+    raw.update(epsilon=1.0, subsample={"fraction": 0.5, "epsilon_share": 0.999})
+    raw["trial"]["iterations"] = 300
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    ss = load_search_space(path)
+    state = plan_search(ss, 4000, (1, 28, 28), 10)
+    with pytest.raises(SearchSpaceError) as info:
+        check_space_fits(ss, state)
+    msg = str(info.value)
+    assert "final run" in msg and "subsample.epsilon_share" in msg, msg
+    # the same space with a modest share passes
+    raw["subsample"]["epsilon_share"] = 0.3
+    path.write_text(yaml.safe_dump(raw))
+    ss = load_search_space(path)
+    check_space_fits(ss, plan_search(ss, 4000, (1, 28, 28), 10))
+
+
 def test_shipped_subsample_space_loads_and_matches_its_base():
     sub = load_search_space(ROOT / "search_spaces" / "fashion-mnist-cpu-subsample.yaml")
     base = load_search_space(ROOT / "search_spaces" / "fashion-mnist-cpu.yaml")

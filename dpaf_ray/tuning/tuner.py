@@ -403,13 +403,16 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
 
 def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
     """Before Ray starts and before any trial: each extreme value of each searched knob (with
-    the fixed ones) gives q ≤ 1 and fits under the reference within the noise limit; the
-    error names the YAML key."""
+    the fixed ones) gives q ≤ 1 and fits under the reference within the noise limit, and on a
+    subsample its final run on all records can be planned at ε_f; the error names the YAML key."""
+    from ..config import ConfigError
     from ..privacy.ledger import PrivacyConfigError
-    from ..training.plan import MAX_NOISE_MULTIPLIER, schedule_for
+    from ..training.plan import MAX_NOISE_MULTIPLIER, plan_training, schedule_for
     from .search_space import SearchSpaceError, clamp_group
 
     reference = reference_from(state)
+    budget = ss.subsample_budget()
+    final_eps = budget.final_epsilon(search_ledger(ss, state)) if budget is not None else None
     n_train = ((1 - float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction)))
                * search_records(ss, state["n_records"]))
     score_noise = None if ss.public_validation else ss.score_noise
@@ -438,6 +441,16 @@ def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
             raise SearchSpaceError(f"{ss.path}: `{key}`: {knobs} needs σ_eff={sigma:.3g} to fit under the reference, "
                                    f"beyond the limit {MAX_NOISE_MULTIPLIER:g}; narrow the range, raise the budget or "
                                    "lower the expected number of trials")
+        if final_eps is not None:  # the final run these knobs would get must be plannable: checked before any spend
+            base_agg, base_sgd = cfg.base_sigmas()
+            final = final_config(ss, {**cfg.to_dict(), "iterations": T, "sigma_agg": base_agg * fit.noise_factor,
+                                      "sigma_sgd": base_sgd * fit.noise_factor}, final_eps, budget.final_delta)
+            try:
+                plan_training(final, state["n_records"], state["image_shape"][1])
+            except (ConfigError, PrivacyConfigError) as err:
+                raise SearchSpaceError(f"{ss.path}: `{key}`: {knobs or 'the fixed knobs'}: the final run on all records "
+                                       f"cannot be planned at ε_f={final_eps:.3g} ({err}); lower "
+                                       "subsample.epsilon_share or narrow the range") from err
 
 
 class SearchInterrupted(RuntimeError):
