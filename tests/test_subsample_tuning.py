@@ -162,16 +162,17 @@ def _space(**kw) -> SearchSpace:
     return SearchSpace(**{**base, **kw})
 
 
-@pytest.fixture(scope="module", params=[(10.0, 0.2, 0.1, "random"), (2.0, 0.1, 0.3, "random"), (10.0, 0.5, 0.2, "tpe")],
-                ids=["eps10-g0.2-s0.1", "eps2-g0.1-s0.3", "tpe-eps10-g0.5-s0.2"])
+@pytest.fixture(scope="module", params=[(10.0, 0.2, 0.1, "random", None), (2.0, 0.1, 0.3, "random", 500),
+                                       (10.0, 0.5, 0.2, "tpe", None)],
+                ids=["eps10-g0.2-s0.1", "eps2-g0.1-s0.3-T500", "tpe-eps10-g0.5-s0.2"])
 def planned(request):
     """A subsampled search planned as tune.py plans it, and a final run planned from its knobs."""
     from dpaf_ray.training.plan import plan_training
     from dpaf_ray.tuning.tuner import final_config, plan_search, reference_config, search_ledger
 
-    eps, gamma, share, search = request.param
+    eps, gamma, share, search, final_T = request.param
     ss = _space(epsilon=eps, subsample_fraction=gamma, subsample_epsilon_share=share, search=search,
-                expected_trials=3.0 if search == "tpe" else 2.0)
+                expected_trials=3.0 if search == "tpe" else 2.0, subsample_final_iterations=final_T)
     state = plan_search(ss, N, (1, 28, 28), 10)
     s_ledger = search_ledger(ss, state)
     budget = ss.subsample_budget()
@@ -221,7 +222,7 @@ def test_composed_total_matches_an_independent_recomputation_and_fits(planned, t
     assert total <= ss.epsilon * (1 + 1e-9) and total_delta <= ss.delta
     assert total >= 0.97 * ss.epsilon
     assert eps_f <= plan.config.epsilon * (1 + 1e-9)
-    # the final run plans on all N records (no validation split), with the trial's T
+    # the final run plans on all N records (no validation split) (its T: test_final_run_keeps_the_released_knobs_and_the_noise_split)
     assert plan.config.validation_fraction == 0.0
     assert plan.schedule.sampling_rate == pytest.approx(plan.config.batch_size / N, rel=1e-12)
 
@@ -229,7 +230,11 @@ def test_composed_total_matches_an_independent_recomputation_and_fits(planned, t
 def test_final_run_keeps_the_released_knobs_and_the_noise_split(planned):
     ss, state, s_ledger, f_ledger, plan, knobs = planned
     cfg = plan.config
-    assert cfg.iterations == knobs["iterations"]
+    # T: subsample.final_iterations, else a single run's default for the resolution (not the trial's 200)
+    from dpaf_ray.training.plan import default_iterations
+
+    expected = ss.subsample_final_iterations or default_iterations(28)
+    assert plan.iterations - plan.schedule.prefix_iterations == expected != knobs["iterations"]
     assert cfg.sigma_agg / cfg.sigma_sgd == pytest.approx(knobs["sigma_agg"] / knobs["sigma_sgd"], rel=1e-9)
     for k in ("batch_size", "group_size", "sgd_every", "lr_g", "lr_d", "model"):
         assert getattr(cfg, k) == knobs[k]
@@ -442,7 +447,7 @@ hardware: {cpus: 2, gpus: 0}
 dataset: mnist-5k
 epsilon: 10.0
 delta: 1.0e-5
-subsample: {fraction: 0.5, epsilon_share: 0.3}
+subsample: {fraction: 0.5, epsilon_share: 0.3, final_iterations: 4}
 search: random
 expected_trials: 1.5
 trials_distribution: tnb

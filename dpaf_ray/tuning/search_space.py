@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 TOP_KEYS = {"dataset", "data_root", "num_classes", "epsilon", "delta", "search", "expected_trials", "trials_distribution",
             "tnb_shape", "reference", "score", "trial", "fixed", "params", "hardware", "subsample"}
 REFERENCE_KEYS = {"batch_size", "classifier_steps"}
-SUBSAMPLE_KEYS = {"fraction", "epsilon_share"}
+SUBSAMPLE_KEYS = {"fraction", "epsilon_share", "final_iterations"}
 SCORE_KEYS = {"noise_multiplier", "classifier_epochs", "classifier_max_steps", "public_validation"}
 TRIAL_KEYS = {"iterations", "time_budget_minutes", "num_synthetic", "num_workers",
               "use_gpu", "cpus_per_worker", "max_concurrent_trials", "gpus_per_worker"}
@@ -86,6 +86,7 @@ class SearchSpace:
     # issue #14: search on a Poisson subsample at rate γ, then one final run on all records
     subsample_fraction: float | None = None  # γ; None: the search runs on all records (no final run)
     subsample_epsilon_share: float | None = None  # the part of ε the amplified search may spend
+    subsample_final_iterations: int | None = None  # the final run's T (None: a single run's default, as `train`)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -263,6 +264,11 @@ def parse_subsample(path: str, ss: SearchSpace, section: Any) -> None:
             raise _err(path, f"subsample.{key}", f"missing; give {what}")
     ss.subsample_fraction = _number(path, "subsample.fraction", section["fraction"], positive=False)
     ss.subsample_epsilon_share = _number(path, "subsample.epsilon_share", section["epsilon_share"], positive=False)
+    if "final_iterations" in section:
+        v = _number(path, "subsample.final_iterations", section["final_iterations"])
+        if v != int(v):
+            raise _err(path, "subsample.final_iterations", f"must be a whole number >= 1, got {v:g}")
+        ss.subsample_final_iterations = int(v)
 
 
 def clamp_group(knobs: dict[str, Any]) -> dict[str, Any]:

@@ -555,9 +555,13 @@ FINAL_DIR = "final"  # OUT/final: the final run's ledger, checkpoint (its own se
 
 def final_config(ss: SearchSpace, knobs: dict[str, Any], epsilon: float, delta: float) -> TrainConfig:
     """The final run: the best trial's released knobs, on all training records (no validation split:
-    the final run is not scored), budget first at (ε_f, δ_f): its T is the trial's, its noise
-    multipliers are scaled together by the planner in the trial's σ_agg/σ_sgd ratio."""
-    knobs = {k: v for k, v in knobs.items() if k not in ("seed", "data_root", "extra_fixed_releases")}
+    the final run is not scored), budget first at (ε_f, δ_f): its T is subsample.final_iterations,
+    else what a single `dpaf_ray train` run of these knobs would plan (trials are often cut short to
+    fit a search's time; the final run is the one released), and its noise multipliers are scaled
+    together by the planner in the trial's σ_agg/σ_sgd ratio."""
+    knobs = {k: v for k, v in knobs.items() if k not in ("seed", "data_root", "extra_fixed_releases", "iterations")}
+    if ss.subsample_final_iterations is not None:
+        knobs["iterations"] = ss.subsample_final_iterations
     cfg = TrainConfig.from_dict({**knobs, "data_root": ss.data_root, "epsilon": epsilon, "delta": delta,
                                  "validation_fraction": 0.0, "sigma_agg": None, "sigma_sgd": None})
     if cfg.model == "dpaf" and knobs.get("sigma_agg") and knobs.get("sigma_sgd"):
