@@ -86,6 +86,21 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
     """`gpus_per_worker`: each Ray Train worker's share of a GPU (< 1: workers share one);
     `cpus_per_worker`: the CPUs Ray reserves per worker, checked and requested with one value.
     Both are validated here, the one boundary the CLI and the Python API share."""
+    result, data = train_private(cfg, out, num_workers, use_gpu, address, resume, progress, gpus_per_worker,
+                                 cpus_per_worker)
+    metrics = finish_run(Path(out), result, data, num_synthetic, num_workers)
+    if progress:
+        progress(f"done: {result.iterations_done} iterations, ε={metrics['epsilon']:.3f} (δ={result.plan.config.delta:g}); "
+                 f"release in {Path(out) / 'release'}")
+    return metrics
+
+
+def train_private(cfg: TrainConfig, out: str | Path, num_workers: int = 0, use_gpu: bool = False,
+                  address: str | None = None, resume: bool = True, progress: Callable[[str], None] | None = print,
+                  gpus_per_worker: float = 1.0, cpus_per_worker: float = 1.0) -> tuple[TrainResult, PrivateData]:
+    """Plan and train one run in OUT (ledger, checkpoints, config.json), without writing a release:
+    `run_train` releases it on its own; a subsampled search's final run is released with the
+    search's report instead (`tuning.tuner`)."""
     gpus_per_worker = check_gpu_fraction(gpus_per_worker, "--gpus-per-worker")
     cpus_per_worker = check_cpu_share(cpus_per_worker, "--cpus-per-worker")
     out = Path(out)
@@ -129,11 +144,7 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
                                     initial_ledger=carried, gpus_per_worker=gpus_per_worker,
                                     cpus_per_worker=cpus_per_worker)
         journal.commit(result.ledger)
-    metrics = finish_run(out, result, data, num_synthetic, num_workers)
-    if progress:
-        progress(f"done: {result.iterations_done} iterations, ε={metrics['epsilon']:.3f} (δ={cfg.delta:g}); "
-                 f"release in {out / 'release'}")
-    return metrics
+    return result, data
 
 
 def finish_run(out: Path, result: TrainResult, data: PrivateData, num_synthetic: int,
@@ -176,4 +187,4 @@ def released_knobs(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k not in _NOT_RELEASED}
 
 
-__all__ = ["run_train", "prepare", "load_training_data", "finish_run", "TrainResult"]
+__all__ = ["run_train", "train_private", "prepare", "load_training_data", "finish_run", "TrainResult"]

@@ -22,8 +22,10 @@ if TYPE_CHECKING:  # a split key is a `privacy.randomness.RunSecret`; only its k
     from ..privacy.randomness import RunSecret
 
 SPLIT_LABEL = "split"  # the split key is the run (or search) secret's child of this name
+SUBSAMPLE_LABEL = "subsample"  # a subsampled search's membership key: the search secret's child of this name
 
-__all__ = ["PrivateData", "held_out", "load_private_data", "load_training_data", "split_validation", "shard_indices"]
+__all__ = ["PrivateData", "Subsample", "held_out", "load_private_data", "load_training_data", "poisson_subsample",
+           "split_validation", "shard_indices"]
 
 
 def held_out(ds: ImageDataset, fraction: float, key: "RunSecret") -> torch.Tensor:
@@ -39,6 +41,43 @@ def held_out(ds: ImageDataset, fraction: float, key: "RunSecret") -> torch.Tenso
     return torch.tensor(mask, dtype=torch.bool)
 
 
+def poisson_subsample(ds: ImageDataset, fraction: float, key: "RunSecret") -> torch.Tensor:
+    """Bool mask of a Poisson subsample: each record is in with probability `fraction`,
+    independently of every other record, drawn from the key (issue #14; the amplification in
+    `privacy.subsample` needs that independence).
+
+    A record's draw is a keyed hash of its label, its pixels and its occurrence number among
+    identical records before it. Identical records therefore get independent draws (a hash of the
+    content alone would put all copies on the same side, and adding a copy of a record would not be
+    a fresh independent draw), and adding or removing one record changes no other record's draw up
+    to exchanging identical copies, so the subsample as a multiset is a Poisson sample."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"subsample fraction must lie in (0, 1), got {fraction}")
+    threshold = math.floor(fraction * 2.0 ** 53)  # P(in) = threshold/2^53 <= fraction
+    images = ds.images.contiguous().numpy().reshape(len(ds), -1)
+    labels = ds.labels.tolist()
+    seen: dict[bytes, int] = {}
+    mask = []
+    for row, y in zip(images, labels):
+        content = int(y).to_bytes(8, "little", signed=True) + row.tobytes()
+        occurrence = seen.get(content, 0)
+        seen[content] = occurrence + 1
+        mask.append((key.keyed_hash64(b"subsample:" + occurrence.to_bytes(8, "little") + content) >> 11) < threshold)
+    return torch.tensor(mask, dtype=torch.bool)
+
+
+@dataclass(frozen=True)
+class Subsample:
+    """A subsampled search's public rate γ and its membership key (private: a child of the search
+    secret; it travels like a split key and is never written outside checkpoints)."""
+
+    fraction: float
+    key: "RunSecret"
+
+    def __repr__(self) -> str:
+        return f"Subsample(fraction={self.fraction!r}, key=<redacted>)"
+
+
 def split_validation(ds: ImageDataset, fraction: float, key: "RunSecret") -> tuple[ImageDataset, ImageDataset]:
     """(train, validation), disjoint, covering `ds`, in the original record order."""
     mask = held_out(ds, fraction, key)
@@ -52,7 +91,7 @@ class PrivateData:
 
     train: ImageDataset
     validation: ImageDataset
-    n_records: int  # N: size of the data set handed in (public by assumption, as in DP-SGD)
+    n_records: float  # N: size of the data set handed in (public by assumption, as in DP-SGD); γ·N for a subsample
     validation_fraction: float
 
     @property
@@ -73,20 +112,29 @@ class PrivateData:
 
 
 def load_private_data(spec: str, root: str | None, fraction: float, split_key: "RunSecret",
-                      num_classes: int | None = None) -> PrivateData:
-    """The training data of a run: loaded, shape-checked, split by the run's split key."""
+                      num_classes: int | None = None, subsample: Subsample | None = None) -> PrivateData:
+    """The training data of a run: loaded, shape-checked, split by the run's split key.
+
+    With `subsample`, only the Poisson subsample is kept and then split, so the validation side
+    is part of the subsample too; N becomes the public expected size γ·N."""
     ds = load_dataset(spec, "train", root, num_classes=num_classes)
     check_image_shape(ds)
+    n_records: float = len(ds)
+    if subsample is not None:
+        n_records = subsample.fraction * len(ds)
+        ds = ds.subset(torch.nonzero(poisson_subsample(ds, subsample.fraction, subsample.key)).squeeze(1),
+                       f"{ds.name}-subsample")
     train, val = split_validation(ds, fraction, split_key)
-    return PrivateData(train, val, len(ds), fraction)
+    return PrivateData(train, val, n_records, fraction)
 
 
-def load_training_data(cfg: "TrainConfig", split_key: "RunSecret") -> PrivateData:
+def load_training_data(cfg: "TrainConfig", split_key: "RunSecret", subsample: Subsample | None = None) -> PrivateData:
     """(train, private validation) of a run or search: the validation split is never trained on.
 
     `split_key` is `secret.child(SPLIT_LABEL)` of the run's secret, or of the search's for all its
-    trials."""
-    return load_private_data(cfg.dataset, cfg.data_root, cfg.validation_fraction, split_key, cfg.num_classes)
+    trials; `subsample` (a subsampled search's trials) keeps only its Poisson subsample first."""
+    return load_private_data(cfg.dataset, cfg.data_root, cfg.validation_fraction, split_key, cfg.num_classes,
+                             subsample)
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> torch.Tensor:

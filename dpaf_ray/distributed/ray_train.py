@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import ConfigError
-from ..data import PrivateData, load_training_data
+from ..data import PrivateData, Subsample, load_training_data
 from ..devices import forwarded_env, gpu_device, torch_backend
 from ..distributed.collectives import LocalCollective, TorchDistributedCollective
 from ..privacy.ledger import PrivacyLedger
@@ -101,7 +101,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
-    train = load_training_data(plan.config, split_key).train  # read by this worker, not shipped from the driver
+    # read by this worker, not shipped from the driver (a subsampled search's trial: its subsample only)
+    train = load_training_data(plan.config, split_key, config.get("subsample")).train
     idx = shard_indices(len(train), rank, world)
     shard = train.subset(idx)
     collective = TorchDistributedCollective() if world > 1 else LocalCollective()
@@ -154,7 +155,7 @@ def fit_with_ray_train(plan: TrainingPlan, data: PrivateData, num_workers: int, 
                        name: str | None = None,
                        max_failures: int = 2, cpus_per_worker: float = 1.0, threads_per_worker: int | None = None,
                        storage_path: str | None = None, report_defaults: dict[str, Any] | None = None,
-                       gpus_per_worker: float = 1.0) -> TrainResult:
+                       gpus_per_worker: float = 1.0, subsample: Subsample | None = None) -> TrainResult:
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -167,7 +168,7 @@ def fit_with_ray_train(plan: TrainingPlan, data: PrivateData, num_workers: int, 
     env = {**{k: v for k, v in os.environ.items() if k == FAIL_AT_ENV}, **forwarded_env()}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"plan": plan, "secret": secret, "split_key": split_key, "name": name, "threads": threads, "use_gpu": use_gpu,
+        train_loop_config={"plan": plan, "secret": secret, "split_key": split_key, "subsample": subsample, "name": name, "threads": threads, "use_gpu": use_gpu,
                            "report_defaults": report_defaults,
                            "ledger_path": str(ledger_path) if ledger_path is not None else None,
                            "initial_ledger": initial_ledger.to_json() if initial_ledger is not None else None},

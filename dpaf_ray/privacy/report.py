@@ -61,9 +61,17 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 def recompute(report: dict[str, Any], delta: float | None = None) -> dict[str, Any]:
     """ε recomputed from the report's events alone."""
     d = delta if delta is not None else report["delta"]
-    eps = PrivacyLedger.from_json(report).epsilon(d)
-    out = {"epsilon": eps, "delta": d, "reported_epsilon": report.get("epsilon"),
-           "private": not report.get("reproducible_noise", False)}
+    from .subsample import SUBSAMPLED_ACCOUNTING, recompute_composed
+
+    if report.get("accounting") == SUBSAMPLED_ACCOUNTING:  # a subsampled search and its final run (issue #14)
+        composed = recompute_composed(report, d)
+        out = {"epsilon": composed["epsilon"], "delta": d, "delta_composed": composed["delta"],
+               "reported_epsilon": report.get("epsilon"), "composition": composed["composition"],
+               "private": not report.get("reproducible_noise", False)}
+    else:
+        eps = PrivacyLedger.from_json(report).epsilon(d)
+        out = {"epsilon": eps, "delta": d, "reported_epsilon": report.get("epsilon"),
+               "private": not report.get("reproducible_noise", False)}
     if report.get("reproducible_noise"):
         out["warning"] = NOT_PRIVATE
     return out

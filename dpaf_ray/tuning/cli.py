@@ -91,8 +91,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if (out / "ledger.json").exists():
                 from ..privacy.ledger import PrivacyLedger
 
-                charged = (f"the whole search's ε={PrivacyLedger.load(out / 'ledger.json').epsilon(ss.delta):.3f} was "
-                           f"charged when it started ({out / 'ledger.json'}); ")
+                ledger = PrivacyLedger.load(out / "ledger.json")
+                budget = ss.subsample_budget()
+                if budget is None:
+                    spent = f"ε={ledger.epsilon(ss.delta):.3f}"
+                else:  # on a subsample: its amplified ε, from the same ledger (privacy.subsample)
+                    from ..privacy.subsample import composed_privacy
+
+                    spent = f"ε={composed_privacy(ledger, None, budget)['search']['amplified_epsilon']:.3f} (amplified)"
+                charged = f"the whole search's {spent} was charged when it started ({out / 'ledger.json'}); "
             print(f"interrupted — {charged}finished trials are kept in {out / 'trials'} and nothing was released. "
                   f"Continue with: python tune.py --resume {out}", file=sys.stderr)
             return 130

@@ -5,16 +5,20 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ..config import ConfigError, TrainConfig
 from .resources import check_declared_hardware, check_resource_keys, parse_hardware
 
+if TYPE_CHECKING:
+    from ..privacy.subsample import SubsampleBudget
+
 TOP_KEYS = {"dataset", "data_root", "num_classes", "epsilon", "delta", "search", "expected_trials", "trials_distribution",
-            "tnb_shape", "reference", "score", "trial", "fixed", "params", "hardware"}
+            "tnb_shape", "reference", "score", "trial", "fixed", "params", "hardware", "subsample"}
 REFERENCE_KEYS = {"batch_size", "classifier_steps"}
+SUBSAMPLE_KEYS = {"fraction", "epsilon_share", "final_iterations"}
 SCORE_KEYS = {"noise_multiplier", "classifier_epochs", "classifier_max_steps", "public_validation"}
 TRIAL_KEYS = {"iterations", "time_budget_minutes", "num_synthetic", "num_workers",
               "use_gpu", "cpus_per_worker", "max_concurrent_trials", "gpus_per_worker"}
@@ -79,9 +83,28 @@ class SearchSpace:
     hardware: dict[str, Any] | None = None  # what the file is sized for: {cpus, gpus, nodes, note}
     fixed: dict[str, Any] = field(default_factory=dict)
     params: list[Param] = field(default_factory=list)
+    # issue #14: search on a Poisson subsample at rate γ, then one final run on all records
+    subsample_fraction: float | None = None  # γ; None: the search runs on all records (no final run)
+    subsample_epsilon_share: float | None = None  # the part of ε the amplified search may spend
+    subsample_final_iterations: int | None = None  # the final run's T (None: a single run's default, as `train`)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def subsample_budget(self) -> "SubsampleBudget | None":
+        """The split of (ε, δ) between the subsampled search and the final run; None without `subsample`."""
+        if self.subsample_fraction is None:
+            return None
+        from ..privacy.subsample import SubsampleBudget
+
+        return SubsampleBudget(self.epsilon, self.delta, self.subsample_fraction, self.subsample_epsilon_share)
+
+    def search_target(self) -> tuple[float, float]:
+        """(ε, δ) the search itself is calibrated to: the whole budget, or (ε_s, δ_s) on a subsample."""
+        budget = self.subsample_budget()
+        if budget is None:
+            return self.epsilon, self.delta
+        return budget.search_epsilon, budget.search_delta
 
 
 def _err(path: str, key: str, msg: str) -> SearchSpaceError:
@@ -207,6 +230,7 @@ def load_search_space(path: str | Path) -> SearchSpace:
     if "gpus_per_worker" in trial:
         ss.gpus_per_worker = _number(p, "trial.gpus_per_worker", trial["gpus_per_worker"])
     ss.hardware = parse_hardware(ss, raw.get("hardware"))
+    parse_subsample(p, ss, raw.get("subsample"))
     fixed = raw.get("fixed", {}) or {}
     if not isinstance(fixed, dict):
         raise _err(p, "fixed", "must be a mapping of knob: value")
@@ -224,6 +248,27 @@ def load_search_space(path: str | Path) -> SearchSpace:
     ss = validate_search_space(ss)
     check_declared_hardware(ss)  # the file as written fits the hardware it names (before Ray starts)
     return ss
+
+
+def parse_subsample(path: str, ss: SearchSpace, section: Any) -> None:
+    """`subsample: {fraction: γ, epsilon_share: s}` (both required, both strictly inside (0, 1))."""
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise _err(path, "subsample", "must be a mapping like {fraction: 0.2, epsilon_share: 0.1}, or be left out "
+                   "to search on all records")
+    _unknown(path, "subsample", section, SUBSAMPLE_KEYS)
+    for key, what in (("fraction", "the probability γ that a record joins the tuning subsample, e.g. 0.2"),
+                      ("epsilon_share", "the part of the total ε the search may spend, e.g. 0.1")):
+        if key not in section:
+            raise _err(path, f"subsample.{key}", f"missing; give {what}")
+    ss.subsample_fraction = _number(path, "subsample.fraction", section["fraction"], positive=False)
+    ss.subsample_epsilon_share = _number(path, "subsample.epsilon_share", section["epsilon_share"], positive=False)
+    if "final_iterations" in section:
+        v = _number(path, "subsample.final_iterations", section["final_iterations"])
+        if v != int(v):
+            raise _err(path, "subsample.final_iterations", f"must be a whole number >= 1, got {v:g}")
+        ss.subsample_final_iterations = int(v)
 
 
 def clamp_group(knobs: dict[str, Any]) -> dict[str, Any]:
@@ -253,6 +298,20 @@ def same_source(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+def check_subsample(ss: SearchSpace) -> None:
+    p = ss.path
+    if ss.subsample_fraction is None or ss.subsample_epsilon_share is None:
+        missing = "fraction" if ss.subsample_fraction is None else "epsilon_share"
+        raise _err(p, f"subsample.{missing}", "missing; give both subsample.fraction and subsample.epsilon_share")
+    gamma, share = ss.subsample_fraction, ss.subsample_epsilon_share
+    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and 0 < gamma < 1):
+        raise _err(p, "subsample.fraction", f"must lie strictly between 0 and 1, got {gamma}; e.g. 0.2 (a record joins "
+                   "the tuning subsample with probability 0.2), or drop the `subsample` section to search on all records")
+    if not (isinstance(share, (int, float)) and math.isfinite(share) and 0 < share < 1):
+        raise _err(p, "subsample.epsilon_share", f"must lie strictly between 0 and 1, got {share}; e.g. 0.1 (the "
+                   "search spends 10 % of ε after amplification, the final run on all records the rest)")
+
+
 def validate_search_space(ss: SearchSpace) -> SearchSpace:
     """Checks that need the values together: each extreme of each range must be a valid run."""
     p = ss.path
@@ -273,6 +332,8 @@ def validate_search_space(ss: SearchSpace) -> SearchSpace:
                    f"{ss.public_validation!r} is the private data set itself: scoring trials on it without noise "
                    "would select on private data for free; drop --public-validation (trials are then scored on "
                    "the private validation split, with noise, charged) or name a different, public data set")
+    if ss.subsample_fraction is not None or ss.subsample_epsilon_share is not None:
+        check_subsample(ss)
     if ss.trial_iterations is not None and (ss.trial_iterations != int(ss.trial_iterations) or ss.trial_iterations < 1):
         raise _err(p, "trial.iterations", f"must be a whole number >= 1, got {ss.trial_iterations}")
     check_resource_keys(ss)

@@ -6,6 +6,11 @@
                 train (Ray Train, W workers), noisy validation score, ledger checked ≤ reference
     release: the best trial by noisy score + the search's privacy report
 
+With a `subsample` section (issue #14, `privacy.subsample`) the trials see only a Poisson
+subsample of the training records (rate γ, from the search secret), the search is calibrated to
+its own (ε_s, δ_s), and the best trial's released knobs are then trained once on all records at the
+budget the amplified search leaves; that final run's generator is what is released.
+
 Trials run FIFO, never stopped early from other trials' results. Tune and the dashboard see
 only DP values: noisy scores, ε, losses computed from released aggregates.
 """
@@ -24,6 +29,7 @@ from ..config import TrainConfig
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.randomness import RunSecret
 from ..privacy.report import data_assumptions, privacy_report
+from ..privacy.subsample import SUBSAMPLED_ACCOUNTING, composed_privacy
 from ..privacy.tuning import (
     Reference,
     calibrate_reference,
@@ -91,6 +97,12 @@ def trial_iterations(ss: SearchSpace, cfg: TrainConfig, shape: tuple[int, int, i
     return max(1, round(base * ref_b / cfg.batch_size)), f"{how} at B={ref_b}, as many epochs at B={cfg.batch_size}"
 
 
+def search_records(ss: SearchSpace, n_records: float) -> float:
+    """The public N the trials plan with: N, or on a subsample its expected size γ·N (an assumption
+    stated in the report: the realised subsample size is never used)."""
+    return n_records if ss.subsample_fraction is None else ss.subsample_fraction * n_records
+
+
 def plan_search(ss: SearchSpace, n_records: int, shape: tuple[int, int, int], num_classes: int) -> dict[str, Any]:
     """K, the reference and the sampler's seed; data-independent given the public N, shape and K classes."""
     from ..training.plan import schedule_for
@@ -98,11 +110,12 @@ def plan_search(ss: SearchSpace, n_records: int, shape: tuple[int, int, int], nu
     shape_k = distribution_shape(ss.trials_distribution, ss.tnb_shape)
     score_noise = None if ss.public_validation else ss.score_noise
     cfg = reference_config(ss)
-    n_train = (1 - cfg.validation_fraction) * n_records
+    n_train = (1 - cfg.validation_fraction) * search_records(ss, n_records)
     cfg.validate(n_train)
     T, how = trial_iterations(ss, cfg, shape, num_classes, n_train)
     schedule = schedule_for(cfg, n_train)  # T GAN iterations after any classifier phase, as in a single run
-    reference = calibrate_reference(ss.epsilon, ss.delta, schedule, schedule.prefix_iterations + T, score_noise,
+    target_eps, target_delta = ss.search_target()  # (ε, δ), or (ε_s, δ_s) on a subsample
+    reference = calibrate_reference(target_eps, target_delta, schedule, schedule.prefix_iterations + T, score_noise,
                                     ss.search, ss.expected_trials, shape_k)
     if ss.search == "random":
         k = sample_num_trials(ss.expected_trials, shape_k)  # cryptographic; never re-drawn
@@ -125,6 +138,8 @@ def search_ledger(ss: SearchSpace, state: dict[str, Any]) -> PrivacyLedger:
 
 def search_privacy_report(ss: SearchSpace, state: dict[str, Any], best_knobs: dict[str, Any] | None) -> dict[str, Any]:
     """The release's report: ε of the whole search, from the search ledger."""
+    if ss.subsample_fraction is not None:
+        raise ValueError("a subsampled search is reported by subsampled_privacy_report")
     fraction = float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction))
     assumptions = data_assumptions(state["n_records"], fraction, state["num_classes"], tuple(state["image_shape"]))
     assumptions["search"] = ("every trial's executed RDP curve lies under the reference at every order; the "
@@ -170,11 +185,17 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     trial_name, trial_id = context.get_trial_name(), context.get_trial_id()
     trial_secret = search_secret.child(f"trial/{trial_id}")
     split_key = search_secret.child(SPLIT_LABEL)
+    target_eps, target_delta = ss.search_target()  # (ε, δ), or (ε_s, δ_s) on a subsample
     cfg = TrainConfig.from_dict({**ss.fixed, **sampled, "dataset": ss.dataset, "data_root": ss.data_root,
-                                 "epsilon": ss.epsilon, "delta": ss.delta, "num_classes": ss.num_classes,
+                                 "epsilon": target_eps, "delta": target_delta, "num_classes": ss.num_classes,
                                  "seed": secrets.randbits(31), "time_budget_minutes": ss.time_budget_minutes})
     cfg = dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))  # as clamp_group
-    data = load_training_data(cfg, split_key)
+    subsample = None
+    if ss.subsample_fraction is not None:  # only the subsample (validation side included), from the search secret
+        from ..data.splits import SUBSAMPLE_LABEL, Subsample
+
+        subsample = Subsample(ss.subsample_fraction, search_secret.child(SUBSAMPLE_LABEL))
+    data = load_training_data(cfg, split_key, subsample)
     score_noise = None if ss.public_validation else ss.score_noise
     cfg.validate(data.expected_train)
     T, how = trial_iterations(ss, cfg, data.shape, data.num_classes, data.expected_train)
@@ -203,7 +224,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
                                     name=f"{trial_name}-train", max_failures=0,
                                     cpus_per_worker=ss.cpus_per_worker, gpus_per_worker=ss.gpus_per_worker,
                                     storage_path=static["train_storage"],
-                                    report_defaults={"score": float("nan")})
+                                    report_defaults={"score": float("nan")}, subsample=subsample)
     ledger = result.ledger
     generator = result.trainer.released_generator().eval()
     # Synthetic set and scoring classifier on the training device (a worker's share, for Ray Train).
@@ -228,7 +249,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
                "score_noise_multiplier": score.noise_multiplier, "expected_validation": score.expected_validation,
                "iterations": result.iterations_done, "iterations_planned": P + T, "noise_factor": fit.noise_factor,
                "stopped_early": result.stopped_early,
-               "epsilon_trial": ledger.epsilon(ss.delta), "epsilon_reference": reference.epsilon(ss.delta),
+               "epsilon_trial": ledger.epsilon(target_delta), "epsilon_reference": reference.epsilon(target_delta),
                "knobs": knobs, "sampled": sampled,
                "shape": list(data.shape), "num_classes": data.num_classes,
                "ledger": ledger.to_json()}
@@ -276,6 +297,10 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     # Before anything is written or charged: the search fits this machine or the cluster
     # (max_concurrent_trials × workers × GPU share), so no trial waits for resources forever.
     check_search_hardware(ss, address)
+    if ss.subsample_fraction is not None and ss.use_gpu and ss.num_workers == 0:
+        from ..run import resolve_device
+
+        resolve_device(True, 0)  # the final run trains in this process: it needs a GPU here, before anything is charged
     out = out.absolute()
     trials_dir = out / "trials"
     state_path = trials_dir / STATE_FILE
@@ -300,15 +325,26 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
         _atomic_json(state_path, state)  # K is fixed before any trial runs
     reference = reference_from(state)
     k = state["num_trials"]
-    report_eps = search_ledger(ss, state).epsilon(ss.delta)
+    _, target_delta = ss.search_target()
     cycle = ", ".join(f"{x:.3g}" for x in reference.schedule.cycle)
-    progress(f"private {ss.search} search on {ss.dataset}: total ε={report_eps:.3f} (target {ss.epsilon:g}, "
-             f"δ={ss.delta:g}) covers training, scoring and the search; expected trials {ss.expected_trials:g} "
+    budget = ss.subsample_budget()
+    if budget is None:
+        report_eps = search_ledger(ss, state).epsilon(ss.delta)
+        covers = (f"total ε={report_eps:.3f} (target {ss.epsilon:g}, δ={ss.delta:g}) covers training, scoring and "
+                  "the search")
+    else:
+        parts = composed_privacy(search_ledger(ss, state), None, budget)["search"]
+        covers = (f"on a Poisson subsample (γ={budget.fraction:g}, expected {search_records(ss, state['n_records']):g} "
+                  f"of {state['n_records']} records): the search spends ε_s={parts['epsilon']:.3f} at "
+                  f"δ_s={budget.search_delta:g} (target {budget.search_epsilon:.3f}), amplified to "
+                  f"{parts['amplified_epsilon']:.3f} of the total ε={ss.epsilon:g}; the final run on all records gets "
+                  f"the rest")
+    progress(f"private {ss.search} search on {ss.dataset}: {covers}; expected trials {ss.expected_trials:g} "
              f"({ss.trials_distribution}); each trial: T={reference.gan_iterations} ({state['reference_iterations_from']})"
              + (f" after {reference.schedule.prefix_iterations} classifier steps" if reference.schedule.prefix else "")
              + ","
              f" reference q={reference.sampling_rate:.4g}, σ cycle ({cycle}), ε alone "
-             f"{reference.epsilon(ss.delta):.3f}")
+             f"{reference.epsilon(target_delta):.3f}")
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     from ..distributed.ray_train import ensure_ray
@@ -367,14 +403,18 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
 
 def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
     """Before Ray starts and before any trial: each extreme value of each searched knob (with
-    the fixed ones) gives q ≤ 1 and fits under the reference within the noise limit; the
-    error names the YAML key."""
+    the fixed ones) gives q ≤ 1 and fits under the reference within the noise limit, and on a
+    subsample its final run on all records can be planned at ε_f; the error names the YAML key."""
+    from ..config import ConfigError
     from ..privacy.ledger import PrivacyConfigError
-    from ..training.plan import MAX_NOISE_MULTIPLIER, schedule_for
+    from ..training.plan import MAX_NOISE_MULTIPLIER, plan_training, schedule_for
     from .search_space import SearchSpaceError, clamp_group
 
     reference = reference_from(state)
-    n_train = (1 - float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction))) * state["n_records"]
+    budget = ss.subsample_budget()
+    final_eps = budget.final_epsilon(search_ledger(ss, state)) if budget is not None else None
+    n_train = ((1 - float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction)))
+               * search_records(ss, state["n_records"]))
     score_noise = None if ss.public_validation else ss.score_noise
     schedule_knobs = {"batch_size", "sgd_every", "noise_split", "sigma_agg", "sigma_sgd", "model",
                       "classifier_steps", "classifier_batch", "classifier_noise"}
@@ -401,6 +441,16 @@ def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
             raise SearchSpaceError(f"{ss.path}: `{key}`: {knobs} needs σ_eff={sigma:.3g} to fit under the reference, "
                                    f"beyond the limit {MAX_NOISE_MULTIPLIER:g}; narrow the range, raise the budget or "
                                    "lower the expected number of trials")
+        if final_eps is not None:  # the final run these knobs would get must be plannable: checked before any spend
+            base_agg, base_sgd = cfg.base_sigmas()
+            final = final_config(ss, {**cfg.to_dict(), "iterations": T, "sigma_agg": base_agg * fit.noise_factor,
+                                      "sigma_sgd": base_sgd * fit.noise_factor}, final_eps, budget.final_delta)
+            try:
+                plan_training(final, state["n_records"], state["image_shape"][1])
+            except (ConfigError, PrivacyConfigError) as err:
+                raise SearchSpaceError(f"{ss.path}: `{key}`: {knobs or 'the fixed knobs'}: the final run on all records "
+                                       f"cannot be planned at ε_f={final_eps:.3g} ({err}); lower "
+                                       "subsample.epsilon_share or narrow the range") from err
 
 
 class SearchInterrupted(RuntimeError):
@@ -453,13 +503,13 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
     finished, the trials touched the data, so ε is gone: the release holds only the report,
     and `SearchFailed` carries the first trial's error (the command exits non-zero)."""
     from ..release import write_release
+    from ..training.outputs import write_artefacts
     from .results import load_trials, plot_trials
 
     trials = load_trials(out)
     finished = [t for t in trials if t.status == "finished"]
     best_trial = max(finished, key=lambda t: t.score) if finished else None
     best = json.loads((best_trial.path / "trial.json").read_text()) if best_trial else None
-    report = search_privacy_report(ss, state, best["knobs"] if best else None)
     if best:
         score = {"score": best["score"], "kind": best["score_kind"],
                  "noise_multiplier": best["score_noise_multiplier"],
@@ -467,7 +517,18 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
     else:
         score = {"score": None, "note": "no trial finished: nothing usable was released"
                  if state["num_trials"] else "K = 0 trials were drawn: nothing was trained"}
-    release = write_release(out, best_trial.path if best_trial else None, score, report)
+    if ss.subsample_fraction is None:
+        report = search_privacy_report(ss, state, best["knobs"] if best else None)
+        release = write_release(out, best_trial.path if best_trial else None, score, report)
+    else:  # the best knobs trained once on all records; that generator is released
+        final = run_final(ss, state, out, best["knobs"], progress) if best else None
+        report = subsampled_privacy_report(ss, state, best["knobs"] if best else None, final)
+        if best:
+            score["note"] = ("the best trial's noisy score on the subsample's validation split (part of the search's "
+                             "ε); the released generator is the final run's, trained on all records, and is not scored")
+        generator = final.trainer.released_generator().eval() if final else None
+        release = write_release(out, (lambda d: write_artefacts(d, generator, ss.num_synthetic)) if final else None,
+                                score, report)
     plot_trials(trials, out / "trials" / "comparison.png")
     if best:
         progress(f"release: {release} (ε={report['epsilon']:.3f}, δ={ss.delta:g}; best noisy score "
@@ -486,6 +547,91 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
 
 class SearchFailed(RuntimeError):
     """No trial of the search finished."""
+
+
+# --- a subsampled search's final run (issue #14) ------------------------------------------------
+FINAL_DIR = "final"  # OUT/final: the final run's ledger, checkpoint (its own secret) and config; private
+
+
+def final_config(ss: SearchSpace, knobs: dict[str, Any], epsilon: float, delta: float) -> TrainConfig:
+    """The final run: the best trial's released knobs, on all training records (no validation split:
+    the final run is not scored), budget first at (ε_f, δ_f): its T is subsample.final_iterations,
+    else what a single `dpaf_ray train` run of these knobs would plan (trials are often cut short to
+    fit a search's time; the final run is the one released), and its noise multipliers are scaled
+    together by the planner in the trial's σ_agg/σ_sgd ratio."""
+    knobs = {k: v for k, v in knobs.items() if k not in ("seed", "data_root", "extra_fixed_releases", "iterations")}
+    if ss.subsample_final_iterations is not None:
+        knobs["iterations"] = ss.subsample_final_iterations
+    cfg = TrainConfig.from_dict({**knobs, "data_root": ss.data_root, "epsilon": epsilon, "delta": delta,
+                                 "validation_fraction": 0.0, "sigma_agg": None, "sigma_sgd": None})
+    if cfg.model == "dpaf" and knobs.get("sigma_agg") and knobs.get("sigma_sgd"):
+        cfg = dataclasses.replace(cfg, noise_split=float(knobs["sigma_agg"]) / float(knobs["sigma_sgd"]))
+    return cfg
+
+
+def run_final(ss: SearchSpace, state: dict[str, Any], out: Path, knobs: dict[str, Any],
+              progress: Callable[[str], None]) -> Any:
+    """Train the released knobs once on all records in OUT/final, at ε_f = ε − amplified ε_s (from
+    the search's ledger) and δ_f. Its secret is fresh (kept in OUT/final/checkpoint/), independent of
+    the search's. A final run cut short resumes from its checkpoint, or carries its journaled spend
+    forward, like `dpaf_ray train`."""
+    from ..run import train_private
+
+    budget = ss.subsample_budget()
+    eps_f = budget.final_epsilon(search_ledger(ss, state))
+    cfg = final_config(ss, knobs, eps_f, budget.final_delta)
+    progress(f"final run on all {state['n_records']} records with the best trial's knobs: ε_f={eps_f:.3f}, "
+             f"δ_f={budget.final_delta:g}")
+    result, _ = train_private(cfg, out / FINAL_DIR, ss.num_workers, ss.use_gpu, None, True,
+                              lambda m: progress(f"final: {m}"), ss.gpus_per_worker, ss.cpus_per_worker)
+    return result
+
+
+def subsampled_privacy_report(ss: SearchSpace, state: dict[str, Any], best_knobs: dict[str, Any] | None,
+                              final: Any | None) -> dict[str, Any]:
+    """The release's report of a subsampled search: each part, its ledger and their composition,
+    with the total from `privacy.subsample.composed_privacy` (the two ledgers only)."""
+    budget = ss.subsample_budget()
+    fraction = float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction))
+    n = state["n_records"]
+    assumptions = data_assumptions(n, fraction, state["num_classes"], tuple(state["image_shape"]))
+    assumptions["validation_split"] = (f"inside the subsample, each record is held out for the trials' scores with "
+                                       f"probability {fraction:g} by a keyed hash of its own pixels and label under "
+                                       "the search secret; the final run holds nothing out (it is not scored)")
+    assumptions["subsample"] = (f"each training record joins the tuning subsample independently with probability "
+                                f"γ = {budget.fraction:g} (a keyed hash of the record and its occurrence number under "
+                                "the search secret); membership is never written outside the private checkpoints. "
+                                f"The trials plan with the public expected subsample size γ·N = "
+                                f"{search_records(ss, n):g} (their q = B / ((1 − f)·γ·N)), never the realised size")
+    assumptions["search"] = ("every trial's executed RDP curve lies under the reference at every order; the "
+                             "number of trials K is drawn with a cryptographic RNG and kept private")
+    assumptions["final_run"] = ("the best trial's knobs, as released by the search, trained once on all N records "
+                                "with a fresh secret; its budget ε_f = ε − amplified ε_s is computed from the search's "
+                                "ledger, which is fixed before any trial runs")
+    s_ledger = search_ledger(ss, state)
+    f_ledger = final.ledger if final is not None else None
+    composed = composed_privacy(s_ledger, f_ledger, budget)
+    reference = reference_from(state)
+    search_part = {**s_ledger.to_json(), **composed["search"], "target_epsilon": budget.search_epsilon,
+                   "search": ss.search,
+                   "trials_distribution": {"kind": ss.trials_distribution, "mean": ss.expected_trials,
+                                           "shape": "inf" if math.isinf(state["shape"]) else state["shape"]},
+                   "reference": {**reference.to_json(), "epsilon_alone": reference.epsilon(budget.search_delta)},
+                   "knobs": best_knobs}
+    final_part: dict[str, Any] = {**(f_ledger.to_json() if f_ledger is not None else
+                                     PrivacyLedger(orders=s_ledger.orders).to_json()), **composed["final"]}
+    if final is not None:
+        final_part.update({"target_epsilon": final.plan.config.epsilon, "iterations_executed": final.iterations_done,
+                           "sampling_rate": final.plan.schedule.sampling_rate,
+                           "knobs": {k: v for k, v in final.plan.config.to_dict().items()
+                                     if k not in ("seed", "data_root", "extra_fixed_releases")}})
+    else:
+        final_part["note"] = "no final run: no trial finished (or K = 0), so no knobs were released to train"
+    return {"epsilon": composed["epsilon"], "target_epsilon": ss.epsilon, "delta": ss.delta,
+            "delta_composed": composed["delta"], "private": True, "reproducible_noise": False,
+            "accounting": SUBSAMPLED_ACCOUNTING, "composition": composed["composition"],
+            "amplification": composed["amplification"], "subsample": budget.to_json(),
+            "search": search_part, "final": final_part, "assumptions": assumptions}
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
