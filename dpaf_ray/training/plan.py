@@ -37,7 +37,7 @@ NOISY_GROUP_MEAN = 0.05
 # The DP label classifier's noise on its mean gradient, σ_c·C_c/B_c in units of C_c, past which it
 # is measured to teach G wrong labels (T = 900, weight 0.3, evaluate defaults): 0.0013 and 0.0030
 # trained a classifier of 82–83 % and 78–79 % and gained ~2 points (Fashion-MNIST ε = 10 and 1,
-# B_c = 1024); 0.0134 trained one of 39 % and lost 12.6 points (mnist-5k ε = 10, B_c = 256, seed 0).
+# B_c = 1024); 0.0134 trained ones of 29–39 % and lost 8–13 points (mnist-5k ε = 10, B_c = 256, seeds 0–1).
 NOISY_CLASSIFIER_MEAN = 0.006
 # Share of a time budget kept for start-up, writing the release and the probe itself.
 TIME_RESERVE_FRACTION, TIME_RESERVE_SECONDS = 0.1, 15.0
@@ -80,7 +80,7 @@ class TrainingPlan:
             if mean_noise > NOISY_CLASSIFIER_MEAN:
                 out.append(f"the DP label classifier's noise on its mean gradient, σ_c/B_c = {ph.noise:.3g}/"
                            f"{c.classifier_batch} = {mean_noise:.4f}, is past {NOISY_CLASSIFIER_MEAN:g}, where it "
-                           "teaches G wrong labels (measured: 0.0134 trained a 39 % classifier and lost 12.6 points "
+                           "teaches G wrong labels (measured: 0.0134 trained 29–39 % classifiers and lost 8–13 points "
                            "on mnist-5k at ε = 10; 0.0030 trained a 78 % one and gained 2 points on Fashion-MNIST at "
                            "ε = 1). On data this small drop the phase (--classifier-steps 0); more records or a "
                            "larger --epsilon lower it")
