@@ -40,6 +40,7 @@ from dpaf_ray.privacy.subsample import (
     unamplified_epsilon,
 )
 from dpaf_ray.tuning.search_space import SearchSpace, SearchSpaceError, load_search_space
+from test_tune_e2e import dp_event  # the independent JSON → dp_accounting conversion
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,25 +124,9 @@ def test_budget_refuses_values_outside_the_open_interval(kw):
 # ================================================================ composition from two ledgers
 
 
-def _dp_event(d: dict) -> dp_accounting.DpEvent:
-    """A dp_accounting event from the saved JSON alone (not via dpaf_ray's ledger)."""
-    kind = d["kind"]
-    if kind == "poisson_gaussian":
-        one = dp_accounting.PoissonSampledDpEvent(d["sampling_rate"], dp_accounting.GaussianDpEvent(d["noise_multiplier"]))
-        return dp_accounting.SelfComposedDpEvent(one, d["count"])
-    if kind == "gaussian":
-        return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(d["noise_multiplier"]), d["count"])
-    if kind == "composed":
-        return dp_accounting.ComposedDpEvent([_dp_event(e) for e in d["events"]])
-    if kind == "repeat_and_select":
-        shape = math.inf if d["shape"] == "inf" else float(d["shape"])
-        return dp_accounting.dp_event.RepeatAndSelectDpEvent(_dp_event(d["event"]), float(d["mean"]), shape)
-    raise AssertionError(f"unknown event kind {kind!r}")
-
-
 def _independent_epsilon(ledger_json: dict, delta: float) -> float:
     acc = dp_accounting.rdp.RdpAccountant(list(ledger_json["orders"]))
-    acc.compose(dp_accounting.ComposedDpEvent([_dp_event(e) for e in ledger_json["events"]]))
+    acc.compose(dp_accounting.ComposedDpEvent([dp_event(e) for e in ledger_json["events"]]))
     return acc.get_epsilon(delta)
 
 
