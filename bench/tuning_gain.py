@@ -35,7 +35,7 @@ from dpaf_ray.privacy.tuning import calibrate_reference, distribution_shape, fit
 from dpaf_ray.training.plan import schedule_for  # noqa: E402
 from dpaf_ray.tuning.results import SearchResults  # noqa: E402
 from dpaf_ray.tuning.search_space import load_search_space  # noqa: E402
-from dpaf_ray.tuning.tuner import reference_config  # noqa: E402
+from dpaf_ray.tuning.tuner import epoch_matched_iterations, reference_config  # noqa: E402
 from logged_run import run_logged  # noqa: E402
 
 SHAPE_KNOBS = ("batch_size", "sgd_every", "noise_split", "classifier_steps")
@@ -55,7 +55,7 @@ def fit_table(ss, n_records: int, T: int) -> dict:
     for values in itertools.product(*choices.values()):
         knobs = dict(zip(choices, values))
         c = TrainConfig.from_dict({**ss.fixed, **knobs})
-        t = max(1, round(T * cfg.batch_size / c.batch_size))  # as many epochs as the planned trial
+        t = epoch_matched_iterations(T, cfg.batch_size, c.batch_size)  # as many epochs as the planned trial
         sched = schedule_for(c, n_train)
         t_all = sched.prefix_iterations + t  # T GAN iterations after any classifier phase
         fit = fit_trial(sched, t_all, ss.score_noise, ref)

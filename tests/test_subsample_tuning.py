@@ -392,6 +392,39 @@ def test_good_subsample_section_loads(tmp_path):
     assert again.subsample_budget() == ss.subsample_budget()
 
 
+def test_command_line_flags_set_the_subsample_like_the_yaml(tmp_path):
+    """`tune.py --subsample-fraction γ --subsample-epsilon-share s` gives the same split of (ε, δ)
+    as the YAML section; `--num-threads` lands in `fixed`."""
+    from dpaf_ray.tuning.cli import build_parser, search_space_from_args
+
+    base = ROOT / "search_spaces" / "fashion-mnist-cpu.yaml"
+    args = build_parser().parse_args(["--search-space", str(base), "--subsample-fraction", "0.25",
+                                      "--subsample-epsilon-share", "0.2", "--subsample-final-iterations", "700",
+                                      "--num-threads", "1"])
+    ss = search_space_from_args(args)
+    from_yaml = load_search_space(_write(tmp_path, {"fraction": 0.25, "epsilon_share": 0.2}))
+    assert ss.subsample_budget() == from_yaml.subsample_budget()
+    assert ss.subsample_final_iterations == 700 and ss.fixed["num_threads"] == 1
+
+
+@pytest.mark.parametrize("flags,key,fix", [
+    (["--subsample-fraction", "0.2"], "`subsample.epsilon_share`", "--subsample-epsilon-share"),
+    (["--subsample-epsilon-share", "0.1"], "`subsample.fraction`", "--subsample-fraction"),
+    (["--subsample-fraction", "1.5", "--subsample-epsilon-share", "0.1"], "`subsample.fraction`", "strictly between"),
+    (["--subsample-final-iterations", "500"], "`subsample.final_iterations`", "--subsample-fraction"),
+    (["--subsample-fraction", "0.2", "--subsample-epsilon-share", "0.1", "--subsample-final-iterations", "0"],
+     "`subsample.final_iterations`", "whole number >= 1"),
+])
+def test_bad_subsample_flags_exit_2_naming_the_flag_and_write_nothing(tmp_path, capsys, flags, key, fix):
+    from dpaf_ray.tuning.cli import main
+
+    out = tmp_path / "run"
+    code = main(["--search-space", str(ROOT / "search_spaces" / "fashion-mnist-cpu.yaml"), "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and key in err and fix in err, err
+    assert not out.exists()
+
+
 def test_a_final_run_that_cannot_be_planned_is_refused_before_anything_is_spent(tmp_path):
     """With nearly all of ε given to the search, the final run would need σ past the planner's limit:
     refused by check_space_fits (before Ray starts and before any charge), naming the key to change."""

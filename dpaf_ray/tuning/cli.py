@@ -36,6 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs of each Train worker (or in-process trial)")
     p.add_argument("--max-concurrent-trials", type=int, default=None, help="trials that run side by side")
     p.add_argument("--num-classes", type=int, default=None, help="public class count (Parquet tables without it)")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="torch threads of each in-process trial and of a final run (fixed.num_threads)")
+    p.add_argument("--subsample-fraction", type=float, default=None,
+                   help="tune on a Poisson subsample: each record joins it with this probability γ (e.g. 0.2); the "
+                        "chosen knobs are then trained once on all records (subsample.fraction)")
+    p.add_argument("--subsample-epsilon-share", type=float, default=None,
+                   help="with --subsample-fraction: the part of ε the amplified search spends, e.g. 0.1 "
+                        "(subsample.epsilon_share); the final run gets the rest")
+    p.add_argument("--subsample-final-iterations", type=int, default=None,
+                   help="with --subsample-fraction: T of the final run on all records (default: a single run's)")
     p.add_argument("--public-validation", default=None, help="score on this public data set (free) instead")
     p.add_argument("--reproducible-noise", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="run directory (default: runs/<timestamp>)")
@@ -51,7 +61,10 @@ def search_space_from_args(args: argparse.Namespace) -> SearchSpace:
     overrides = {k: getattr(args, k) for k in ("dataset", "data_root", "num_classes", "epsilon", "delta", "search", "expected_trials",
                                                "trials_distribution", "tnb_shape", "num_workers", "use_gpu",
                                                "gpus_per_worker", "cpus_per_worker", "max_concurrent_trials",
-                                               "public_validation") if getattr(args, k) is not None}
+                                               "public_validation", "subsample_fraction", "subsample_epsilon_share",
+                                               "subsample_final_iterations") if getattr(args, k) is not None}
+    if args.num_threads is not None:
+        overrides["fixed"] = {**ss.fixed, "num_threads": args.num_threads}
     ss = dataclasses.replace(ss, **overrides)
     return validate_search_space(ss)
 

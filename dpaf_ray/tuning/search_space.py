@@ -302,7 +302,8 @@ def check_subsample(ss: SearchSpace) -> None:
     p = ss.path
     if ss.subsample_fraction is None or ss.subsample_epsilon_share is None:
         missing = "fraction" if ss.subsample_fraction is None else "epsilon_share"
-        raise _err(p, f"subsample.{missing}", "missing; give both subsample.fraction and subsample.epsilon_share")
+        raise _err(p, f"subsample.{missing}", "missing; give both subsample.fraction and subsample.epsilon_share "
+                   "(on the command line: --subsample-fraction and --subsample-epsilon-share)")
     gamma, share = ss.subsample_fraction, ss.subsample_epsilon_share
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and 0 < gamma < 1):
         raise _err(p, "subsample.fraction", f"must lie strictly between 0 and 1, got {gamma}; e.g. 0.2 (a record joins "
@@ -334,6 +335,13 @@ def validate_search_space(ss: SearchSpace) -> SearchSpace:
                    "the private validation split, with noise, charged) or name a different, public data set")
     if ss.subsample_fraction is not None or ss.subsample_epsilon_share is not None:
         check_subsample(ss)
+    elif ss.subsample_final_iterations is not None:
+        raise _err(p, "subsample.final_iterations", "sets the final run of a search on a subsample, but there is none: "
+                   "add subsample.fraction and subsample.epsilon_share (--subsample-fraction, "
+                   "--subsample-epsilon-share), or drop it")
+    if ss.subsample_final_iterations is not None and (ss.subsample_final_iterations != int(ss.subsample_final_iterations)
+                                                      or ss.subsample_final_iterations < 1):
+        raise _err(p, "subsample.final_iterations", f"must be a whole number >= 1, got {ss.subsample_final_iterations}")
     if ss.trial_iterations is not None and (ss.trial_iterations != int(ss.trial_iterations) or ss.trial_iterations < 1):
         raise _err(p, "trial.iterations", f"must be a whole number >= 1, got {ss.trial_iterations}")
     check_resource_keys(ss)

@@ -77,6 +77,13 @@ def reference_config(ss: SearchSpace) -> TrainConfig:
     return dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))
 
 
+def epoch_matched_iterations(iterations: int, reference_batch: int, batch_size: int) -> int:
+    """T of a trial at batch B that sees as many epochs as `iterations` at the reference batch: the one
+    rule the trials, the pre-flight check and the fit table share (a trial at a larger batch runs fewer
+    iterations, and its privacy curve is fitted for that T)."""
+    return max(1, round(iterations * reference_batch / batch_size))
+
+
 def trial_iterations(ss: SearchSpace, cfg: TrainConfig, shape: tuple[int, int, int], num_classes: int,
                      n_train: float, device: str = "cpu") -> tuple[int, str]:
     """T of a trial, planned like a single run: trial.iterations (at the reference batch size;
@@ -94,7 +101,8 @@ def trial_iterations(ss: SearchSpace, cfg: TrainConfig, shape: tuple[int, int, i
                  else (default_iterations(shape[1]), f"the default for {shape[1]}×{shape[2]}"))
     if cfg.batch_size == ref_b:
         return base, how
-    return max(1, round(base * ref_b / cfg.batch_size)), f"{how} at B={ref_b}, as many epochs at B={cfg.batch_size}"
+    return (epoch_matched_iterations(base, ref_b, cfg.batch_size),
+            f"{how} at B={ref_b}, as many epochs at B={cfg.batch_size}")
 
 
 def search_records(ss: SearchSpace, n_records: float) -> float:
@@ -430,7 +438,7 @@ def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
         schedule = schedule_for(cfg, n_train)
         T = reference.gan_iterations
         if ss.trial_iterations is not None or ss.time_budget_minutes is None:  # as many epochs as the reference
-            T = max(1, round(T * reference_batch_size(ss) / cfg.batch_size))
+            T = epoch_matched_iterations(T, reference_batch_size(ss), cfg.batch_size)
         try:
             fit = fit_trial(schedule, schedule.prefix_iterations + T, score_noise, reference)
         except PrivacyConfigError as err:
