@@ -30,26 +30,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dpaf_ray.config import TrainConfig  # noqa: E402
-from dpaf_ray.privacy.ledger import Gaussian, PrivacyLedger  # noqa: E402
+from dpaf_ray.privacy.ledger import Gaussian, PrivacyConfigError, PrivacyLedger  # noqa: E402
 from dpaf_ray.privacy.tuning import calibrate_reference, distribution_shape, fit_trial, num_trials_pmf  # noqa: E402
 from dpaf_ray.training.plan import schedule_for  # noqa: E402
 from dpaf_ray.tuning.results import SearchResults  # noqa: E402
 from dpaf_ray.tuning.search_space import load_search_space  # noqa: E402
-from dpaf_ray.tuning.tuner import epoch_matched_iterations, reference_config  # noqa: E402
+from dpaf_ray.tuning.tuner import epoch_matched_iterations, final_config, reference_config, search_records  # noqa: E402
 from logged_run import run_logged  # noqa: E402
 
 SHAPE_KNOBS = ("batch_size", "sgd_every", "noise_split", "classifier_steps")
 
 
+def search_scope(ss, n_records: int) -> tuple[float, float, float]:
+    """(ε, δ, N) the search is calibrated to: the whole budget on all records, or on a subsample its
+    own (ε_s, δ_s) on the expected γN records (as `tune.py` plans it)."""
+    eps, delta = ss.search_target()
+    return eps, delta, search_records(ss, n_records)
+
+
 def fit_table(ss, n_records: int, T: int) -> dict:
     """The reference and every trial shape's ε after fitting, relative to the reference's."""
     cfg = reference_config(ss)
-    n_train = (1 - cfg.validation_fraction) * n_records
+    eps, delta, n = search_scope(ss, n_records)
+    n_train = (1 - cfg.validation_fraction) * n
     shape = distribution_shape(ss.trials_distribution, ss.tnb_shape)
     ref_sched = schedule_for(cfg, n_train)
-    ref = calibrate_reference(ss.epsilon, ss.delta, ref_sched, ref_sched.prefix_iterations + T, ss.score_noise,
+    ref = calibrate_reference(eps, delta, ref_sched, ref_sched.prefix_iterations + T, ss.score_noise,
                               ss.search, ss.expected_trials, shape)
-    e_ref = ref.epsilon(ss.delta)
+    e_ref = ref.epsilon(delta)
     choices = {p.name: p.extremes() if p.kind != "choice" else p.values for p in ss.params if p.name in SHAPE_KNOBS}
     rows = []
     for values in itertools.product(*choices.values()):
@@ -60,7 +68,7 @@ def fit_table(ss, n_records: int, T: int) -> dict:
         t_all = sched.prefix_iterations + t  # T GAN iterations after any classifier phase
         fit = fit_trial(sched, t_all, ss.score_noise, ref)
         e = PrivacyLedger(sched.scaled(fit.noise_factor).entries(t_all) + [Gaussian(ss.score_noise)],
-                          ref.orders).epsilon(ss.delta)
+                          ref.orders).epsilon(delta)
         rows.append({**knobs, "iterations": t, "sigma_eff": sched.cycle[0] * fit.noise_factor,
                      "epsilon_trial": e, "fraction_of_reference": e / e_ref})
     return {"reference": {"batch_size": cfg.batch_size, "iterations": T, "cycle": list(ref.schedule.cycle),
@@ -69,18 +77,21 @@ def fit_table(ss, n_records: int, T: int) -> dict:
 
 def per_trial(ss, n_records: int, T: int) -> list[dict]:
     cfg = reference_config(ss)
-    sched = schedule_for(cfg, (1 - cfg.validation_fraction) * n_records)
+    eps, delta, n = search_scope(ss, n_records)
+    sched = schedule_for(cfg, (1 - cfg.validation_fraction) * n)
     rows = []
     for mean in (2, 3, 5, 10):
         row = {"expected_trials": mean}
         for search in ("random", "tpe"):
-            ref = calibrate_reference(ss.epsilon, ss.delta, sched, sched.prefix_iterations + T, ss.score_noise,
-                                      search, mean, 1.0)
-            row[f"{search}_epsilon_per_trial"] = ref.epsilon(ss.delta)
+            try:
+                ref = calibrate_reference(eps, delta, sched, sched.prefix_iterations + T, ss.score_noise,
+                                          search, mean, 1.0)
+                row[f"{search}_epsilon_per_trial"] = ref.epsilon(delta)
+            except PrivacyConfigError:  # too many trials for this budget: no trial can run
+                row[f"{search}_epsilon_per_trial"] = None
         rows.append(row)
-    single = calibrate_reference(ss.epsilon, ss.delta, sched, sched.prefix_iterations + T, ss.score_noise, "tpe", 1,
-                                 1.0)
-    rows.append({"expected_trials": 1, "single_run_epsilon": single.epsilon(ss.delta)})
+    single = calibrate_reference(eps, delta, sched, sched.prefix_iterations + T, ss.score_noise, "tpe", 1, 1.0)
+    rows.append({"expected_trials": 1, "single_run_epsilon": single.epsilon(delta)})
     return rows
 
 
@@ -88,17 +99,47 @@ def distribution_table(ss, n_records: int, T: int) -> list[dict]:
     """The law of K at equal E[K] (issue #14): what each trial may spend, against the chance that the
     search cannot select at all (K ≤ 1) and the long runs (K ≥ 5). Privacy only; no training."""
     cfg = reference_config(ss)
-    sched = schedule_for(cfg, (1 - cfg.validation_fraction) * n_records)
+    eps, delta, n = search_scope(ss, n_records)
+    sched = schedule_for(cfg, (1 - cfg.validation_fraction) * n)
     laws = {"logarithmic": 0.0, "tnb η=0.5": 0.5, "geometric": 1.0, "tnb η=2": 2.0, "poisson": math.inf}
     rows = []
     for mean in (2, 3, 5):
         for name, shape in laws.items():
-            ref = calibrate_reference(ss.epsilon, ss.delta, sched, sched.prefix_iterations + T, ss.score_noise,
-                                      "random", mean, shape)
+            try:
+                e = calibrate_reference(eps, delta, sched, sched.prefix_iterations + T, ss.score_noise,
+                                        "random", mean, shape).epsilon(delta)
+            except PrivacyConfigError:  # too many trials for this budget
+                e = math.nan
             probs = dict(itertools.takewhile(lambda kp: kp[0] < 200, num_trials_pmf(mean, shape)))
-            rows.append({"expected_trials": mean, "law": name, "epsilon_per_trial": ref.epsilon(ss.delta),
+            rows.append({"expected_trials": mean, "law": name, "epsilon_per_trial": e,
                          "p_no_release": probs.get(0, 0.0), "p_no_choice": probs.get(0, 0.0) + probs.get(1, 0.0),
                          "p_k_ge_5": 1 - sum(p for k, p in probs.items() if k < 5)})
+    return rows
+
+
+def share_table(ss, n_records: int, T: int, shares=(0.1, 0.3, 0.5, 0.7, 0.9)) -> list[dict]:
+    """On a subsample: what each epsilon_share buys. The search's noise (its trials on γN records at
+    (ε_s, δ_s)) against the final run's (all N records at ε_f = ε − s·ε, δ/2, a single run's T):
+    the trade the operator picks before any data is touched. Planned values; privacy only."""
+    from dpaf_ray.privacy.subsample import SubsampleBudget
+    from dpaf_ray.training.plan import plan_training
+
+    cfg = reference_config(ss)
+    n_train = (1 - cfg.validation_fraction) * search_records(ss, n_records)
+    sched = schedule_for(cfg, n_train)
+    shape = distribution_shape(ss.trials_distribution, ss.tnb_shape)
+    rows = []
+    for share in shares:
+        budget = SubsampleBudget(ss.epsilon, ss.delta, ss.subsample_fraction, share)
+        ref = calibrate_reference(budget.search_epsilon, budget.search_delta, sched, sched.prefix_iterations + T,
+                                  ss.score_noise, ss.search, ss.expected_trials, shape)
+        eps_f = ss.epsilon - share * ss.epsilon  # the planned rest (the ledger's spend is at most the target)
+        final = plan_training(final_config(ss, {**cfg.to_dict(), "iterations": T}, eps_f, budget.final_delta),
+                              n_records, 28)
+        rows.append({"epsilon_share": share, "search_epsilon": budget.search_epsilon,
+                     "trial_sigma_cycle": list(ref.schedule.cycle), "trial_epsilon_alone": ref.epsilon(budget.search_delta),
+                     "final_epsilon": eps_f, "final_iterations": final.iterations,
+                     "final_sigma_agg": final.config.sigma_agg, "final_sigma_sgd": final.config.sigma_sgd})
     return rows
 
 
@@ -207,6 +248,17 @@ def main() -> None:
         print(f"{r['expected_trials']:>5} {r['law']:>12} {r['epsilon_per_trial']:>12.3f} {r['p_no_release']:>8.3f} "
               f"{r['p_no_choice']:>8.3f} {r['p_k_ge_5']:>8.3f}")
     result = {"search_space": args.search_space, "fit": table, "per_trial": rows, "k_distributions": laws}
+    if ss.subsample_fraction is not None:
+        shares = share_table(ss, args.n_records, T)
+        print(f"on a subsample (γ = {ss.subsample_fraction:g}): each epsilon_share's search against its final run")
+        print(f"{'share':>6} {'ε_s':>7} {'trial σ cycle':>16} {'trial ε':>8} {'ε_f':>6} {'final T':>8} "
+              f"{'final σ_agg, σ_sgd':>20}")
+        for r in shares:
+            cyc = ", ".join(f"{c:.2f}" for c in r["trial_sigma_cycle"])
+            print(f"{r['epsilon_share']:>6g} {r['search_epsilon']:>7.3f} {cyc:>16} {r['trial_epsilon_alone']:>8.3f} "
+                  f"{r['final_epsilon']:>6.2f} {r['final_iterations']:>8} "
+                  f"{r['final_sigma_agg']:>9.3f}, {r['final_sigma_sgd']:.3f}")
+        result["subsample_shares"] = shares
     if args.train:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
