@@ -21,7 +21,6 @@ def one(d: Path):
     return {"epsilon": eps, "seed": seed, "epsilon_ledger": rep["epsilon"], "K": len(trials),
             "search_seconds": float(secs.read_text()) if secs.exists() else None,
             "accuracy": ev["downstream_accuracy"], "diversity_ratio": ev.get("diversity_ratio"),
-            "subsample": {k: rep.get(k) for k in ("search", "final", "composition") if k in rep} or None,
             "trials": trials}
 
 # default single runs (the evaluate defaults), from bench/results/utility_13_seeds/table.md and /tmp/u17/w
@@ -49,7 +48,7 @@ for r in sorted(rows, key=lambda r: (-r["epsilon"], r["share"], r["seed"])):
     diff = f"{100*(r['accuracy']-d[0]):+.1f}" if d else ""
     print(f"| {r['epsilon']:g} | {r['share']:g} | {r['seed']} | {r['K']} | {r['trials'][0]['epsilon_trial']:.3f} | {tr} | {ef} | {100*r['accuracy']:.1f} %, {r['diversity_ratio']:.2f} | "
           + (f"{100*d[0]:.1f} %, {d[1]:.2f} | {diff} |" if d else "| |"))
-    out.append({**{k: v for k, v in r.items()}, "default": d})
+    out.append({**r, "default": d})
 for eps in (10.0, 1.0):
     for share in (0.1, 0.5):
         sel = [r for r in rows if r["epsilon"] == eps and r["share"] == share]
