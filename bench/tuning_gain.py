@@ -35,24 +35,24 @@ from dpaf_ray.privacy.tuning import calibrate_reference, distribution_shape, fit
 from dpaf_ray.training.plan import schedule_for  # noqa: E402
 from dpaf_ray.tuning.results import SearchResults  # noqa: E402
 from dpaf_ray.tuning.search_space import load_search_space  # noqa: E402
-from dpaf_ray.tuning.tuner import epoch_matched_iterations, final_config, reference_config, search_records  # noqa: E402
+from dpaf_ray.tuning.tuner import (epoch_matched_iterations, final_config, reference_config,  # noqa: E402
+                                   search_train_records)
 from logged_run import run_logged  # noqa: E402
 
 SHAPE_KNOBS = ("batch_size", "sgd_every", "noise_split", "classifier_steps")
 
 
 def search_scope(ss, n_records: int) -> tuple[float, float, float]:
-    """(ε, δ, N) the search is calibrated to: the whole budget on all records, or on a subsample its
-    own (ε_s, δ_s) on the expected γN records (as `tune.py` plans it)."""
+    """(ε, δ, n_train) the search is calibrated to: the whole budget on all records, or on a subsample
+    its own (ε_s, δ_s) on the expected γN records (as `tune.py` plans it)."""
     eps, delta = ss.search_target()
-    return eps, delta, search_records(ss, n_records)
+    return eps, delta, search_train_records(ss, n_records)
 
 
 def fit_table(ss, n_records: int, T: int) -> dict:
     """The reference and every trial shape's ε after fitting, relative to the reference's."""
     cfg = reference_config(ss)
-    eps, delta, n = search_scope(ss, n_records)
-    n_train = (1 - cfg.validation_fraction) * n
+    eps, delta, n_train = search_scope(ss, n_records)
     shape = distribution_shape(ss.trials_distribution, ss.tnb_shape)
     ref_sched = schedule_for(cfg, n_train)
     ref = calibrate_reference(eps, delta, ref_sched, ref_sched.prefix_iterations + T, ss.score_noise,
@@ -77,8 +77,8 @@ def fit_table(ss, n_records: int, T: int) -> dict:
 
 def per_trial(ss, n_records: int, T: int) -> list[dict]:
     cfg = reference_config(ss)
-    eps, delta, n = search_scope(ss, n_records)
-    sched = schedule_for(cfg, (1 - cfg.validation_fraction) * n)
+    eps, delta, n_train = search_scope(ss, n_records)
+    sched = schedule_for(cfg, n_train)
     rows = []
     for mean in (2, 3, 5, 10):
         row = {"expected_trials": mean}
@@ -99,8 +99,8 @@ def distribution_table(ss, n_records: int, T: int) -> list[dict]:
     """The law of K at equal E[K] (issue #14): what each trial may spend, against the chance that the
     search cannot select at all (K ≤ 1) and the long runs (K ≥ 5). Privacy only; no training."""
     cfg = reference_config(ss)
-    eps, delta, n = search_scope(ss, n_records)
-    sched = schedule_for(cfg, (1 - cfg.validation_fraction) * n)
+    eps, delta, n_train = search_scope(ss, n_records)
+    sched = schedule_for(cfg, n_train)
     laws = {"logarithmic": 0.0, "tnb η=0.5": 0.5, "geometric": 1.0, "tnb η=2": 2.0, "poisson": math.inf}
     rows = []
     for mean in (2, 3, 5):
@@ -125,7 +125,7 @@ def share_table(ss, n_records: int, T: int, shares=(0.1, 0.3, 0.5, 0.7, 0.9)) ->
     from dpaf_ray.training.plan import plan_training
 
     cfg = reference_config(ss)
-    n_train = (1 - cfg.validation_fraction) * search_records(ss, n_records)
+    n_train = search_train_records(ss, n_records)
     sched = schedule_for(cfg, n_train)
     shape = distribution_shape(ss.trials_distribution, ss.tnb_shape)
     rows = []

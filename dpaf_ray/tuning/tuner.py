@@ -111,6 +111,12 @@ def search_records(ss: SearchSpace, n_records: float) -> float:
     return n_records if ss.subsample_fraction is None else ss.subsample_fraction * n_records
 
 
+def search_train_records(ss: SearchSpace, n_records: float) -> float:
+    """The public expected training records a trial plans with: (1 − f)·N, or (1 − f)·γ·N on a subsample."""
+    fraction = float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction))
+    return (1 - fraction) * search_records(ss, n_records)
+
+
 def plan_search(ss: SearchSpace, n_records: int, shape: tuple[int, int, int], num_classes: int) -> dict[str, Any]:
     """K, the reference and the sampler's seed; data-independent given the public N, shape and K classes."""
     from ..training.plan import schedule_for
@@ -118,7 +124,7 @@ def plan_search(ss: SearchSpace, n_records: int, shape: tuple[int, int, int], nu
     shape_k = distribution_shape(ss.trials_distribution, ss.tnb_shape)
     score_noise = None if ss.public_validation else ss.score_noise
     cfg = reference_config(ss)
-    n_train = (1 - cfg.validation_fraction) * search_records(ss, n_records)
+    n_train = search_train_records(ss, n_records)
     cfg.validate(n_train)
     T, how = trial_iterations(ss, cfg, shape, num_classes, n_train)
     schedule = schedule_for(cfg, n_train)  # T GAN iterations after any classifier phase, as in a single run
@@ -148,7 +154,7 @@ def reference_warnings(ss: SearchSpace, state: dict[str, Any]) -> list[str]:
     if cfg.model != "dpaf":
         return []
     reference = reference_from(state)
-    n_train = (1 - cfg.validation_fraction) * search_records(ss, state["n_records"])
+    n_train = search_train_records(ss, state["n_records"])
     factor = reference.schedule.cycle[0] / schedule_for(cfg, n_train).cycle[0]
     sigma_agg = cfg.base_sigmas()[0] * factor
     noise = sigma_agg / cfg.group_size
@@ -450,8 +456,7 @@ def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
     reference = reference_from(state)
     budget = ss.subsample_budget()
     final_eps = budget.final_epsilon(search_ledger(ss, state)) if budget is not None else None
-    n_train = ((1 - float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction)))
-               * search_records(ss, state["n_records"]))
+    n_train = search_train_records(ss, state["n_records"])
     score_noise = None if ss.public_validation else ss.score_noise
     schedule_knobs = {"batch_size", "sgd_every", "noise_split", "sigma_agg", "sigma_sgd", "model",
                       "classifier_steps", "classifier_batch", "classifier_noise"}
