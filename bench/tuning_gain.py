@@ -117,7 +117,7 @@ def distribution_table(ss, n_records: int, T: int) -> list[dict]:
     return rows
 
 
-def share_table(ss, n_records: int, T: int, shares=(0.1, 0.3, 0.5, 0.7, 0.9)) -> list[dict]:
+def share_table(ss, n_records: int, T: int, image_size: int, shares=(0.1, 0.3, 0.5, 0.7, 0.9)) -> list[dict]:
     """On a subsample: what each epsilon_share buys. The search's noise (its trials on γN records at
     (ε_s, δ_s)) against the final run's (all N records at ε_f = ε − s·ε, δ/2, a single run's T):
     the trade the operator picks before any data is touched. Planned values; privacy only."""
@@ -135,7 +135,7 @@ def share_table(ss, n_records: int, T: int, shares=(0.1, 0.3, 0.5, 0.7, 0.9)) ->
                                   ss.score_noise, ss.search, ss.expected_trials, shape)
         eps_f = ss.epsilon - share * ss.epsilon  # the planned rest (the ledger's spend is at most the target)
         final = plan_training(final_config(ss, {**cfg.to_dict(), "iterations": T}, eps_f, budget.final_delta),
-                              n_records, 28)
+                              n_records, image_size)
         rows.append({"epsilon_share": share, "search_epsilon": budget.search_epsilon,
                      "trial_sigma_cycle": list(ref.schedule.cycle), "trial_epsilon_alone": ref.epsilon(budget.search_delta),
                      "final_epsilon": eps_f, "final_iterations": final.iterations,
@@ -204,6 +204,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--search-space", default="search_spaces/fashion-mnist-cpu.yaml")
     ap.add_argument("--n-records", type=int, default=60_000, help="N of the search space's data set (public)")
+    ap.add_argument("--image-size", type=int, default=28, help="the data set's image side (public): the final run's T in the share table")
     ap.add_argument("--epsilon", type=float, default=None, help="override the search space's total ε (fit table)")
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 10.0])
@@ -249,7 +250,7 @@ def main() -> None:
               f"{r['p_no_choice']:>8.3f} {r['p_k_ge_5']:>8.3f}")
     result = {"search_space": args.search_space, "fit": table, "per_trial": rows, "k_distributions": laws}
     if ss.subsample_fraction is not None:
-        shares = share_table(ss, args.n_records, T)
+        shares = share_table(ss, args.n_records, T, args.image_size)
         print(f"on a subsample (γ = {ss.subsample_fraction:g}): each epsilon_share's search against its final run")
         print(f"{'share':>6} {'ε_s':>7} {'trial σ cycle':>16} {'trial ε':>8} {'ε_f':>6} {'final T':>8} "
               f"{'final σ_agg, σ_sgd':>20}")
@@ -271,7 +272,8 @@ def main() -> None:
         result["training"] = training
         if args.part == "both":
             write_tables(training, ROOT / "bench" / "results" / args.results)
-    name = f"tuning_gain_eps{ss.epsilon:g}.json" if not args.train else f"{args.results}/result_{args.part}.json"
+    name = (f"tuning_gain_{Path(args.search_space).stem}_eps{ss.epsilon:g}.json" if not args.train
+            else f"{args.results}/result_{args.part}.json")  # one file per space: tables never overwrite each other
     out = ROOT / "bench" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

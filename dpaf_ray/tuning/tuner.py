@@ -148,7 +148,7 @@ def reference_warnings(ss: SearchSpace, state: dict[str, Any]) -> list[str]:
     """A reference so noisy that its trials cannot rank anything: DPAGG's noise on one group mean
     past the level where a single run stops learning (plan.NOISY_GROUP_MEAN). Every trial would score
     near chance and the choice would be a draw from the prior. A warning: the budget is still met."""
-    from ..training.plan import NOISY_GROUP_MEAN, schedule_for
+    from ..training.plan import noisy_group_mean, schedule_for
 
     cfg = reference_config(ss)
     if cfg.model != "dpaf":
@@ -156,18 +156,13 @@ def reference_warnings(ss: SearchSpace, state: dict[str, Any]) -> list[str]:
     reference = reference_from(state)
     n_train = search_train_records(ss, state["n_records"])
     factor = reference.schedule.cycle[0] / schedule_for(cfg, n_train).cycle[0]
-    sigma_agg = cfg.base_sigmas()[0] * factor
-    noise = sigma_agg / cfg.group_size
-    if noise <= NOISY_GROUP_MEAN:
-        return []
     fix = ("raise subsample.epsilon_share (--subsample-epsilon-share) or subsample.fraction; "
            "`python bench/tuning_gain.py --search-space FILE` prints the trade for each share"
            if ss.subsample_fraction is not None else
            "raise --epsilon, lower expected_trials or plan shorter trials (trial.iterations)")
-    return [f"the trials' DPAGG noise on a group mean, σ_agg/b = {sigma_agg:.3g}/{cfg.group_size} = {noise:.3f}, is "
-            f"past {NOISY_GROUP_MEAN:g}, where a run stops learning: the trials will score near chance and the "
-            f"choice will be close to a random draw (measured: σ_agg/b = 0.17 on a Fashion-MNIST subsample at "
-            f"ε = 1, share 0.1: trials scored 17–23 %); {fix}"]
+    warning = noisy_group_mean(cfg.base_sigmas()[0] * factor, cfg.group_size,
+                               f"the trials would score near chance and the choice be close to a random draw: {fix}")
+    return [f"in the trials, {warning}"] if warning else []
 
 
 def search_ledger(ss: SearchSpace, state: dict[str, Any]) -> PrivacyLedger:
