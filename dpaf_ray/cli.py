@@ -16,7 +16,7 @@ from .privacy.ledger import PrivacyConfigError
 
 _TYPES = {"data_root": str, "seed": int, "iterations": int, "max_iterations": int, "epochs": float,
           "time_budget_minutes": float, "num_threads": int, "num_classes": int, "sigma_agg": float,
-          "sigma_sgd": float}
+          "sigma_sgd": float, "classifier_steps": int}
 _HIDDEN = {"extra_fixed_releases"}
 _HELP = {
     "batch_size": "B = qN, expected real records per iteration",
@@ -33,6 +33,8 @@ _HELP = {
     "seed": "public seed of initialisation and generated codes only; the noise comes from a secret (default: random)",
     "reproducible_noise": "tests and benchmarks only: derive the noise from --seed; the run is then NOT private",
     "num_classes": "public number of classes (Parquet tables without it in their metadata)",
+    "classifier_steps": "P: DP-SGD steps of a DP label classifier before G trains (0: off; default: 1000 where the "
+                        "planner finds its noise small enough, e.g. Fashion-MNIST at ε >= 1, else off)",
     "time_budget_minutes": "plan T to finish in about this time (speed probe on generated data, no privacy cost)",
 }
 

@@ -302,7 +302,7 @@ def test_schedule_prefix_entries_scaling_and_release_at_agree():
 
 def test_explicit_noise_leaves_the_gan_iterations_after_the_phase():
     kw = dict(epsilon=2.0, delta=DELTA, seed=0, sigma_agg=4.0, sigma_sgd=2.0, classifier_batch=600, batch_size=64,
-              group_size=32)
+              group_size=32, classifier_noise=1.0)
     plan = plan_training(TrainConfig(classifier_steps=20, **kw), 6000)
     assert plan.config.iterations == plan.iterations - 20 >= 1
     assert PrivacyLedger(plan.schedule.entries(plan.iterations)).epsilon(DELTA) <= 2.0

@@ -42,6 +42,10 @@ from ..privacy.tuning import (
 from .search_space import SearchSpace
 
 STATE_FILE = "search_state.json"
+# Knobs whose single-run default a search replaces: the reference is planned before any data is seen,
+# so the classifier phase is off unless the space fixes or searches it (a single run's default turns
+# it on where its planned noise is small enough, which would change the trials' shape).
+SEARCH_DEFAULTS: dict[str, Any] = {"classifier_steps": 0}
 
 
 # --- the search plan (kept in the trusted run directory) -------------------------------------
@@ -64,13 +68,13 @@ def reference_classifier_steps(ss: SearchSpace) -> int:
     if ss.reference_classifier_steps is not None:
         return ss.reference_classifier_steps
     steps = [int(v) for p in ss.params if p.name == "classifier_steps" for v in p.extremes()]
-    return max(steps) if steps else int(ss.fixed.get("classifier_steps", TrainConfig.classifier_steps))
+    return max(steps) if steps else int(ss.fixed.get("classifier_steps") or 0)
 
 
 def reference_config(ss: SearchSpace) -> TrainConfig:
     """The planned trial: the fixed knobs and the measured defaults, at the reference batch size
     and classifier phase."""
-    cfg = TrainConfig.from_dict({**ss.fixed, "batch_size": reference_batch_size(ss),
+    cfg = TrainConfig.from_dict({**SEARCH_DEFAULTS, **ss.fixed, "batch_size": reference_batch_size(ss),
                                  "classifier_steps": reference_classifier_steps(ss), "dataset": ss.dataset,
                                  "data_root": ss.data_root, "num_classes": ss.num_classes, "epsilon": ss.epsilon,
                                  "delta": ss.delta, "time_budget_minutes": ss.time_budget_minutes})
@@ -221,8 +225,8 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     trial_secret = search_secret.child(f"trial/{trial_id}")
     split_key = search_secret.child(SPLIT_LABEL)
     target_eps, target_delta = ss.search_target()  # (ε, δ), or (ε_s, δ_s) on a subsample
-    cfg = TrainConfig.from_dict({**ss.fixed, **sampled, "dataset": ss.dataset, "data_root": ss.data_root,
-                                 "epsilon": target_eps, "delta": target_delta, "num_classes": ss.num_classes,
+    cfg = TrainConfig.from_dict({**SEARCH_DEFAULTS, **ss.fixed, **sampled, "dataset": ss.dataset,
+                                 "data_root": ss.data_root, "epsilon": target_eps, "delta": target_delta, "num_classes": ss.num_classes,
                                  "seed": secrets.randbits(31), "time_budget_minutes": ss.time_budget_minutes})
     cfg = dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))  # as clamp_group
     subsample = None
@@ -457,8 +461,8 @@ def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
                       "classifier_steps", "classifier_batch", "classifier_noise"}
     cases = [("fixed", {})] + [(f"params.{p.name}", {p.name: v}) for p in ss.params for v in p.extremes()]
     for key, knobs in cases:
-        cfg = TrainConfig.from_dict(clamp_group({**ss.fixed, **knobs, "dataset": ss.dataset, "epsilon": ss.epsilon,
-                                                 "delta": ss.delta}))
+        cfg = TrainConfig.from_dict(clamp_group({**SEARCH_DEFAULTS, **ss.fixed, **knobs, "dataset": ss.dataset,
+                                                 "epsilon": ss.epsilon, "delta": ss.delta}))
         if cfg.batch_size > n_train:
             raise SearchSpaceError(f"{ss.path}: `{key}`: batch size {cfg.batch_size} exceeds the {n_train:g} expected "
                                    f"training records (q = B/N > 1); lower it")
