@@ -142,7 +142,10 @@ def test_an_explicit_classifier_phase_or_its_absence_is_kept():
     dpsgd = plan_training(TrainConfig(epsilon=10, seed=0, model="dpsgd-gan"), n)
     assert dpsgd.config.classifier_steps == 0 and not dpsgd.schedule.prefix
     timed = plan_training(TrainConfig(epsilon=10, seed=0, time_budget_minutes=5), n, 28, 0.5)
-    assert timed.config.classifier_steps == 0 and "time budget" in timed.how  # the probe timed G's iterations only
+    assert timed.config.classifier_steps == 0 and "sets its own T" in timed.how  # the probe timed G's iterations only
+    for own in ({"iterations": 20}, {"epochs": 1.0}, {"sigma_agg": 1.0, "sigma_sgd": 1.0}):  # its own compute or noise
+        planned = plan_training(TrainConfig(epsilon=10, seed=0, **own), n)
+        assert planned.config.classifier_steps == 0 and not planned.schedule.prefix, own
 
 
 # ------------------------------------------------------------------------- time as part of the plan

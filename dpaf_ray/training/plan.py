@@ -242,14 +242,16 @@ def resolve_classifier_phase(cfg: TrainConfig, n_train: float, image_size: int =
                              seconds_per_iteration: float | None = None) -> TrainingPlan:
     """The default (classifier_steps None): the longest phase of AUTO_CLASSIFIER_PHASES whose planned
     noise on a mean gradient lies in the range measured to help it, else none. Every input is
-    public (the budget, N, the knobs), so the choice costs no privacy. A time budget plans G's
-    iterations only, so with one the phase stays off unless asked for."""
+    public (the budget, N, the knobs), so the choice costs no privacy. It goes with the default
+    plan only: with a given T (--iterations, --epochs, a time budget) or given noise the phase would
+    take over a short run or change the compute asked for, so it stays off unless asked for."""
     off = dataclasses.replace(cfg, classifier_steps=0)
     why = None
     if cfg.model != "dpaf":
         return plan_training(off, n_train, image_size, seconds_per_iteration)
-    if cfg.time_budget_minutes is not None:
-        why = "a time budget plans G's iterations only; pass --classifier-steps P to add the phase"
+    if (cfg.iterations, cfg.epochs, cfg.time_budget_minutes) != (None, None, None) or cfg.explicit_noise:
+        why = ("the default phase goes with the default plan (it was measured at T = 900 with noise from the budget), "
+               "and this run sets its own T or noise; pass --classifier-steps P to add it")
     elif cfg.classifier_batch > n_train:
         why = f"B_c = {cfg.classifier_batch} exceeds the {n_train:g} training records"
     else:
