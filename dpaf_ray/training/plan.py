@@ -43,7 +43,7 @@ NOISY_CLASSIFIER_MEAN = 0.006
 # on its mean gradient σ_c/B_c at which those steps are used), longest first; past every limit it is off.
 # Measured (bench/results/utility_13_seeds, weight 0.3, split 1, Fashion-MNIST, evaluate defaults; without
 # the phase 71.6 / 70.1 / 71.8 % at ε = 10 and 70.0 / 70.6 / 69.7 % at ε = 1):
-#   1000 steps at 0.0013 (ε = 10): 73.8 / 73.5 / 73.6 %;  at 0.0032 (ε = 1): 69.8 / 68.6 % (worse than none)
+#   1000 steps at 0.0013 (ε = 10): 73.8 / 73.5 / 73.6 / 71.1 %;  at 0.0032 (ε = 1): 69.8 / 68.6 / 69.9 % (worse than none)
 #    300 steps at 0.0013 (ε = 10): 71.6 / 72.5 / 73.8 %;  at 0.0030 (ε = 1): 73.2 / 70.4 / 73.5 / 71.3 %
 #   0.0134 (mnist-5k, B_c = 256, ε = 10): lost 8–13 points. Between 0.004 and 0.0134 nothing is measured.
 AUTO_CLASSIFIER_PHASES: tuple[tuple[int, float], ...] = ((1000, 0.002), (300, 0.004))
