@@ -204,7 +204,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--search-space", default="search_spaces/fashion-mnist-cpu.yaml")
     ap.add_argument("--n-records", type=int, default=60_000, help="N of the search space's data set (public)")
-    ap.add_argument("--image-size", type=int, default=28, help="the data set's image side (public): the final run's T in the share table")
+    ap.add_argument("--image-size", type=int, default=28,
+                    help="the data set's image side (public): the final run's T in the share table")
     ap.add_argument("--epsilon", type=float, default=None, help="override the search space's total ε (fit table)")
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 10.0])

@@ -33,8 +33,9 @@ _HELP = {
     "seed": "public seed of initialisation and generated codes only; the noise comes from a secret (default: random)",
     "reproducible_noise": "tests and benchmarks only: derive the noise from --seed; the run is then NOT private",
     "num_classes": "public number of classes (Parquet tables without it in their metadata)",
-    "classifier_steps": "P: DP-SGD steps of a DP label classifier before G trains (0: off; default: 1000 where the "
-                        "planner finds its noise small enough, e.g. Fashion-MNIST at ε >= 1, else off)",
+    "classifier_steps": "P: DP-SGD steps of a DP label classifier before G trains (0: off; default with the default "
+                        "plan: 1000 or 300 steps where the planner finds its noise small enough, e.g. Fashion-MNIST "
+                        "at ε >= 1, else off)",
     "time_budget_minutes": "plan T to finish in about this time (speed probe on generated data, no privacy cost)",
 }
 

@@ -81,8 +81,9 @@ class TrainConfig:
     pixel_rff_features: int = 392  # with "rff" in pixel_moments: number of random Fourier features (even)
     # issue #13: a DP label classifier (phase one, its own Poisson samples) that teaches G (phase two)
     # P: DP-SGD steps of the label classifier before the DPAF iterations. 0: off; None (the default):
-    # AUTO_CLASSIFIER_STEPS where the planner finds its noise in the measured-safe range, else off
-    # (training.plan.resolve_classifier_phase; Fashion-MNIST at ε >= 1 on, mnist-5k at ε <= 10 off)
+    # with the default plan, a phase of training.plan.AUTO_CLASSIFIER_PHASES where its planned noise is
+    # in the range measured to help, else off (resolve_classifier_phase; Fashion-MNIST at ε >= 1 on,
+    # mnist-5k at ε <= 10 off)
     classifier_steps: int | None = None
     classifier_batch: int = 1024  # B_c = q_c·N, its expected batch
     classifier_clip: float = 0.1  # C_c

@@ -587,3 +587,18 @@ def test_the_search_drivers_state_does_not_change_what_its_final_run_trains(tmp_
         assert run.returncode == 0 and lines, run.stderr[-3000:]
         digests[mode] = lines[-1]
     assert digests["fresh"] == digests["after_tune"]
+
+
+@pytest.mark.parametrize("fixed", [{}, {"classifier_steps": None}])
+def test_a_search_leaves_the_classifier_phase_off_unless_the_space_asks(fixed):
+    """A single run's default phase depends on its own plan; a search plans its reference before the
+    data, so an open or null `classifier_steps` means no phase in the reference and in every trial."""
+    import dataclasses
+
+    from dpaf_ray.tuning.tuner import reference_config, trial_knobs
+
+    ss = load_search_space(ROOT / "search_spaces" / "fashion-mnist-cpu.yaml")
+    ss = dataclasses.replace(ss, fixed={**ss.fixed, **fixed})
+    assert reference_config(ss).classifier_steps == 0
+    assert trial_knobs(ss)["classifier_steps"] == 0
+    assert trial_knobs(ss, {"classifier_steps": 300})["classifier_steps"] == 300

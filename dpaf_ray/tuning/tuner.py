@@ -48,6 +48,18 @@ STATE_FILE = "search_state.json"
 SEARCH_DEFAULTS: dict[str, Any] = {"classifier_steps": 0}
 
 
+def trial_knobs(ss: SearchSpace, sampled: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fixed knobs with `sampled` on top, and SEARCH_DEFAULTS wherever the space leaves one open
+    (absent or null): one rule for the reference, every trial and the checks before Ray starts."""
+    knobs = {**ss.fixed, **(sampled or {})}
+    return {**knobs, **{k: v for k, v in SEARCH_DEFAULTS.items() if knobs.get(k) is None}}
+
+
+def validation_fraction(ss: SearchSpace) -> float:
+    """The trials' held-out share f (public)."""
+    return float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction))
+
+
 # --- the search plan (kept in the trusted run directory) -------------------------------------
 def reference_batch_size(ss: SearchSpace) -> int:
     """The planned trial's B: reference.batch_size, else the largest batch the space can draw.
@@ -68,13 +80,13 @@ def reference_classifier_steps(ss: SearchSpace) -> int:
     if ss.reference_classifier_steps is not None:
         return ss.reference_classifier_steps
     steps = [int(v) for p in ss.params if p.name == "classifier_steps" for v in p.extremes()]
-    return max(steps) if steps else int(ss.fixed.get("classifier_steps") or 0)
+    return max(steps) if steps else int(trial_knobs(ss)["classifier_steps"])
 
 
 def reference_config(ss: SearchSpace) -> TrainConfig:
     """The planned trial: the fixed knobs and the measured defaults, at the reference batch size
     and classifier phase."""
-    cfg = TrainConfig.from_dict({**SEARCH_DEFAULTS, **ss.fixed, "batch_size": reference_batch_size(ss),
+    cfg = TrainConfig.from_dict({**trial_knobs(ss), "batch_size": reference_batch_size(ss),
                                  "classifier_steps": reference_classifier_steps(ss), "dataset": ss.dataset,
                                  "data_root": ss.data_root, "num_classes": ss.num_classes, "epsilon": ss.epsilon,
                                  "delta": ss.delta, "time_budget_minutes": ss.time_budget_minutes})
@@ -117,8 +129,7 @@ def search_records(ss: SearchSpace, n_records: float) -> float:
 
 def search_train_records(ss: SearchSpace, n_records: float) -> float:
     """The public expected training records a trial plans with: (1 − f)·N, or (1 − f)·γ·N on a subsample."""
-    fraction = float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction))
-    return (1 - fraction) * search_records(ss, n_records)
+    return (1 - validation_fraction(ss)) * search_records(ss, n_records)
 
 
 def plan_search(ss: SearchSpace, n_records: int, shape: tuple[int, int, int], num_classes: int) -> dict[str, Any]:
@@ -179,7 +190,7 @@ def search_privacy_report(ss: SearchSpace, state: dict[str, Any], best_knobs: di
     """The release's report: ε of the whole search, from the search ledger."""
     if ss.subsample_fraction is not None:
         raise ValueError("a subsampled search is reported by subsampled_privacy_report")
-    fraction = float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction))
+    fraction = validation_fraction(ss)
     assumptions = data_assumptions(state["n_records"], fraction, state["num_classes"], tuple(state["image_shape"]))
     assumptions["search"] = ("every trial's executed RDP curve lies under the reference at every order; the "
                              "number of trials K is drawn with a cryptographic RNG and kept private")
@@ -225,8 +236,8 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     trial_secret = search_secret.child(f"trial/{trial_id}")
     split_key = search_secret.child(SPLIT_LABEL)
     target_eps, target_delta = ss.search_target()  # (ε, δ), or (ε_s, δ_s) on a subsample
-    cfg = TrainConfig.from_dict({**SEARCH_DEFAULTS, **ss.fixed, **sampled, "dataset": ss.dataset,
-                                 "data_root": ss.data_root, "epsilon": target_eps, "delta": target_delta, "num_classes": ss.num_classes,
+    cfg = TrainConfig.from_dict({**trial_knobs(ss, sampled), "dataset": ss.dataset, "data_root": ss.data_root,
+                                 "epsilon": target_eps, "delta": target_delta, "num_classes": ss.num_classes,
                                  "seed": secrets.randbits(31), "time_budget_minutes": ss.time_budget_minutes})
     cfg = dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))  # as clamp_group
     subsample = None
@@ -461,7 +472,7 @@ def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
                       "classifier_steps", "classifier_batch", "classifier_noise"}
     cases = [("fixed", {})] + [(f"params.{p.name}", {p.name: v}) for p in ss.params for v in p.extremes()]
     for key, knobs in cases:
-        cfg = TrainConfig.from_dict(clamp_group({**SEARCH_DEFAULTS, **ss.fixed, **knobs, "dataset": ss.dataset,
+        cfg = TrainConfig.from_dict(clamp_group({**trial_knobs(ss, knobs), "dataset": ss.dataset,
                                                  "epsilon": ss.epsilon, "delta": ss.delta}))
         if cfg.batch_size > n_train:
             raise SearchSpaceError(f"{ss.path}: `{key}`: batch size {cfg.batch_size} exceeds the {n_train:g} expected "
@@ -633,7 +644,7 @@ def subsampled_privacy_report(ss: SearchSpace, state: dict[str, Any], best_knobs
     """The release's report of a subsampled search: each part, its ledger and their composition,
     with the total from `privacy.subsample.composed_privacy` (the two ledgers only)."""
     budget = ss.subsample_budget()
-    fraction = float(ss.fixed.get("validation_fraction", TrainConfig.validation_fraction))
+    fraction = validation_fraction(ss)
     n = state["n_records"]
     assumptions = data_assumptions(n, fraction, state["num_classes"], tuple(state["image_shape"]))
     assumptions["validation_split"] = (f"inside the subsample, each record is held out for the trials' scores with "
