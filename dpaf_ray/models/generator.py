@@ -49,7 +49,12 @@ class ConditionalGenerator(nn.Module):
             self.register_buffer("low_pass", k.expand(arch.channels, 1, 3, 3).clone())
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = torch.cat([z, self.label_embedding(labels)], dim=1)
+        return self.decode(z, self.label_embedding(labels))
+
+    def decode(self, z: torch.Tensor, label_codes: torch.Tensor) -> torch.Tensor:
+        """Images from codes and label embeddings; an embedding between two classes' rows
+        asks for an image between them (post-processing of the released G)."""
+        h = torch.cat([z, label_codes], dim=1)
         h = self.stem(h).view(z.shape[0], -1, self.arch.gen_start, self.arch.gen_start)
         out = self.to_image(self.blocks(h))
         if self.smooth_output:
