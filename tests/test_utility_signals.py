@@ -8,6 +8,7 @@ independent dp_accounting computation of what ran, a planner that stops spending
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import dp_accounting
@@ -372,7 +373,7 @@ def test_teacher_features_need_a_classifier_phase():
 
 
 def test_generator_ema_is_released_follows_g_and_is_checkpointed():
-    tr = make_trainer(classifier_steps=1, generator_ema=0.5)
+    tr = make_trainer(classifier_steps=1, generator_ema=0.5, classifier_labels=False)
     assert tr.released_generator() is tr.generator_ema
     start = [p.detach().clone() for p in tr.generator_ema.parameters()]
     for t in range(3):
@@ -381,9 +382,123 @@ def test_generator_ema_is_released_follows_g_and_is_checkpointed():
     g, ema = list(tr.generator.parameters()), list(tr.generator_ema.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(start, ema))  # it moved ...
     assert any(not torch.equal(a, b) for a, b in zip(g, ema))  # ... but is not G itself
-    other = make_trainer(classifier_steps=1, generator_ema=0.5)
+    other = make_trainer(classifier_steps=1, generator_ema=0.5, classifier_labels=False)
     other.load_state_dict(tr.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(ema, other.generator_ema.parameters()))
     assert make_trainer(classifier_steps=1).released_generator() is not None
     with pytest.raises(ConfigError, match="--generator-ema"):
         TrainConfig(generator_ema=1.0).validate()
+
+
+# ------------------------------------ the release: the DP classifier labels the synthetic set
+
+
+def trained_release(tmp_path, **kw):
+    """A trainer after its classifier phase and two GAN iterations, and its release saved and loaded."""
+    from dpaf_ray.models.generator import load_generator
+
+    tr = make_trainer(classifier_steps=2, **kw)
+    for t in range(4):
+        tr.d_iteration(t)
+        tr.g_step(t)
+    released = tr.released_generator()
+    released.save(tmp_path / "generator.pt")
+    return tr, released, load_generator(tmp_path / "generator.pt")
+
+
+def test_the_released_labeller_is_the_frozen_phase_one_classifier_and_g_is_untouched(tmp_path):
+    """What the release ships beyond G is exactly the classifier that phase one's charged DP-SGD steps
+    made (phase two never changes it), so labelling with it is post-processing."""
+    tr = make_trainer(classifier_steps=2)
+    for t in range(2):
+        tr.d_iteration(t)
+    after_phase_one = {k: v.clone() for k, v in tr.teacher.model.state_dict().items()}
+    for t in range(2, 5):
+        tr.d_iteration(t)
+        tr.g_step(t)
+    released = tr.released_generator()
+    assert released is not tr.generator and tr.generator.labeller is None  # training's G carries nothing
+    assert all(torch.equal(after_phase_one[k], v) for k, v in released.labeller.state_dict().items())
+    assert all(torch.equal(a, b) for a, b in zip(tr.generator.parameters(),
+                                                 [p for n, p in released.named_parameters() if not n.startswith("labeller.")]))
+    assert not any(p.requires_grad for p in released.labeller.parameters())
+
+
+def label_codes_used(generator, monkeypatch, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, labels, the label code of each image), spying on G's decoder."""
+    codes: list[torch.Tensor] = []
+    decode = generator.decode
+
+    def spy(z, label_codes):
+        codes.append(label_codes.detach().clone())
+        return decode(z, label_codes)
+
+    monkeypatch.setattr(generator, "decode", spy)
+    x, y = generator.sample_synthetic(n, seed=seed)
+    return x, y, torch.cat(codes)
+
+
+def is_a_class_code(generator, codes: torch.Tensor) -> torch.Tensor:
+    rows = generator.label_embedding.weight.detach()
+    return (codes[:, None, :] - rows[None]).abs().amax(2).min(1).values < 1e-6
+
+
+def pair_spanning(rows: torch.Tensor, code: torch.Tensor) -> tuple[int, int]:
+    for a in range(len(rows)):
+        for b in range(a + 1, len(rows)):
+            d = rows[b] - rows[a]
+            lam = float((code - rows[a]) @ d / (d @ d))
+            if 0 <= lam <= 1 and torch.allclose(rows[a] + lam * d, code, atol=1e-5):
+                return a, b
+    raise AssertionError("a code between classes lies on no segment between two class codes")
+
+
+def test_the_classifier_picks_between_two_classes_so_a_poor_one_cannot_unbalance_them(tmp_path):
+    tr, released, _ = trained_release(tmp_path)
+    always_zero = copy.deepcopy(released.labeller)
+    with torch.no_grad():
+        always_zero.head.weight.zero_()
+        always_zero.head.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
+    _, y = tr.generator.with_labeller(always_zero, 0.5).sample_synthetic(3000, seed=0)
+    share = torch.bincount(y, minlength=3).float() / len(y)
+    assert share[0] < 0.5 and share.min() > 0.2  # half the images pick among two classes: 0 gets ≈ 1/3 + 1/6
+
+
+def test_every_synthetic_label_is_the_classifiers_and_half_the_codes_lie_between_classes(tmp_path, monkeypatch):
+    tr, released, loaded = trained_release(tmp_path)
+    x, y, codes = label_codes_used(released, monkeypatch, 400, seed=5)
+    between = ~is_a_class_code(released, codes)
+    assert 150 < int(between.sum()) < 250  # Binomial(400, ~0.5 less the draws with y1 = y2)
+    rows = released.label_embedding.weight.detach()
+    with torch.no_grad():
+        logits = released.labeller(x)
+    for i in range(len(y)):
+        if not between[i]:  # an image of one class keeps it
+            assert torch.allclose(codes[i], rows[y[i]], atol=1e-6)
+            continue
+        pair = pair_spanning(rows, codes[i])  # the two classes whose codes it lies between
+        assert int(y[i]) in pair and logits[i, y[i]] >= logits[i, list(pair)].max()
+    _, _, pure_codes = label_codes_used(tr.generator.with_labeller(tr.teacher.model, 0.0), monkeypatch, 100, seed=1)
+    assert bool(is_a_class_code(released, pure_codes).all())
+    xl, yl = loaded.sample_synthetic(400, seed=5)  # the saved release draws the same set
+    assert torch.equal(yl, y) and torch.allclose(xl, x)
+
+
+def test_without_a_labeller_the_synthetic_set_is_gs_asked_classes(tmp_path):
+    tr, _, _ = trained_release(tmp_path, classifier_labels=False)
+    released = tr.released_generator()
+    assert released.labeller is None
+    x, y = released.sample_synthetic(50, seed=2)
+    x2, y2 = released.sample(50, seed=2)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    no_phase = make_trainer(classifier_steps=0)
+    assert no_phase.released_generator().labeller is None
+
+
+def test_between_class_fraction_is_validated_and_reaches_the_cli():
+    with pytest.raises(ConfigError, match="--between-class-fraction"):
+        TrainConfig(between_class_fraction=1.5).validate()
+    args = cli.build_parser().parse_args(["train", "--out", "x", "--between-class-fraction", "0.2",
+                                          "--no-classifier-labels"])
+    cfg = cli.config_from_args(args)
+    assert (cfg.between_class_fraction, cfg.classifier_labels) == (0.2, False)

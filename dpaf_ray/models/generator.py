@@ -1,6 +1,7 @@
 """Class-conditional generator. It never sees private data (DESIGN §2)."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ from torch.nn import functional as F
 
 from ..config import UPSAMPLE_MODES
 from .architecture import Architecture, architecture_for
+from .label_classifier import LabelClassifier
 
 
 class ConditionalGenerator(nn.Module):
@@ -25,6 +27,9 @@ class ConditionalGenerator(nn.Module):
         self.smooth_output, self.upsample = smooth_output, upsample
         w = arch.gen_width
         self.label_embedding = nn.Embedding(num_classes, z_dim)
+        # The run's DP label classifier, on a released copy only (`with_labeller`): it labels the synthetic set.
+        self.labeller: LabelClassifier | None = None
+        self.between_class_fraction = 0.0
         self.stem = nn.Sequential(nn.Linear(2 * z_dim, w * arch.gen_start ** 2), nn.LeakyReLU(0.2))
         blocks: list[nn.Module] = []
         for _ in range(arch.gen_blocks):
@@ -90,11 +95,60 @@ class ConditionalGenerator(nn.Module):
         images = torch.cat(out) if out else torch.zeros(0, self.arch.channels, self.arch.size, self.arch.size)
         return images, labels
 
+    def with_labeller(self, labeller: LabelClassifier, between_class_fraction: float) -> "ConditionalGenerator":
+        """A copy of G that carries the run's DP label classifier, for the release. Its synthetic set
+        (`sample_synthetic`) then holds a fraction of images drawn between two classes, each labelled
+        with the one of the two that the classifier prefers: a student learns a teacher's boundary from images near it, not
+        from those the teacher is sure of (data-free distillation). The classifier is a DP-SGD release
+        that the ledger charged in phase one and nothing changed after, so shipping it and labelling
+        with it is post-processing. G itself is not touched."""
+        if not 0 <= between_class_fraction <= 1:
+            raise ValueError(f"between_class_fraction must lie in [0, 1], got {between_class_fraction}")
+        released = copy.deepcopy(self)
+        released.labeller = copy.deepcopy(labeller).to(self.device).eval().requires_grad_(False)
+        released.between_class_fraction = float(between_class_fraction)
+        return released
+
+    @torch.no_grad()
+    def sample_synthetic(self, n: int, seed: int = 0, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+        """The synthetic data set: `sample(n)` without a labeller; with one, a fraction
+        `between_class_fraction` of the images from a label code e = (1−λ)·e(y1) + λ·e(y2),
+        λ ~ U(0, 1), each labelled y1 or y2 as the classifier scores them higher; the others are
+        images of one class y1, labelled y1."""
+        if self.labeller is None:
+            return self.sample(n, seed=seed, batch=batch)
+        g = torch.Generator().manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        images, labels = [], []
+        for i in range(0, n, batch):
+            m = min(batch, n - i)
+            y1, y2 = torch.randint(self.num_classes, (m,), generator=g), torch.randint(self.num_classes, (m,), generator=g)
+            between = torch.rand(m, generator=g) < self.between_class_fraction
+            lam = torch.rand(m, generator=g) * between
+            z = torch.randn(m, self.z_dim, generator=g)
+            codes = self.label_embedding(y1.to(self.device)) * (1 - lam[:, None]).to(self.device) + \
+                self.label_embedding(y2.to(self.device)) * lam[:, None].to(self.device)
+            x = self.decode(z.to(self.device), codes)
+            logits = self.labeller(x).cpu()
+            # which of its two classes the classifier sees (a poor classifier cannot unbalance the classes)
+            second = logits.gather(1, y2[:, None])[:, 0] > logits.gather(1, y1[:, None])[:, 0]
+            images.append(x.cpu())
+            labels.append(torch.where(between & second, y2, y1))
+        self.train(was_training)
+        if not images:
+            return self.sample(0, seed=seed)
+        return torch.cat(images), torch.cat(labels)
+
     def save(self, path: str | Path) -> None:
-        torch.save({"state_dict": {k: v.cpu() for k, v in self.state_dict().items()},
-                    "shape": [self.arch.channels, self.arch.size, self.arch.size],
-                    "num_classes": self.num_classes, "z_dim": self.z_dim, "smooth_output": self.smooth_output,
-                    "upsample": self.upsample}, path)
+        blob = {"state_dict": {k: v.cpu() for k, v in self.state_dict().items()},
+                "shape": [self.arch.channels, self.arch.size, self.arch.size],
+                "num_classes": self.num_classes, "z_dim": self.z_dim, "smooth_output": self.smooth_output,
+                "upsample": self.upsample}
+        if self.labeller is not None:
+            blob["labeller"] = {"width": self.labeller.width, "hidden": self.labeller.hidden_dim,
+                                "between_class_fraction": self.between_class_fraction}
+        torch.save(blob, path)
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> ConditionalGenerator:
@@ -107,5 +161,9 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Cond
     blob = torch.load(path, map_location="cpu", weights_only=True)
     g = ConditionalGenerator(architecture_for(tuple(blob["shape"])), blob["num_classes"], blob["z_dim"],
                              smooth_output=blob.get("smooth_output", False), upsample=blob.get("upsample", "nearest"))
+    if "labeller" in blob:
+        spec = blob["labeller"]
+        g = g.with_labeller(LabelClassifier(g.arch, g.num_classes, spec["width"], spec["hidden"]),
+                            spec["between_class_fraction"])
     g.load_state_dict(blob["state_dict"])
     return g.to(device).eval()

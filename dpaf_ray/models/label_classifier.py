@@ -17,7 +17,7 @@ class LabelClassifier(nn.Module):
 
     def __init__(self, arch: Architecture, num_classes: int, width: int = 16, hidden: int = 32) -> None:
         super().__init__()
-        self.hidden_dim = hidden
+        self.width, self.hidden_dim = width, hidden
         self.body = nn.Sequential(
             nn.Conv2d(arch.channels, width, 8, stride=2, padding=3), nn.Tanh(), nn.MaxPool2d(2, 1),
             nn.Conv2d(width, 2 * width, 4, stride=2), nn.Tanh(), nn.MaxPool2d(2, 1),

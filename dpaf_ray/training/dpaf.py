@@ -77,6 +77,14 @@ class DPAFTrainer(GANTrainerBase):
                 self.q * cfg.classifier_batch / cfg.batch_size
             self.teacher = LabelTeacher(self, q_c)
 
+    def released_generator(self):
+        """G (or its EMA); after a label-classifier phase, a copy that carries the frozen DP classifier
+        to label the synthetic set (`ConditionalGenerator.with_labeller`)."""
+        generator = super().released_generator()
+        if self.teacher is None or not self.cfg.classifier_labels:
+            return generator
+        return generator.with_labeller(self.teacher.model, self.cfg.between_class_fraction)
+
     # ------------------------------------------------------------------------------
     def pixels(self, x: torch.Tensor) -> torch.Tensor | None:
         """The block of fixed per-record maps: public pixel statistics, then the frozen DP classifier's features."""

@@ -20,8 +20,9 @@ GRID_SEED = 2  # public
 
 
 def generate(generator: ConditionalGenerator, n: int, seed: int = SYNTHETIC_SEED) -> ImageDataset:
-    """n labelled images, classes drawn uniformly, as uint8."""
-    x, labels = generator.sample(n, seed=seed)
+    """n labelled images as uint8: classes drawn uniformly, or, when the released G carries the run's
+    DP label classifier, some between two classes and labelled by it (`sample_synthetic`)."""
+    x, labels = generator.sample_synthetic(n, seed=seed)
     images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return ImageDataset(images, labels, generator.num_classes, "synthetic")
 
