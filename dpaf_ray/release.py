@@ -1,7 +1,8 @@
 """The release: the only files that may be published, written in this one place (DESIGN rule 15).
 
     OUT/release/
-      generator.pt         the class-conditional generator
+      generator.pt         the class-conditional generator; after a DP label-classifier phase also
+                           that classifier, which labels synthetic.parquet (a release the ledger charged)
       synthetic.parquet    labelled synthetic images
       samples.png          10 samples per class
       score.json           the noisy validation score (tune.py), or why there is none (train)

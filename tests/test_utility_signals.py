@@ -8,7 +8,6 @@ independent dp_accounting computation of what ran, a planner that stops spending
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import dp_accounting
@@ -443,41 +442,13 @@ def is_a_class_code(generator, codes: torch.Tensor) -> torch.Tensor:
     return (codes[:, None, :] - rows[None]).abs().amax(2).min(1).values < 1e-6
 
 
-def pair_spanning(rows: torch.Tensor, code: torch.Tensor) -> tuple[int, int]:
-    for a in range(len(rows)):
-        for b in range(a + 1, len(rows)):
-            d = rows[b] - rows[a]
-            lam = float((code - rows[a]) @ d / (d @ d))
-            if 0 <= lam <= 1 and torch.allclose(rows[a] + lam * d, code, atol=1e-5):
-                return a, b
-    raise AssertionError("a code between classes lies on no segment between two class codes")
-
-
-def test_the_classifier_picks_between_two_classes_so_a_poor_one_cannot_unbalance_them(tmp_path):
-    tr, released, _ = trained_release(tmp_path)
-    always_zero = copy.deepcopy(released.labeller)
-    with torch.no_grad():
-        always_zero.head.weight.zero_()
-        always_zero.head.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
-    _, y = tr.generator.with_labeller(always_zero, 0.5).sample_synthetic(3000, seed=0)
-    share = torch.bincount(y, minlength=3).float() / len(y)
-    assert share[0] < 0.5 and share.min() > 0.2  # half the images pick among two classes: 0 gets ≈ 1/3 + 1/6
-
-
 def test_every_synthetic_label_is_the_classifiers_and_half_the_codes_lie_between_classes(tmp_path, monkeypatch):
     tr, released, loaded = trained_release(tmp_path)
     x, y, codes = label_codes_used(released, monkeypatch, 400, seed=5)
     between = ~is_a_class_code(released, codes)
     assert 150 < int(between.sum()) < 250  # Binomial(400, ~0.5 less the draws with y1 = y2)
-    rows = released.label_embedding.weight.detach()
     with torch.no_grad():
-        logits = released.labeller(x)
-    for i in range(len(y)):
-        if not between[i]:  # an image of one class keeps it
-            assert torch.allclose(codes[i], rows[y[i]], atol=1e-6)
-            continue
-        pair = pair_spanning(rows, codes[i])  # the two classes whose codes it lies between
-        assert int(y[i]) in pair and logits[i, y[i]] >= logits[i, list(pair)].max()
+        assert torch.equal(y, released.labeller(x).argmax(1))
     _, _, pure_codes = label_codes_used(tr.generator.with_labeller(tr.teacher.model, 0.0), monkeypatch, 100, seed=1)
     assert bool(is_a_class_code(released, pure_codes).all())
     xl, yl = loaded.sample_synthetic(400, seed=5)  # the saved release draws the same set
