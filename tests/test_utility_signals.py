@@ -8,6 +8,7 @@ independent dp_accounting computation of what ran, a planner that stops spending
 """
 from __future__ import annotations
 
+import json
 import math
 
 import dp_accounting
@@ -473,3 +474,30 @@ def test_between_class_fraction_is_validated_and_reaches_the_cli():
                                           "--no-classifier-labels"])
     cfg = cli.config_from_args(args)
     assert (cfg.between_class_fraction, cfg.classifier_labels) == (0.2, False)
+
+
+def test_a_run_with_the_phase_releases_the_labelled_set_its_generator_pt_redraws(tmp_path):
+    """Through the train path: the release's synthetic labels are the shipped classifier's, the
+    shipped classifier is the checkpoint's, and the ledger charged its DP-SGD steps."""
+    import dpaf_ray
+    from dpaf_ray.data import load_dataset
+    from dpaf_ray.models.generator import load_generator
+    from dpaf_ray.training.checkpoint import LocalCheckpointSink
+    from dpaf_ray.training.outputs import SYNTHETIC_SEED
+
+    run = dpaf_ray.train("mnist-5k", epsilon=10, out=tmp_path / "run", iterations=2, classifier_steps=3,
+                         classifier_batch=256, batch_size=64, group_size=32, num_threads=1, num_synthetic=120, progress=None)
+    released = load_generator(run.release_path / "generator.pt")
+    assert released.labeller is not None and released.between_class_fraction == 0.5
+    table = load_dataset(str(run.release_path / "synthetic.parquet"), "train")
+    x, y = released.sample_synthetic(120, seed=SYNTHETIC_SEED)
+    assert torch.equal(table.labels, y)
+    with torch.no_grad():  # the classifier's labels of the published (uint8-rounded) images
+        assert (released.labeller(table.as_float(torch.arange(120))).argmax(1) == y).float().mean() > 0.95
+    state = LocalCheckpointSink(run.path, True).latest()["trainer"]["modules"]["classifier"]
+    assert all(torch.equal(state[k], v) for k, v in released.labeller.state_dict().items())
+    events = json.loads((run.release_path / "privacy_report.json").read_text())["events"]
+    assert any(e.get("count") == 3 and e["sampling_rate"] == pytest.approx(256 / 3600, rel=0.05) for e in events
+               if e["kind"] == "poisson_gaussian"), events
+    knobs = json.loads((run.release_path / "privacy_report.json").read_text())["knobs"]
+    assert knobs["classifier_labels"] is True and knobs["between_class_fraction"] == 0.5
