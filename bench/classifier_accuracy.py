@@ -13,28 +13,22 @@ from pathlib import Path
 import torch
 
 from dpaf_ray.data import load_dataset
-from dpaf_ray.models.architecture import architecture_for
 from dpaf_ray.models.generator import load_generator
-from dpaf_ray.models.label_classifier import LabelClassifier
-from dpaf_ray.training.checkpoint import LocalCheckpointSink
+from teacher_labels import load_classifier  # bench/ is on sys.path when a script runs
 
 
 def main(run_dir: str) -> dict:
     torch.set_num_threads(1)
-    state = LocalCheckpointSink(Path(run_dir), True).latest()
-    mods = state["trainer"]["modules"] if state else {}
-    if "classifier" not in mods:
+    g = load_generator(run_dir)
+    model = g.labeller or load_classifier(Path(run_dir), g)  # the release's, or (older runs) the checkpoint's
+    if model is None:
         return {}
     config = json.loads((Path(run_dir) / "config.json").read_text())
     test = load_dataset(config.get("dataset", "fashion-mnist"), "test", config.get("data_root"))
-    model = LabelClassifier(architecture_for(test.shape), test.num_classes)
-    model.load_state_dict(mods["classifier"])
-    model.eval()
     with torch.no_grad():
         pred = torch.cat([model(test.as_float(torch.arange(i, min(i + 2000, len(test))))).argmax(1)
                           for i in range(0, len(test), 2000)])
         acc = (pred == test.labels).float().mean().item()
-        g = load_generator(run_dir)
         x, y = g.sample(5000, seed=7)
         fake_acc = (model(x).argmax(1) == y).float().mean().item()
     return {"classifier_test_accuracy": acc, "classifier_on_generated": fake_acc}

@@ -42,7 +42,13 @@ def main() -> None:
     ap.add_argument("--train-args", default="", help="extra `train` options, e.g. '--iterations 600'")
     ap.add_argument("--existing-only", action="store_true",
                     help="table and plot from the runs under --work that already have an evaluation; train nothing")
+    ap.add_argument("--previous", default=None,
+                    help="an earlier curve's JSON: drawn dashed beside this one, labelled --previous-label")
+    ap.add_argument("--previous-label", default="previous default")
+    ap.add_argument("--keep-below", type=float, default=None,
+                    help="take --previous's rows with ε below this (where the default has not changed since)")
     args = ap.parse_args()
+    previous = json.loads(Path(args.previous).read_text())["rows"] if args.previous else []
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -76,12 +82,15 @@ def main() -> None:
                          "diversity_ratio": metrics["diversity_ratio"], "num_synthetic": metrics["num_synthetic"],
                          "real_data_accuracy": metrics.get("real_data_accuracy")})
             print(json.dumps(rows[-1]))
+    if args.keep_below is not None:
+        kept = [dict(r, kept_from=args.previous) for r in previous if r["epsilon"] < args.keep_below]
+        rows = kept + [r for r in rows if r["epsilon"] >= args.keep_below]
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     stem = "epsilon_curve" if args.dataset == "fashion-mnist" else f"epsilon_curve_{args.dataset}"
     (results / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     write_table(rows, results / f"{stem}.md", args)
-    plot(rows, results / f"{stem}.png", args.dataset)
+    plot(rows, results / f"{stem}.png", args.dataset, previous, args.previous_label)
 
 
 def _mean(xs: list[float]) -> float:
@@ -106,6 +115,9 @@ def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
                      f"{100 * _mean([r['downstream_accuracy'] for r in rs]):.1f} % | "
                      f"{_mean([r['fid_domain'] for r in rs]):.0f} | {_mean([r['diversity_ratio'] for r in rs]):.2f} | "
                      f"{rs[0]['iterations']} | {_mean([r['train_seconds'] for r in rs]) / 60:.1f} |")
+    kept = sorted({r["kept_from"] for r in rows if r.get("kept_from")})
+    if kept:
+        lines += ["", f"Rows at ε < {args.keep_below:g} come from {', '.join(kept)} (the default is unchanged there)."]
     real = [r["real_data_accuracy"] for r in rows if r.get("real_data_accuracy") is not None]
     if real:
         lines += ["", f"The same classifier trained on the real training records: {100 * _mean(real):.1f} % "
@@ -113,7 +125,8 @@ def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(rows: list[dict], path: Path, dataset: str) -> None:
+def plot(rows: list[dict], path: Path, dataset: str, previous: list[dict] | None = None,
+         previous_label: str = "previous default") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,6 +139,10 @@ def plot(rows: list[dict], path: Path, dataset: str) -> None:
     a1.plot(eps, acc, "o-", color="k", label="dpaf-ray (mean over seeds)")
     for r in rows:
         a1.plot(r["epsilon"], 100 * r["downstream_accuracy"], ".", color="gray")
+    if previous:
+        p_eps = sorted({r["epsilon"] for r in previous})
+        a1.plot(p_eps, [100 * _mean([r["downstream_accuracy"] for r in previous if r["epsilon"] == e]) for e in p_eps],
+                "o:", color="gray", label=previous_label)
     if dataset == "fashion-mnist":
         for name, (e1, e10) in DPIMAGEBENCH_FMNIST.items():
             a1.plot([1, 10], [e1, e10], "s--", alpha=0.6, label=f"{name} (DPImageBench, other classifier)")

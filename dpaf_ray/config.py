@@ -99,7 +99,8 @@ class TrainConfig:
     classifier_margin: float = 0.0
     # The release after a classifier phase (post-processing of G and the classifier, no cost): the classifier
     # labels the synthetic set, and this fraction of it is drawn between two classes' label codes
-    # (bench/results/utility_14: +3 to +5 points at ε = 10). --no-classifier-labels: G's asked labels, as before.
+    # (bench/results/utility_14: +4 points at ε = 10 on the same runs, about +0.5 at ε = 1-2).
+    # --no-classifier-labels: G's asked labels, as before.
     classifier_labels: bool = True
     between_class_fraction: float = 0.5
     teacher_features: bool = False  # DPAGG also sums the frozen classifier's [h, h², softmax] of each record
