@@ -3,6 +3,7 @@ exactly, a dying worker resumes from its checkpoint and is charged again, missin
 at once, workers land on two nodes of a ray.cluster_utils.Cluster."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -155,4 +156,29 @@ def test_two_node_cluster_places_one_worker_per_node(tmp_path):
             assert (a[k] - b[k]).norm() <= 1e-2 * a[k].norm(), k
     finally:
         ray.shutdown()
+        cluster.shutdown()
+
+
+def test_a_local_run_starts_its_own_ray_beside_a_cluster_already_on_the_machine():
+    """Without --address or RAY_ADDRESS, `ray.init()` would attach to the newest cluster on the
+    machine and refuse the search's `trial_slot` resource; ensure_ray starts its own local Ray."""
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        code = ("import json, ray\n"
+                "from dpaf_ray.distributed.ray_train import ensure_ray\n"
+                "ensure_ray(None, resources={'trial_slot': 2}, num_cpus=1)\n"
+                "print(json.dumps({'slot': ray.cluster_resources().get('trial_slot'),"
+                " 'gcs': ray.get_runtime_context().gcs_address}))\n"
+                "ray.shutdown()\n")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        seen = json.loads(r.stdout.strip().splitlines()[-1])
+        assert seen["slot"] == 2 and seen["gcs"] != cluster.address
+    finally:
         cluster.shutdown()

@@ -40,7 +40,11 @@ class ResourceError(ConfigError, RuntimeError):
 
 
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
-    """Attach to `address` / RAY_ADDRESS, or start a local Ray on 127.0.0.1."""
+    """Attach to `address` / RAY_ADDRESS, or start a local Ray on 127.0.0.1.
+
+    "local", not None: with no address `ray.init` attaches to the newest cluster started on the
+    machine (`ray start`, `ray.cluster_utils.Cluster`), which refuses the resources a local search
+    declares and is not what the operator asked for; attaching takes --address or RAY_ADDRESS."""
     import ray
 
     if ray.is_initialized():
@@ -50,7 +54,7 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         ray.init(address=address, **init_kwargs)
     else:
         init_kwargs.setdefault("include_dashboard", False)
-        ray.init(_node_ip_address="127.0.0.1", **init_kwargs)
+        ray.init(address="local", _node_ip_address="127.0.0.1", **init_kwargs)
 
 
 def worker_resources(use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float = 1.0) -> dict[str, float]:
