@@ -31,7 +31,7 @@ from .privacy.report import data_assumptions, privacy_report
 from .release import write_release
 from .training.checkpoint import LocalCheckpointSink
 from .training.loop import TrainResult, WriteAheadLedger, secret_for, train_loop
-from .training.outputs import write_artefacts
+from .training.outputs import label_balance_warning, write_artefacts
 from .training.plan import TrainingPlan, plan_training
 from .training.probe import seconds_per_iteration
 
@@ -89,6 +89,8 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
     result, data = train_private(cfg, out, num_workers, use_gpu, address, resume, progress, gpus_per_worker,
                                  cpus_per_worker)
     metrics = finish_run(Path(out), result, data, num_synthetic, num_workers)
+    if progress and "warning" in metrics:
+        progress(f"WARNING: {metrics['warning']}")
     if progress:
         progress(f"done: {result.iterations_done} iterations, ε={metrics['epsilon']:.3f} (δ={result.plan.config.delta:g}); "
                  f"release in {Path(out) / 'release'}")
@@ -160,7 +162,9 @@ def finish_run(out: Path, result: TrainResult, data: PrivateData, num_synthetic:
                "model": cfg.model, "knobs": released_knobs(cfg)})
     score = {"score": None, "note": "a single training run is not scored; tune.py scores each trial on the "
                                     "private validation split with noise, charged to the ledger"}
-    write_release(out, lambda d: write_artefacts(d, generator, num_synthetic), score, report)
+    written = {}
+    write_release(out, lambda d: written.setdefault("synthetic", write_artefacts(d, generator, num_synthetic)),
+                  score, report)
     if result.history.get("iteration"):
         save_curves(result.history, out / "curves.png")
     metrics = {
@@ -174,6 +178,8 @@ def finish_run(out: Path, result: TrainResult, data: PrivateData, num_synthetic:
         "seed": cfg.seed,
         "num_workers": num_workers,
     }
+    if generator.labeller is not None and (warning := label_balance_warning(written["synthetic"])):
+        metrics["warning"] = warning
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 

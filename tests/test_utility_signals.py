@@ -501,3 +501,14 @@ def test_a_run_with_the_phase_releases_the_labelled_set_its_generator_pt_redraws
                if e["kind"] == "poisson_gaussian"), events
     knobs = json.loads((run.release_path / "privacy_report.json").read_text())["knobs"]
     assert knobs["classifier_labels"] is True and knobs["between_class_fraction"] == 0.5
+
+
+def test_a_nearly_empty_class_in_the_classifier_labelled_set_is_reported():
+    from dpaf_ray.training.outputs import label_balance_warning
+
+    images = torch.zeros(300, 1, 28, 28, dtype=torch.uint8)
+    even = ImageDataset(images, torch.arange(300) % 3, 3, "synthetic")
+    assert label_balance_warning(even) is None
+    skewed = ImageDataset(images, torch.tensor([0] * 200 + [1] * 90 + [2] * 10), 3, "synthetic")
+    warning = label_balance_warning(skewed)
+    assert warning and "[2]" in warning and "10 of 300" in warning and "--no-classifier-labels" in warning

@@ -27,6 +27,18 @@ def generate(generator: ConditionalGenerator, n: int, seed: int = SYNTHETIC_SEED
     return ImageDataset(images, labels, generator.num_classes, "synthetic")
 
 
+def label_balance_warning(synthetic: ImageDataset) -> str | None:
+    """A class with under a third of its even share: labels that a poor DP classifier gave (after a
+    forced classifier phase on little data) can nearly empty a class, which the user must hear of."""
+    counts = torch.bincount(synthetic.labels, minlength=synthetic.num_classes)
+    low = [k for k, c in enumerate(counts.tolist()) if c < len(synthetic) / (3 * synthetic.num_classes)]
+    if not low:
+        return None
+    return (f"the released synthetic set holds under a third of an even share of class(es) {low} "
+            f"({', '.join(str(counts[k].item()) for k in low)} of {len(synthetic)} images): its labels come from the "
+            "run's DP label classifier, which is poor here; --no-classifier-labels releases the classes G was asked for")
+
+
 def write_artefacts(directory: Path, generator: ConditionalGenerator, num_synthetic: int,
                     synthetic: ImageDataset | None = None) -> ImageDataset:
     """generator.pt, synthetic.parquet and samples.png in `directory`; returns the synthetic set.
