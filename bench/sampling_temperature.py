@@ -11,7 +11,6 @@ diversity ratio only (no FID, to save time).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,16 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dpaf_ray.data import load_dataset  # noqa: E402
-from dpaf_ray.evaluation.diversity import diversity_ratio  # noqa: E402
-from dpaf_ray.evaluation.downstream import downstream_accuracy  # noqa: E402
 from dpaf_ray.models.generator import load_generator  # noqa: E402
 from dpaf_ray.release import RELEASE_DIR  # noqa: E402
 from dpaf_ray.training.outputs import generate  # noqa: E402
+from screen import score_and_log  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 
 def at_temperature(generator, t: float):
-    forward = generator.forward
-    generator.forward = lambda z, y: forward(z * t, y)
+    """Every image, of one class or (a released labeller) between two, is decoded from z·t."""
+    decode = generator.decode
+    generator.decode = lambda z, label_codes: decode(z * t, label_codes)
     return generator
 
 
@@ -52,12 +51,7 @@ def main() -> None:
             start = time.time()
             generator = at_temperature(load_generator(path / "generator.pt"), t)
             synthetic = generate(generator, args.num_synthetic, seed=3)
-            row = {"run": run, "temperature": t, "downstream_accuracy": downstream_accuracy(synthetic, test),
-                   "diversity_ratio": diversity_ratio(synthetic, train), "seconds": round(time.time() - start)}
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            score_and_log(synthetic, test, train, start, args.out, run=run, temperature=t)
 
 
 if __name__ == "__main__":

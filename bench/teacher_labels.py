@@ -31,12 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dpaf_ray.data import load_dataset  # noqa: E402
-from dpaf_ray.evaluation.diversity import diversity_ratio  # noqa: E402
-from dpaf_ray.evaluation.downstream import downstream_accuracy  # noqa: E402
 from dpaf_ray.models.generator import load_generator  # noqa: E402
 from dpaf_ray.models.label_classifier import LabelClassifier  # noqa: E402
 from dpaf_ray.training.checkpoint import LocalCheckpointSink  # noqa: E402
 from dpaf_ray.training.outputs import generate  # noqa: E402
+from screen import score_and_log  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 
 def load_classifier(run_dir: Path, generator) -> LabelClassifier | None:
@@ -71,13 +70,8 @@ def main() -> None:
             start = time.time()
             labelled = generator.with_labeller(classifier, mix)
             synthetic = generate(labelled, args.num_synthetic, seed=sample_seed)
-            row = {"run": run, "mix": mix, "sample_seed": sample_seed, "labels": "argmax",
-                   "downstream_accuracy": downstream_accuracy(synthetic, test),
-                   "diversity_ratio": diversity_ratio(synthetic, train), "seconds": round(time.time() - start)}
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            score_and_log(synthetic, test, train, start, args.out, run=run, mix=mix, sample_seed=sample_seed,
+                          labels="argmax")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from .privacy.report import data_assumptions, privacy_report
 from .release import write_release
 from .training.checkpoint import LocalCheckpointSink
 from .training.loop import TrainResult, WriteAheadLedger, secret_for, train_loop
-from .training.outputs import label_balance_warning, write_artefacts
+from .training.outputs import generate, label_balance_warning, write_artefacts
 from .training.plan import TrainingPlan, plan_training
 from .training.probe import seconds_per_iteration
 
@@ -162,9 +162,8 @@ def finish_run(out: Path, result: TrainResult, data: PrivateData, num_synthetic:
                "model": cfg.model, "knobs": released_knobs(cfg)})
     score = {"score": None, "note": "a single training run is not scored; tune.py scores each trial on the "
                                     "private validation split with noise, charged to the ledger"}
-    written = {}
-    write_release(out, lambda d: written.setdefault("synthetic", write_artefacts(d, generator, num_synthetic)),
-                  score, report)
+    synthetic = generate(generator, num_synthetic)
+    write_release(out, lambda d: write_artefacts(d, generator, num_synthetic, synthetic=synthetic), score, report)
     if result.history.get("iteration"):
         save_curves(result.history, out / "curves.png")
     metrics = {
@@ -178,7 +177,7 @@ def finish_run(out: Path, result: TrainResult, data: PrivateData, num_synthetic:
         "seed": cfg.seed,
         "num_workers": num_workers,
     }
-    if generator.labeller is not None and (warning := label_balance_warning(written["synthetic"])):
+    if generator.labeller is not None and (warning := label_balance_warning(synthetic)):
         metrics["warning"] = warning
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
