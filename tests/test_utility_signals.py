@@ -512,3 +512,25 @@ def test_a_nearly_empty_class_in_the_classifier_labelled_set_is_reported():
     skewed = ImageDataset(images, torch.tensor([0] * 200 + [1] * 90 + [2] * 10), 3, "synthetic")
     warning = label_balance_warning(skewed)
     assert warning and "[2]" in warning and "10 of 300" in warning and "--no-classifier-labels" in warning
+
+
+def test_a_search_release_repeats_its_best_trials_label_balance_warning(tmp_path):
+    """A search releases the best trial's files; the warning its trial recorded must reach the user."""
+    from dpaf_ray.training.outputs import write_artefacts
+    from dpaf_ray.tuning.search_space import load_search_space
+    from dpaf_ray.tuning.tuner import finish_search, plan_search
+
+    _, released, _ = trained_release(tmp_path)
+    ss = load_search_space("search_spaces/tiny.yaml")
+    state = {**plan_search(ss, 5000, (1, 28, 28), 10), "n_records": 5000, "image_shape": [1, 28, 28],
+             "num_classes": 10}
+    for name, warning in (("t0", None), ("t1", "class(es) [2] nearly empty")):
+        trial = tmp_path / "out" / "trials" / name
+        write_artefacts(trial, released, 30)
+        (trial / "trial.json").write_text(json.dumps(
+            {"trial": name, "score": 0.5 if warning else 0.4, "score_kind": "noisy", "score_noise_multiplier": 20.0,
+             "expected_validation": 500, "epsilon_trial": 1.0, "epsilon_reference": 1.0, "iterations": 5,
+             "knobs": {}, "sampled": {}, "warning": warning}))
+    said: list[str] = []
+    finish_search(ss, state, tmp_path / "out", None, said.append)
+    assert said[-1] == "WARNING: class(es) [2] nearly empty", said

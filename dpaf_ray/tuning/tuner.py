@@ -219,7 +219,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     from ..data import load_dataset, load_training_data, write_parquet
     from ..data.splits import SPLIT_LABEL
     from ..training.loop import WriteAheadLedger, train_loop
-    from ..training.outputs import write_artefacts
+    from ..training.outputs import label_balance_warning, write_artefacts
     from ..training.plan import TrainingPlan, schedule_for
     from .resources import synthesise_and_fit, trial_device
     from .scoring import score_trial
@@ -299,6 +299,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
                "score_noise_multiplier": score.noise_multiplier, "expected_validation": score.expected_validation,
                "iterations": result.iterations_done, "iterations_planned": P + T, "noise_factor": fit.noise_factor,
                "stopped_early": result.stopped_early,
+               "warning": label_balance_warning(synthetic) if generator.labeller is not None else None,
                "epsilon_trial": ledger.epsilon(target_delta), "epsilon_reference": reference.epsilon(target_delta),
                "knobs": knobs, "sampled": sampled,
                "shape": list(data.shape), "num_classes": data.num_classes,
@@ -555,7 +556,7 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
     finished, the trials touched the data, so ε is gone: the release holds only the report,
     and `SearchFailed` carries the first trial's error (the command exits non-zero)."""
     from ..release import write_release
-    from ..training.outputs import write_artefacts
+    from ..training.outputs import generate, label_balance_warning, write_artefacts
     from .results import load_trials, plot_trials
 
     trials = load_trials(out)
@@ -579,12 +580,17 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
             score["note"] = ("the best trial's noisy score on the subsample's validation split (part of the search's "
                              "ε); the released generator is the final run's, trained on all records, and is not scored")
         generator = final.trainer.released_generator().eval() if final else None
-        release = write_release(out, (lambda d: write_artefacts(d, generator, ss.num_synthetic)) if final else None,
-                                score, report)
+        synthetic = generate(generator, ss.num_synthetic) if final else None
+        release = write_release(out, (lambda d: write_artefacts(d, generator, ss.num_synthetic, synthetic=synthetic))
+                                if final else None, score, report)
+        if final:  # the released set is the final run's, not the best trial's
+            best = {**best, "warning": label_balance_warning(synthetic) if generator.labeller is not None else None}
     plot_trials(trials, out / "trials" / "comparison.png")
     if best:
         progress(f"release: {release} (ε={report['epsilon']:.3f}, δ={ss.delta:g}; best noisy score "
                  f"{best['score']:.3f})")
+        if best.get("warning"):
+            progress(f"WARNING: {best['warning']}")
     elif state["num_trials"]:
         first = next((t for t in trials if t.error), None)
         raise SearchFailed(
