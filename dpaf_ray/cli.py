@@ -35,11 +35,13 @@ _HELP = {
     "num_classes": "public number of classes (Parquet tables without it in their metadata)",
     "classifier_steps": "P: DP-SGD steps of a DP label classifier before G trains (0: off; default with the default "
                         "plan: 1000 or 300 steps where the planner finds its noise small enough, e.g. Fashion-MNIST "
-                        "at ε >= 1, else off)",
+                        "at ε >= 0.2 (below ε = 0.3 it only labels the release), else off)",
     "classifier_labels": "after a classifier phase the DP classifier labels the released synthetic set "
                          "(post-processing; --no-classifier-labels: G's asked labels)",
     "between_class_fraction": "share of the released synthetic set drawn between two classes' label codes and "
                               "labelled by the DP classifier (after a classifier phase; 0: one class per image)",
+    "uncertain_fraction": "share of the released synthetic set chosen as the images the DP classifier is least "
+                          "sure of, from a pool 3× that size, even per label (after a classifier phase; 0: none)",
     "time_budget_minutes": "plan T to finish in about this time (speed probe on generated data, no privacy cost)",
 }
 

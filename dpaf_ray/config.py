@@ -82,8 +82,8 @@ class TrainConfig:
     # issue #13: a DP label classifier (phase one, its own Poisson samples) that teaches G (phase two)
     # P: DP-SGD steps of the label classifier before the DPAF iterations. 0: off; None (the default):
     # with the default plan, a phase of training.plan.AUTO_CLASSIFIER_PHASES where its planned noise is
-    # in the range measured to help, else off (resolve_classifier_phase; Fashion-MNIST at ε >= 1 on,
-    # mnist-5k at ε <= 10 off)
+    # in the range measured to help, else off (resolve_classifier_phase; Fashion-MNIST at ε >= 0.2 on,
+    # below ε = 0.3 with classifier_weight 0; mnist-5k off: its B_c would be 28 % of the records)
     classifier_steps: int | None = None
     classifier_batch: int = 1024  # B_c = q_c·N, its expected batch
     classifier_clip: float = 0.1  # C_c
@@ -103,6 +103,9 @@ class TrainConfig:
     # --no-classifier-labels: G's asked labels, as before.
     classifier_labels: bool = True
     between_class_fraction: float = 0.5
+    # and this fraction of it is the classifier's least certain images of a 3× larger pool, even per label
+    # (bench/results/utility_15)
+    uncertain_fraction: float = 0.5
     teacher_features: bool = False  # DPAGG also sums the frozen classifier's [h, h², softmax] of each record
     classifier_matching: float = 10.0  # G matches their released class means with this weight
     generator_ema: float = 0.0  # > 0: the release holds an EMA of G's weights with this decay (0: G itself)
@@ -185,6 +188,8 @@ class TrainConfig:
         if not (0 <= self.between_class_fraction <= 1):
             bad("between_class_fraction", f"must lie in [0, 1] (0: only images of one class), got "
                                           f"{self.between_class_fraction}")
+        if not (0 <= self.uncertain_fraction <= 1):
+            bad("uncertain_fraction", f"must lie in [0, 1] (0: no selection), got {self.uncertain_fraction}")
         if not (0 <= self.generator_ema < 1):
             bad("generator_ema", f"must lie in [0, 1) (0: off; e.g. 0.999), got {self.generator_ema}")
         if self.teacher_features and not self.prefix_iterations:

@@ -115,8 +115,9 @@ def test_cli_defaults_are_the_measured_best_configuration():
 
 
 @pytest.mark.parametrize("dataset,epsilon,steps", [
-    ("fashion-mnist", 10, 1000), ("fashion-mnist", 2, 300), ("fashion-mnist", 1, 300), ("fashion-mnist", 0.5, 0),
-    ("fashion-mnist", 0.2, 0), ("mnist-5k", 10, 0), ("mnist-5k", 1, 0)])
+    ("fashion-mnist", 10, 1000), ("fashion-mnist", 2, 300), ("fashion-mnist", 1, 300), ("fashion-mnist", 0.5, 300),
+    ("fashion-mnist", 0.2, 300), ("fashion-mnist", 0.1, 0), ("mnist-5k", 10, 0), ("mnist-5k", 1, 0),
+    ("mnist-5k", 100, 0)])
 def test_the_default_classifier_phase_is_what_was_measured_to_help_at_its_noise(dataset, epsilon, steps):
     """Measured (bench/results/utility_13_seeds, Fashion-MNIST): 1000 steps gained ~2.5 points at
     σ_c/B_c 0.0013 (ε = 10) and lost ~1.5 at 0.0032 (ε = 1), where 300 steps gained ~2; 0.0134 lost
@@ -126,12 +127,27 @@ def test_the_default_classifier_phase_is_what_was_measured_to_help_at_its_noise(
     plan = plan_training(TrainConfig(dataset=dataset, epsilon=epsilon, delta=DELTA, seed=0), DATASETS[dataset])
     assert plan.config.classifier_steps == steps, plan.how  # always resolved: the trainer sees a number
     if steps:
-        limit = dict(AUTO_CLASSIFIER_PHASES)[steps]
-        assert plan.schedule.prefix[0].noise / plan.config.classifier_batch <= limit
+        noise = plan.schedule.prefix[0].noise / plan.config.classifier_batch
+        first = next((s, limit, w) for s, limit, w in AUTO_CLASSIFIER_PHASES if s == steps and noise <= limit)
+        assert plan.config.classifier_weight == (TrainConfig.classifier_weight if first[2] is None else first[2])
+        assert not plan.warnings, plan.warnings  # the default plan does not warn about itself
         assert "classifier" in plan.describe()[0]
     else:
         assert not plan.schedule.prefix and "no DP label-classifier phase by default" in plan.how
     assert 0.99 * epsilon <= executed_epsilon(plan) <= epsilon
+
+
+def test_where_the_default_classifier_only_labels_the_release_it_needs_classifier_labels():
+    """At ε = 0.2 on Fashion-MNIST the default classifier only labels the release (weight 0: as G's
+    teacher it collapsed G there); with --no-classifier-labels it would do nothing, so there is none."""
+    n = DATASETS["fashion-mnist"]
+    labels = plan_training(TrainConfig(epsilon=0.2, delta=DELTA, seed=0), n)
+    assert labels.config.classifier_steps == 300 and labels.config.classifier_weight == 0
+    assert "only labels the release" in labels.how
+    plain = plan_training(TrainConfig(epsilon=0.2, delta=DELTA, seed=0, classifier_labels=False), n)
+    assert plain.config.classifier_steps == 0 and not plain.schedule.prefix
+    assert plan_training(TrainConfig(epsilon=0.5, delta=DELTA, seed=0, classifier_labels=False), n
+                         ).config.classifier_steps == 300  # it still teaches G there
 
 
 def test_an_explicit_classifier_phase_or_its_absence_is_kept():

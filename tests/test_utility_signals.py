@@ -444,7 +444,7 @@ def is_a_class_code(generator, codes: torch.Tensor) -> torch.Tensor:
 
 
 def test_every_synthetic_label_is_the_classifiers_and_half_the_codes_lie_between_classes(tmp_path, monkeypatch):
-    tr, released, loaded = trained_release(tmp_path)
+    tr, released, loaded = trained_release(tmp_path, uncertain_fraction=0.0)
     x, y, codes = label_codes_used(released, monkeypatch, 400, seed=5)
     between = ~is_a_class_code(released, codes)
     assert 150 < int(between.sum()) < 250  # Binomial(400, ~0.5 less the draws with y1 = y2)
@@ -467,7 +467,49 @@ def test_without_a_labeller_the_synthetic_set_is_gs_asked_classes(tmp_path):
     assert no_phase.released_generator().labeller is None
 
 
+def test_least_certain_takes_the_smallest_margins_evenly_per_label_and_fills_a_short_class():
+    from dpaf_ray.models.generator import least_certain
+
+    labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 1)
+    margin = torch.rand(21, generator=torch.Generator().manual_seed(0))
+    pick = least_certain(labels, margin, 9, 3)  # 3 per label; label 2 has one, two more from the rest
+    assert len(pick) == len(set(pick.tolist())) == 9
+    assert 20 in pick.tolist()
+    for c in (0, 1):
+        idx = (labels == c).nonzero().flatten()
+        lowest = set(idx[margin[idx].argsort()[:3]].tolist())
+        assert lowest <= set(pick.tolist())
+    left = sorted(set(range(21)) - set(pick.tolist()), key=lambda i: margin[i])
+    extra = set(pick.tolist()) - {20} - {i for c in (0, 1) for i in
+                                         (labels == c).nonzero().flatten()[margin[labels == c].argsort()[:3]].tolist()}
+    assert len(extra) == 2 and max(margin[list(extra)]) <= margin[left[0]]
+
+
+def test_the_uncertain_share_is_the_classifiers_least_sure_images_labelled_by_it(tmp_path):
+    """Post-processing of the two releases only: the chosen images are G's, labelled by the classifier's
+    argmax; their margins are the pool's smallest; the set has exactly n images and the saved release
+    draws it again."""
+    _, released, loaded = trained_release(tmp_path, uncertain_fraction=0.5)
+    assert loaded.uncertain_fraction == 0.5
+    x, y = released.sample_synthetic(300, seed=4)
+    assert x.shape[0] == y.shape[0] == 300
+    with torch.no_grad():
+        probs = released.labeller(x).softmax(1)
+    assert torch.equal(y, probs.argmax(1))
+    top2 = probs.topk(2, dim=1).values
+    margin = top2[:, 0] - top2[:, 1]
+    assert margin[150:].mean() < margin[:150].mean()  # the chosen half is less certain than a plain draw
+    xl, yl = loaded.sample_synthetic(300, seed=4)
+    assert torch.equal(yl, y) and torch.allclose(xl, x)
+    none = released.with_labeller(released.labeller, released.between_class_fraction, 0.0)
+    assert none.sample_synthetic(10, seed=4)[0].shape[0] == 10
+
+
 def test_between_class_fraction_is_validated_and_reaches_the_cli():
+    with pytest.raises(ConfigError, match="--uncertain-fraction"):
+        TrainConfig(uncertain_fraction=-0.1).validate()
+    assert cli.config_from_args(cli.build_parser().parse_args(
+        ["train", "--out", "x", "--uncertain-fraction", "0"])).uncertain_fraction == 0
     with pytest.raises(ConfigError, match="--between-class-fraction"):
         TrainConfig(between_class_fraction=1.5).validate()
     args = cli.build_parser().parse_args(["train", "--out", "x", "--between-class-fraction", "0.2",

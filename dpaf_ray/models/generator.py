@@ -12,6 +12,10 @@ from ..config import UPSAMPLE_MODES
 from .architecture import Architecture, architecture_for
 from .label_classifier import LabelClassifier
 
+# A release's least certain images are picked from a pool this many times their number
+# (bench/results/utility_15: 3, the only size measured).
+UNCERTAIN_POOL = 3
+
 
 class ConditionalGenerator(nn.Module):
     """DCGAN-style upsampling generator; GroupNorm (per-sample) so sharding the
@@ -30,6 +34,7 @@ class ConditionalGenerator(nn.Module):
         # The run's DP label classifier, on a released copy only (`with_labeller`): it labels the synthetic set.
         self.labeller: LabelClassifier | None = None
         self.between_class_fraction = 0.0
+        self.uncertain_fraction = 0.0
         self.stem = nn.Sequential(nn.Linear(2 * z_dim, w * arch.gen_start ** 2), nn.LeakyReLU(0.2))
         blocks: list[nn.Module] = []
         for _ in range(arch.gen_blocks):
@@ -95,33 +100,52 @@ class ConditionalGenerator(nn.Module):
         images = torch.cat(out) if out else torch.zeros(0, self.arch.channels, self.arch.size, self.arch.size)
         return images, labels
 
-    def with_labeller(self, labeller: LabelClassifier, between_class_fraction: float) -> "ConditionalGenerator":
+    def with_labeller(self, labeller: LabelClassifier, between_class_fraction: float,
+                      uncertain_fraction: float = 0.0) -> "ConditionalGenerator":
         """A copy of G that carries the run's DP label classifier, for the release. Its synthetic set
         (`sample_synthetic`) then holds a fraction of images drawn between two classes, and the
         classifier labels every image: a student learns a teacher's boundary from images near it, not
         from those the teacher is sure of (data-free distillation). The classifier is a DP-SGD release
         that the ledger charged in phase one and nothing changed after, so shipping it and labelling
         with it is post-processing. G itself is not touched."""
-        if not 0 <= between_class_fraction <= 1:
-            raise ValueError(f"between_class_fraction must lie in [0, 1], got {between_class_fraction}")
+        for name, value in (("between_class_fraction", between_class_fraction),
+                            ("uncertain_fraction", uncertain_fraction)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
         released = copy.deepcopy(self)
         released.labeller = copy.deepcopy(labeller).to(self.device).eval().requires_grad_(False)
         released.between_class_fraction = float(between_class_fraction)
+        released.uncertain_fraction = float(uncertain_fraction)
         return released
 
     @torch.no_grad()
     def sample_synthetic(self, n: int, seed: int = 0, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-        """The synthetic data set: `sample(n)` without a labeller; with one, a fraction
-        `between_class_fraction` of the images from a label code e = (1−λ)·e(y1) + λ·e(y2),
-        λ ~ U(0, 1), the others of one class y1; every image labelled by the classifier's argmax.
-        (Labelling an image between y1 and y2 with the better of those two alone, which no poor
-        classifier could unbalance, released 2 points less: bench/results/utility_14/.)"""
+        """The synthetic data set: `sample(n)` without a labeller; with one, images of which a fraction
+        `between_class_fraction` come from a label code e = (1−λ)·e(y1) + λ·e(y2), λ ~ U(0, 1), the
+        others of one class y1, every image labelled by the classifier's argmax; and a fraction
+        `uncertain_fraction` of the set is chosen from a pool of UNCERTAIN_POOL times as many such
+        images as those the classifier is least sure of (smallest gap between its two largest
+        probabilities), an even number per label, as active learning picks the cases a student gets
+        wrong. (Labelling an image between y1 and y2 with the better of those two alone, which no
+        poor classifier could unbalance, released 2 points less: bench/results/utility_14/.)"""
         if self.labeller is None:
             return self.sample(n, seed=seed, batch=batch)
         g = torch.Generator().manual_seed(seed)
         was_training = self.training
         self.eval()
-        images, labels = [], []
+        m = round(n * self.uncertain_fraction)
+        images, labels, _ = self._labelled_draw(n - m, g, batch)
+        if m:
+            pool, pool_labels, margin = self._labelled_draw(UNCERTAIN_POOL * m, g, batch)
+            pick = least_certain(pool_labels, margin, m, self.num_classes)
+            images, labels = torch.cat([images, pool[pick]]), torch.cat([labels, pool_labels[pick]])
+        self.train(was_training)
+        return images, labels
+
+    def _labelled_draw(self, n: int, g: torch.Generator, batch: int) -> tuple[torch.Tensor, ...]:
+        """n images (a share between two classes), the classifier's argmax labels and its top-2 gaps."""
+        images, labels, margins = [torch.empty(0, self.arch.channels, self.arch.size, self.arch.size)], \
+            [torch.empty(0, dtype=torch.long)], [torch.empty(0)]
         for i in range(0, n, batch):
             m = min(batch, n - i)
             y1, y2 = torch.randint(self.num_classes, (m,), generator=g), torch.randint(self.num_classes, (m,), generator=g)
@@ -131,12 +155,11 @@ class ConditionalGenerator(nn.Module):
             codes = self.label_embedding(y1.to(self.device)) * (1 - lam[:, None]).to(self.device) + \
                 self.label_embedding(y2.to(self.device)) * lam[:, None].to(self.device)
             x = self.decode(z.to(self.device), codes)
+            top2 = self.labeller(x).softmax(1).topk(2, dim=1)
             images.append(x.cpu())
-            labels.append(self.labeller(x).argmax(1).cpu())
-        self.train(was_training)
-        if not images:
-            return self.sample(0, seed=seed)
-        return torch.cat(images), torch.cat(labels)
+            labels.append(top2.indices[:, 0].cpu())
+            margins.append((top2.values[:, 0] - top2.values[:, 1]).cpu())
+        return torch.cat(images), torch.cat(labels), torch.cat(margins)
 
     def save(self, path: str | Path) -> None:
         blob = {"state_dict": {k: v.cpu() for k, v in self.state_dict().items()},
@@ -145,8 +168,22 @@ class ConditionalGenerator(nn.Module):
                 "upsample": self.upsample}
         if self.labeller is not None:
             blob["labeller"] = {"width": self.labeller.width, "hidden": self.labeller.hidden_dim,
-                                "between_class_fraction": self.between_class_fraction}
+                                "between_class_fraction": self.between_class_fraction,
+                                "uncertain_fraction": self.uncertain_fraction}
         torch.save(blob, path)
+
+
+def least_certain(labels: torch.Tensor, margin: torch.Tensor, m: int, num_classes: int) -> torch.Tensor:
+    """Indices of m images with the smallest margins, m // num_classes per label where the pool
+    has them, the rest the smallest margins left (so a class the classifier rarely gives cannot
+    shrink the set)."""
+    chosen = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().flatten()
+        chosen[idx[margin[idx].argsort()[: m // num_classes]]] = True
+    rest = (~chosen).nonzero().flatten()
+    chosen[rest[margin[rest].argsort()[: m - int(chosen.sum())]]] = True
+    return chosen.nonzero().flatten()
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> ConditionalGenerator:
@@ -162,6 +199,6 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Cond
     if "labeller" in blob:
         spec = blob["labeller"]
         g = g.with_labeller(LabelClassifier(g.arch, g.num_classes, spec["width"], spec["hidden"]),
-                            spec["between_class_fraction"])
+                            spec["between_class_fraction"], spec.get("uncertain_fraction", 0.0))
     g.load_state_dict(blob["state_dict"])
     return g.to(device).eval()

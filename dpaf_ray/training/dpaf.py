@@ -83,7 +83,8 @@ class DPAFTrainer(GANTrainerBase):
         generator = super().released_generator()
         if self.teacher is None or not self.cfg.classifier_labels:
             return generator
-        return generator.with_labeller(self.teacher.model, self.cfg.between_class_fraction)
+        return generator.with_labeller(self.teacher.model, self.cfg.between_class_fraction,
+                                       self.cfg.uncertain_fraction)
 
     # ------------------------------------------------------------------------------
     def pixels(self, x: torch.Tensor) -> torch.Tensor | None:
