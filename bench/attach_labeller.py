@@ -5,7 +5,7 @@ the result is what the current code releases for the same training: G's weights 
 classifier from the run's checkpoint, `ConditionalGenerator.with_labeller`. A benchmark tool: the
 new folder is the operator's, never a publication.
 
-    python bench/attach_labeller.py RUN_DIR NEW_DIR [--between-class-fraction F]
+    python bench/attach_labeller.py RUN_DIR NEW_DIR [--between-class-fraction F] [--uncertain-fraction U]
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("new")
     ap.add_argument("--between-class-fraction", type=float, default=0.5)
+    ap.add_argument("--uncertain-fraction", type=float, default=0.0)
     args = ap.parse_args()
     run, new = Path(args.run), Path(args.new)
     generator = load_generator(run)
@@ -41,8 +42,10 @@ def main() -> None:
             shutil.copy2(run / name, new / name)
     for name in ("privacy_report.json", "score.json"):
         shutil.copy2(run / RELEASE_DIR / name, new / RELEASE_DIR / name)
-    generator.with_labeller(classifier, args.between_class_fraction).save(new / RELEASE_DIR / "generator.pt")
-    (new / "ATTACHED_FROM").write_text(f"{run.resolve()} with between_class_fraction {args.between_class_fraction}\n")
+    generator.with_labeller(classifier, args.between_class_fraction, args.uncertain_fraction).save(
+        new / RELEASE_DIR / "generator.pt")
+    (new / "ATTACHED_FROM").write_text(f"{run.resolve()} with between_class_fraction {args.between_class_fraction}, "
+                                       f"uncertain_fraction {args.uncertain_fraction}\n")
     print(new)
 
 

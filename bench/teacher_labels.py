@@ -15,7 +15,9 @@ from them alone is post-processing and costs no privacy. Variants of the 60k syn
     --hard F a fraction F of the set is the classifier's least certain images (smallest gap between
              its two largest probabilities) out of a pool 3× that size, chosen per label so the
              classes stay even; the rest as above (active-learning's lesson: the boundary cases
-             carry the labels a student gets wrong).
+             carry the labels a student gets wrong). `uncertain_fraction` of a release, off by
+             default (bench/results/utility_15/uncertain_labels.jsonl; those rows drew the pool
+             from seed + 7919, the release draws it after the rest of the set).
 
 Same evaluation as `python -m dpaf_ray evaluate RUN` (60k images, seed 3, the fixed CNN 3 epochs,
 tested on the real test split): downstream accuracy and the diversity ratio.
@@ -54,29 +56,6 @@ def load_classifier(run_dir: Path, generator) -> LabelClassifier | None:
     return model.eval()
 
 
-def least_certain(generator, n: int, fraction: float, seed: int, pool_factor: int = 3):
-    """`sample_synthetic`'s set with a fraction replaced by the least certain images of a larger pool."""
-    from dpaf_ray.data.dataset import ImageDataset
-
-    m = int(round(n * fraction))
-    rest = generate(generator, n - m, seed=seed)
-    if m == 0:
-        return rest
-    pool = generate(generator, pool_factor * m, seed=seed + 7919)
-    with torch.no_grad():
-        probs = torch.cat([generator.labeller(pool.as_float(torch.arange(i, min(i + 4096, len(pool))))).softmax(1)
-                           for i in range(0, len(pool), 4096)])
-    top2 = probs.topk(2, dim=1).values
-    margin = top2[:, 0] - top2[:, 1]
-    keep = []
-    for c in range(pool.num_classes):
-        idx = (pool.labels == c).nonzero().flatten()
-        keep.append(idx[margin[idx].argsort()[: m // pool.num_classes]])
-    keep = torch.cat(keep)
-    return ImageDataset(torch.cat([rest.images, pool.images[keep]]), torch.cat([rest.labels, pool.labels[keep]]),
-                        rest.num_classes, "synthetic")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
@@ -97,8 +76,8 @@ def main() -> None:
             continue
         for mix, hard, sample_seed in [(m, h, s) for m in args.mix for h in args.hard for s in args.sample_seeds]:
             start = time.time()
-            labelled = generator.with_labeller(classifier, mix)
-            synthetic = least_certain(labelled, args.num_synthetic, hard, sample_seed)
+            labelled = generator.with_labeller(classifier, mix, hard)
+            synthetic = generate(labelled, args.num_synthetic, seed=sample_seed)
             score_and_log(synthetic, test, train, start, args.out, run=run, mix=mix, sample_seed=sample_seed,
                           labels="argmax", **({"hard": hard} if hard else {}))
 

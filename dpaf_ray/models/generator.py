@@ -13,7 +13,7 @@ from .architecture import Architecture, architecture_for
 from .label_classifier import LabelClassifier
 
 # A release's least certain images are picked from a pool this many times their number
-# (bench/results/utility_15: 3, the only size measured).
+# (bench/results/utility_15: 3, the only size measured; the share is off by default).
 UNCERTAIN_POOL = 3
 
 
