@@ -128,8 +128,9 @@ def test_the_default_classifier_phase_is_what_was_measured_to_help_at_its_noise(
     assert plan.config.classifier_steps == steps, plan.how  # always resolved: the trainer sees a number
     if steps:
         noise = plan.schedule.prefix[0].noise / plan.config.classifier_batch
-        first = next((s, limit, w) for s, limit, w in AUTO_CLASSIFIER_PHASES if s == steps and noise <= limit)
-        assert plan.config.classifier_weight == (TrainConfig.classifier_weight if first[2] is None else first[2])
+        _, _, tier = next(t for t in AUTO_CLASSIFIER_PHASES if t[0] == steps and noise <= t[1])
+        for knob in ("classifier_weight", "uncertain_fraction"):
+            assert getattr(plan.config, knob) == tier.get(knob, getattr(TrainConfig(), knob)), knob
         assert not plan.warnings, plan.warnings  # the default plan does not warn about itself
         assert "classifier" in plan.describe()[0]
     else:
@@ -148,6 +149,15 @@ def test_where_the_default_classifier_only_labels_the_release_it_needs_classifie
     assert plain.config.classifier_steps == 0 and not plain.schedule.prefix
     assert plan_training(TrainConfig(epsilon=0.5, delta=DELTA, seed=0, classifier_labels=False), n
                          ).config.classifier_steps == 300  # it still teaches G there
+
+
+def test_a_knob_the_user_set_wins_over_the_default_phases_choice():
+    n = DATASETS["fashion-mnist"]
+    assert plan_training(TrainConfig(epsilon=10, delta=DELTA, seed=0), n).config.uncertain_fraction == 0.5
+    own = plan_training(TrainConfig(epsilon=10, delta=DELTA, seed=0, uncertain_fraction=0.2), n)
+    assert own.config.classifier_steps == 1000 and own.config.uncertain_fraction == 0.2
+    taught = plan_training(TrainConfig(epsilon=0.2, delta=DELTA, seed=0, classifier_weight=0.1), n)
+    assert taught.config.classifier_weight == 0.1 and taught.warnings  # σ_c/B_c 0.0086 teaching G: warned
 
 
 def test_an_explicit_classifier_phase_or_its_absence_is_kept():
