@@ -35,7 +35,7 @@ _HELP = {
     "num_classes": "public number of classes (Parquet tables without it in their metadata)",
     "classifier_steps": "P: DP-SGD steps of a DP label classifier before G trains (0: off; default with the default "
                         "plan: 1000 or 300 steps where the planner finds its noise small enough, e.g. Fashion-MNIST "
-                        "at ε >= 0.2 (below ε = 0.3 it only labels the release), else off)",
+                        "at ε >= 0.2 (below about ε = 0.45 it only labels the release), else off)",
     "classifier_labels": "after a classifier phase the DP classifier labels the released synthetic set "
                          "(post-processing; --no-classifier-labels: G's asked labels)",
     "between_class_fraction": "share of the released synthetic set drawn between two classes' label codes and "
