@@ -177,7 +177,7 @@ def finish_run(out: Path, result: TrainResult, data: PrivateData, num_synthetic:
         "seed": cfg.seed,
         "num_workers": num_workers,
     }
-    if generator.labeller is not None and (warning := label_balance_warning(synthetic)):
+    if warning := label_balance_warning(generator, synthetic):
         metrics["warning"] = warning
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -546,14 +546,18 @@ def test_a_run_with_the_phase_releases_the_labelled_set_its_generator_pt_redraws
 
 
 def test_a_nearly_empty_class_in_the_classifier_labelled_set_is_reported():
+    from types import SimpleNamespace
+
     from dpaf_ray.training.outputs import label_balance_warning
 
+    labelled = SimpleNamespace(labeller=object())  # a release that carries its DP classifier
     images = torch.zeros(300, 1, 28, 28, dtype=torch.uint8)
     even = ImageDataset(images, torch.arange(300) % 3, 3, "synthetic")
-    assert label_balance_warning(even) is None
+    assert label_balance_warning(labelled, even) is None
     skewed = ImageDataset(images, torch.tensor([0] * 200 + [1] * 90 + [2] * 10), 3, "synthetic")
-    warning = label_balance_warning(skewed)
+    warning = label_balance_warning(labelled, skewed)
     assert warning and "[2]" in warning and "10 of 300" in warning and "--no-classifier-labels" in warning
+    assert label_balance_warning(SimpleNamespace(labeller=None), skewed) is None  # G's asked classes
 
 
 def test_a_search_release_repeats_its_best_trials_label_balance_warning(tmp_path):

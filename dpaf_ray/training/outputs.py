@@ -27,9 +27,12 @@ def generate(generator: ConditionalGenerator, n: int, seed: int = SYNTHETIC_SEED
     return ImageDataset(images, labels, generator.num_classes, "synthetic")
 
 
-def label_balance_warning(synthetic: ImageDataset) -> str | None:
-    """A class with under a third of its even share: labels that a poor DP classifier gave (after a
-    forced classifier phase on little data) can nearly empty a class, which the user must hear of."""
+def label_balance_warning(generator: ConditionalGenerator, synthetic: ImageDataset) -> str | None:
+    """A class with under a third of its even share of `synthetic`, drawn from `generator`: labels that
+    a poor DP classifier gave (after a forced classifier phase on little data) can nearly empty a
+    class, which the user must hear of. None without a labeller (G's asked classes are even)."""
+    if generator.labeller is None:
+        return None
     counts = torch.bincount(synthetic.labels, minlength=synthetic.num_classes)
     low = [k for k, c in enumerate(counts.tolist()) if c < len(synthetic) / (3 * synthetic.num_classes)]
     if not low:

@@ -299,7 +299,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
                "score_noise_multiplier": score.noise_multiplier, "expected_validation": score.expected_validation,
                "iterations": result.iterations_done, "iterations_planned": P + T, "noise_factor": fit.noise_factor,
                "stopped_early": result.stopped_early,
-               "warning": label_balance_warning(synthetic) if generator.labeller is not None else None,
+               "warning": label_balance_warning(generator, synthetic),
                "epsilon_trial": ledger.epsilon(target_delta), "epsilon_reference": reference.epsilon(target_delta),
                "knobs": knobs, "sampled": sampled,
                "shape": list(data.shape), "num_classes": data.num_classes,
@@ -563,6 +563,7 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
     finished = [t for t in trials if t.status == "finished"]
     best_trial = max(finished, key=lambda t: t.score) if finished else None
     best = json.loads((best_trial.path / "trial.json").read_text()) if best_trial else None
+    warning = best.get("warning") if best else None  # about the released set: the best trial's
     if best:
         score = {"score": best["score"], "kind": best["score_kind"],
                  "noise_multiplier": best["score_noise_multiplier"],
@@ -584,13 +585,13 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
         release = write_release(out, (lambda d: write_artefacts(d, generator, ss.num_synthetic, synthetic=synthetic))
                                 if final else None, score, report)
         if final:  # the released set is the final run's, not the best trial's
-            best = {**best, "warning": label_balance_warning(synthetic) if generator.labeller is not None else None}
+            warning = label_balance_warning(generator, synthetic)
     plot_trials(trials, out / "trials" / "comparison.png")
     if best:
         progress(f"release: {release} (ε={report['epsilon']:.3f}, δ={ss.delta:g}; best noisy score "
                  f"{best['score']:.3f})")
-        if best.get("warning"):
-            progress(f"WARNING: {best['warning']}")
+        if warning:
+            progress(f"WARNING: {warning}")
     elif state["num_trials"]:
         first = next((t for t in trials if t.error), None)
         raise SearchFailed(
