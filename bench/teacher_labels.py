@@ -65,12 +65,19 @@ def main() -> None:
     ap.add_argument("--sample-seeds", type=int, nargs="+", default=[3], help="seeds of the synthetic draw")
     ap.add_argument("--num-synthetic", type=int, default=60_000)
     ap.add_argument("--out", default=None, help="append one JSON line per (run, mix) to this file")
+    ap.add_argument("--classifier", default=None,
+                    help="label with this classifier instead of the run's (a bench/classifier_screen.py --save file)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     test, train = load_dataset(args.dataset, "test"), load_dataset(args.dataset, "train")
     for run in args.runs:
         generator = load_generator(run)
         classifier = generator.labeller or load_classifier(Path(run), generator)
+        if args.classifier:
+            saved = torch.load(args.classifier)
+            classifier = LabelClassifier(generator.arch, generator.num_classes, saved["width"], saved["hidden"])
+            classifier.load_state_dict(saved["state"])
+            classifier.eval()
         if classifier is None:
             print(json.dumps({"run": run, "skipped": "no label classifier in the checkpoint"}))
             continue
@@ -79,7 +86,8 @@ def main() -> None:
             labelled = generator.with_labeller(classifier, mix, hard)
             synthetic = generate(labelled, args.num_synthetic, seed=sample_seed)
             score_and_log(synthetic, test, train, start, args.out, run=run, mix=mix, sample_seed=sample_seed,
-                          labels="argmax", **({"hard": hard} if hard else {}))
+                          labels="argmax", **({"hard": hard} if hard else {}),
+                          **({"classifier": args.classifier} if args.classifier else {}))
 
 
 if __name__ == "__main__":
