@@ -34,8 +34,9 @@ _HELP = {
     "reproducible_noise": "tests and benchmarks only: derive the noise from --seed; the run is then NOT private",
     "num_classes": "public number of classes (Parquet tables without it in their metadata)",
     "classifier_steps": "P: DP-SGD steps of a DP label classifier before G trains (0: off; default with the default "
-                        "plan: 1000 or 300 steps where the planner finds its noise small enough, e.g. Fashion-MNIST "
-                        "at ε >= 0.2 (below about ε = 0.45 it only labels the release), else off)",
+                        "plan: 1000, 300 or 75 steps where the planner finds its noise small enough, e.g. Fashion-MNIST "
+                        "at ε >= 0.2 (below about ε = 0.45: 75 steps of B_c 4096 that only label the release), "
+                        "else off)",
     "classifier_labels": "after a classifier phase the DP classifier labels the released synthetic set "
                          "(post-processing; --no-classifier-labels: G's asked labels)",
     "between_class_fraction": "share of the released synthetic set drawn between two classes' label codes and "

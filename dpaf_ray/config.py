@@ -83,7 +83,8 @@ class TrainConfig:
     # P: DP-SGD steps of the label classifier before the DPAF iterations. 0: off; None (the default):
     # with the default plan, a phase of training.plan.AUTO_CLASSIFIER_PHASES where its planned noise is
     # in the range measured to help, else off (resolve_classifier_phase; Fashion-MNIST at ε >= 0.2 on,
-    # below about ε = 0.45 with classifier_weight 0; mnist-5k off: its B_c would be 28 % of the records)
+    # below about ε = 0.45 as 75 steps of B_c 4096 with classifier_weight 0; mnist-5k off: B_c would be 28 %
+    # of its records)
     classifier_steps: int | None = None
     classifier_batch: int = 1024  # B_c = q_c·N, its expected batch
     classifier_clip: float = 0.1  # C_c

@@ -116,7 +116,7 @@ def test_cli_defaults_are_the_measured_best_configuration():
 
 @pytest.mark.parametrize("dataset,epsilon,steps", [
     ("fashion-mnist", 10, 1000), ("fashion-mnist", 2, 300), ("fashion-mnist", 1, 300), ("fashion-mnist", 0.5, 300),
-    ("fashion-mnist", 0.2, 300), ("fashion-mnist", 0.1, 0), ("mnist-5k", 10, 0), ("mnist-5k", 1, 0),
+    ("fashion-mnist", 0.3, 75), ("fashion-mnist", 0.2, 75), ("fashion-mnist", 0.1, 0), ("mnist-5k", 10, 0), ("mnist-5k", 1, 0),
     ("mnist-5k", 100, 0)])
 def test_the_default_classifier_phase_is_what_was_measured_to_help_at_its_noise(dataset, epsilon, steps):
     """Measured (bench/results/utility_13_seeds, Fashion-MNIST): 1000 steps gained ~2.5 points at
@@ -129,7 +129,7 @@ def test_the_default_classifier_phase_is_what_was_measured_to_help_at_its_noise(
     if steps:
         noise = plan.schedule.prefix[0].noise / plan.config.classifier_batch
         _, _, tier = next(t for t in AUTO_CLASSIFIER_PHASES if t[0] == steps and noise <= t[1])
-        for knob in ("classifier_weight", "uncertain_fraction"):
+        for knob in ("classifier_weight", "uncertain_fraction", "classifier_batch", "classifier_noise"):
             assert getattr(plan.config, knob) == tier.get(knob, getattr(TrainConfig(), knob)), knob
         assert not plan.warnings, plan.warnings  # the default plan does not warn about itself
         assert "classifier" in plan.describe()[0]
@@ -143,7 +143,8 @@ def test_where_the_default_classifier_only_labels_the_release_it_needs_classifie
     teacher it collapsed G there); with --no-classifier-labels it would do nothing, so there is none."""
     n = DATASETS["fashion-mnist"]
     labels = plan_training(TrainConfig(epsilon=0.2, delta=DELTA, seed=0), n)
-    assert labels.config.classifier_steps == 300 and labels.config.classifier_weight == 0
+    assert labels.config.classifier_steps == 75 and labels.config.classifier_weight == 0
+    assert (labels.config.classifier_batch, labels.config.classifier_noise) == (4096, 4.0)
     assert "only labels the release" in labels.how
     plain = plan_training(TrainConfig(epsilon=0.2, delta=DELTA, seed=0, classifier_labels=False), n)
     assert plain.config.classifier_steps == 0 and not plain.schedule.prefix
@@ -157,7 +158,9 @@ def test_a_knob_the_user_set_wins_over_the_default_phases_choice():
     own = plan_training(TrainConfig(epsilon=10, delta=DELTA, seed=0, uncertain_fraction=0.2), n)
     assert own.config.classifier_steps == 1000 and own.config.uncertain_fraction == 0.2
     taught = plan_training(TrainConfig(epsilon=0.2, delta=DELTA, seed=0, classifier_weight=0.1), n)
-    assert taught.config.classifier_weight == 0.1 and taught.warnings  # σ_c/B_c 0.0086 teaching G: warned
+    assert taught.config.classifier_weight == 0.1 and taught.config.classifier_batch == 4096
+    own_batch = plan_training(TrainConfig(epsilon=0.2, delta=DELTA, seed=0, classifier_batch=2048), n)
+    assert own_batch.config.classifier_batch == 2048 and own_batch.config.classifier_steps == 300
 
 
 def test_an_explicit_classifier_phase_or_its_absence_is_kept():
