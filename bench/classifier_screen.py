@@ -6,11 +6,12 @@ generator (never the release's secret stream) and nothing it writes is a release
 is the plan's, printed by `python -m dpaf_ray train` (ε = 10: σ_c = 1.333, q_c = 0.01896).
 
     python bench/classifier_screen.py --sigma 1.333 --steps 1000 --width 16 --hidden 32 [--schedule cosine]
-        [--save FILE.pt] [--out FILE.jsonl]
+        [--ema DECAY] [--save FILE.pt] [--out FILE.jsonl]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ema", type=float, default=0.0, help="also test an EMA of the iterates with this decay")
     ap.add_argument("--save", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -66,7 +68,8 @@ def main() -> None:
     per_record = PerRecordGradients(model)
     q = args.batch / args.n_train
     noise = torch.Generator().manual_seed(10_000 + args.seed)
-    start, curve = time.time(), []
+    ema = copy.deepcopy(model) if args.ema else None
+    start, curve, ema_curve = time.time(), [], []
     for t in range(args.steps):
         chosen = (torch.rand(args.n_train) < q).nonzero().squeeze(1)
         grads = per_record((x_all[chosen],), lambda logits, y: F.cross_entropy(logits, y, reduction="none"),
@@ -80,17 +83,26 @@ def main() -> None:
         for p, g in zip(per_record.params, summed):
             p.grad = (g + torch.randn(g.shape, generator=noise) * args.sigma * args.clip) / args.batch
         opt.step()
+        if ema is not None:  # post-processing of the noisy iterates
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), model.parameters()):
+                    pe.mul_(args.ema).add_(p, alpha=1 - args.ema)
         if (t + 1) % max(1, args.steps // 5) == 0:
             curve.append((t + 1, round(test_accuracy(model, test), 4)))
-            print(f"step {t + 1}: test accuracy {curve[-1][1]:.4f} ({time.time() - start:.0f} s)", flush=True)
+            if ema is not None:
+                ema_curve.append((t + 1, round(test_accuracy(ema, test), 4)))
+            print(f"step {t + 1}: test accuracy {curve[-1][1]:.4f}"
+                  f"{f' (EMA {ema_curve[-1][1]:.4f})' if ema_curve else ''} ({time.time() - start:.0f} s)", flush=True)
     row = {**vars(args), "test_accuracy": curve[-1][1], "curve": curve,
+           **({"ema_test_accuracy": ema_curve[-1][1], "ema_curve": ema_curve} if ema_curve else {}),
            "params": sum(p.numel() for p in model.parameters()), "seconds": round(time.time() - start)}
     print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
     if args.save:
-        torch.save({"width": args.width, "hidden": args.hidden, "state": model.state_dict()}, args.save)
+        kept = ema if ema is not None else model  # with --ema the file holds the EMA
+        torch.save({"width": args.width, "hidden": args.hidden, "state": kept.state_dict()}, args.save)
 
 
 if __name__ == "__main__":
