@@ -17,6 +17,14 @@ from dpaf_ray.models.generator import load_generator
 from teacher_labels import load_classifier  # bench/ is on sys.path when a script runs
 
 
+def test_accuracy(model, test) -> float:
+    """Share of the real test split the classifier labels right."""
+    with torch.no_grad():
+        pred = torch.cat([model(test.as_float(torch.arange(i, min(i + 2000, len(test))))).argmax(1)
+                          for i in range(0, len(test), 2000)])
+    return (pred == test.labels).float().mean().item()
+
+
 def main(run_dir: str) -> dict:
     torch.set_num_threads(1)
     g = load_generator(run_dir)
@@ -25,10 +33,8 @@ def main(run_dir: str) -> dict:
         return {}
     config = json.loads((Path(run_dir) / "config.json").read_text())
     test = load_dataset(config.get("dataset", "fashion-mnist"), "test", config.get("data_root"))
+    acc = test_accuracy(model, test)
     with torch.no_grad():
-        pred = torch.cat([model(test.as_float(torch.arange(i, min(i + 2000, len(test))))).argmax(1)
-                          for i in range(0, len(test), 2000)])
-        acc = (pred == test.labels).float().mean().item()
         x, y = g.sample(5000, seed=7)
         fake_acc = (model(x).argmax(1) == y).float().mean().item()
     return {"classifier_test_accuracy": acc, "classifier_on_generated": fake_acc}

@@ -29,13 +29,7 @@ from dpaf_ray.models.architecture import architecture_for  # noqa: E402
 from dpaf_ray.models.label_classifier import LabelClassifier  # noqa: E402
 from dpaf_ray.privacy.grad_sample import PerRecordGradients  # noqa: E402
 from dpaf_ray.privacy.mechanisms import clip_and_sum_per_record  # noqa: E402
-
-
-def test_accuracy(model, test) -> float:
-    with torch.no_grad():
-        pred = torch.cat([model(test.as_float(torch.arange(i, min(i + 2000, len(test))))).argmax(1)
-                          for i in range(0, len(test), 2000)])
-    return (pred == test.labels).float().mean().item()
+from classifier_accuracy import test_accuracy  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 
 def main() -> None:
