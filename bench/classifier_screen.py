@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,6 +27,7 @@ from dpaf_ray.models.architecture import architecture_for  # noqa: E402
 from dpaf_ray.models.label_classifier import LabelClassifier  # noqa: E402
 from dpaf_ray.privacy.grad_sample import PerRecordGradients  # noqa: E402
 from dpaf_ray.privacy.mechanisms import clip_and_sum_per_record  # noqa: E402
+from dpaf_ray.training.label_teacher import _record_loss, classifier_lr  # noqa: E402
 from classifier_accuracy import test_accuracy  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 
@@ -66,14 +65,10 @@ def main() -> None:
     start, curve, ema_curve = time.time(), [], []
     for t in range(args.steps):
         chosen = (torch.rand(args.n_train) < q).nonzero().squeeze(1)
-        grads = per_record((x_all[chosen],), lambda logits, y: F.cross_entropy(logits, y, reduction="none"),
-                           (y_all[chosen],))
+        grads = per_record((x_all[chosen],), _record_loss, (y_all[chosen],))
         summed = clip_and_sum_per_record(grads, args.clip)
-        lr = args.lr
-        if args.schedule == "cosine":
-            lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / (args.steps - 1)))
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = classifier_lr(args.lr, args.schedule, t, args.steps)
         for p, g in zip(per_record.params, summed):
             p.grad = (g + torch.randn(g.shape, generator=noise) * args.sigma * args.clip) / args.batch
         opt.step()

@@ -580,3 +580,13 @@ def test_a_search_release_repeats_its_best_trials_label_balance_warning(tmp_path
     said: list[str] = []
     finish_search(ss, state, tmp_path / "out", None, said.append)
     assert said[-1] == "WARNING: class(es) [2] nearly empty", said
+
+
+def test_the_classifier_cosine_schedule_decays_from_lr_to_a_tenth_and_constant_stays():
+    """One schedule for the phase and for bench/classifier_screen.py: a public function of t alone."""
+    from dpaf_ray.training.label_teacher import classifier_lr
+
+    lrs = [classifier_lr(4.0, "cosine", t, 300) for t in range(300)]
+    assert lrs[0] == pytest.approx(4.0) and lrs[-1] == pytest.approx(0.4)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert {classifier_lr(4.0, "constant", t, 300) for t in range(300)} == {4.0}

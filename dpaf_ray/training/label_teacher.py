@@ -32,6 +32,14 @@ def _record_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
+def classifier_lr(lr: float, schedule: str, t: int, steps: int) -> float:
+    """The learning rate of step t, a public function of t alone: constant, or a cosine decay to lr/10
+    over the phase's steps."""
+    if schedule == "cosine" and steps > 1:
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / (steps - 1))))
+    return lr
+
+
 class LabelTeacher:
     def __init__(self, trainer, sampling_rate: float) -> None:
         cfg = trainer.cfg
@@ -43,10 +51,7 @@ class LabelTeacher:
         self.steps = cfg.classifier_steps
 
     def set_lr(self, t: int) -> None:
-        """A public schedule of t alone: constant, or a cosine decay to lr/10 over the phase."""
-        lr = self.cfg.classifier_lr
-        if self.cfg.classifier_lr_schedule == "cosine" and self.steps > 1:
-            lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / (self.steps - 1)))
+        lr = classifier_lr(self.cfg.classifier_lr, self.cfg.classifier_lr_schedule, t, self.steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
 
