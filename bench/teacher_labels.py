@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--sample-seeds", type=int, nargs="+", default=[3], help="seeds of the synthetic draw")
     ap.add_argument("--num-synthetic", type=int, default=60_000)
     ap.add_argument("--out", default=None, help="append one JSON line per (run, mix) to this file")
+    ap.add_argument("--temperature", type=float, nargs="+", default=[1.0],
+                    help="scale of G's latent z at sampling time (post-processing of G)")
     ap.add_argument("--classifier", default=None,
                     help="label with this classifier instead of the run's (a bench/classifier_screen.py --save file)")
     args = ap.parse_args()
@@ -81,12 +83,17 @@ def main() -> None:
         if classifier is None:
             print(json.dumps({"run": run, "skipped": "no label classifier in the checkpoint"}))
             continue
-        for mix, hard, sample_seed in [(m, h, s) for m in args.mix for h in args.hard for s in args.sample_seeds]:
+        for mix, hard, sample_seed, temp in [(m, h, s, t) for m in args.mix for h in args.hard
+                                             for s in args.sample_seeds for t in args.temperature]:
             start = time.time()
             labelled = generator.with_labeller(classifier, mix, hard)
+            if temp != 1.0:
+                decode = labelled.decode
+                labelled.decode = lambda z, codes, decode=decode, temp=temp: decode(z * temp, codes)
             synthetic = generate(labelled, args.num_synthetic, seed=sample_seed)
             score_and_log(synthetic, test, train, start, args.out, run=run, mix=mix, sample_seed=sample_seed,
                           labels="argmax", **({"hard": hard} if hard else {}),
+                          **({"temperature": temp} if temp != 1.0 else {}),
                           **({"classifier": args.classifier} if args.classifier else {}))
 
 

@@ -100,12 +100,15 @@ class TrainConfig:
     classifier_margin: float = 0.0
     # The release after a classifier phase (post-processing of G and the classifier, no cost): the classifier
     # labels the synthetic set, and this fraction of it is drawn between two classes' label codes
-    # (bench/results/utility_14: +4 points at ε = 10 on the same runs, about +0.5 at ε = 1-2).
+    # (bench/results/utility_14: +4 points at ε = 10 on the same runs, about +0.5 at ε = 1-2; the default
+    # phase sets it to 1 at 1000 steps and at 300 up to σ_c/B_c 0.0035: +0.6 at ε = 10, +0.4 at ε = 1, −0.5
+    # at ε = 0.5; bench/results/utility_17).
     # --no-classifier-labels: G's asked labels, as before.
     classifier_labels: bool = True
     between_class_fraction: float = 0.5
     # and this fraction of it is the classifier's least certain images of a 3× larger pool, even per label;
-    # off by default: +0.7 points at ε = 10 (3 seeds), −0.5 at ε = 1 (2 seeds), bench/results/utility_15
+    # off unless the default phase sets it: +0.7 points at ε = 10 (3 seeds), −0.5 at ε = 1 (2 seeds),
+    # bench/results/utility_15; +0.9 and diversity ≥ 0.8 at ε = 0.2 (4 seeds), bench/results/utility_17
     uncertain_fraction: float = 0.0
     teacher_features: bool = False  # DPAGG also sums the frozen classifier's [h, h², softmax] of each record
     classifier_matching: float = 10.0  # G matches their released class means with this weight
