@@ -82,6 +82,9 @@ AUTO_CLASSIFIER_PHASES: tuple[tuple[int, float, dict[str, float]], ...] = (
     (75, LABELLER_TIER_LIMIT,
      {"classifier_weight": 0.0, "classifier_batch": 4096, "classifier_noise": 4.0, "uncertain_fraction": 0.5}),
     (300, NOISY_LABELLER_MEAN, {"classifier_weight": 0.0}))
+# Knobs of a tier that only choose how the release is sampled (post-processing): no part of the plan, so
+# tiers that differ only in them are planned once.
+RELEASE_KNOBS = ("between_class_fraction", "uncertain_fraction")
 # Every measurement above drew the classifier's batch from a large set (q_c = B_c/N ≤ 0.076, Fashion-MNIST);
 # a tier whose batch would be a larger share of the records (mnist-5k: 0.28) is skipped.
 AUTO_CLASSIFIER_MAX_SAMPLING_RATE = 0.08
@@ -294,6 +297,7 @@ def resolve_classifier_phase(cfg: TrainConfig, n_train: float, image_size: int =
                "and this run sets its own T or noise; pass --classifier-steps P to add it")
     else:
         defaults = TrainConfig()
+        planned: dict[tuple, TrainingPlan | Exception] = {}
         for steps, limit, tier in AUTO_CLASSIFIER_PHASES:
             knobs = {k: v for k, v in tier.items() if getattr(cfg, k) == getattr(defaults, k)}
             if knobs.get("classifier_weight") == 0 and not cfg.classifier_labels:
@@ -304,11 +308,17 @@ def resolve_classifier_phase(cfg: TrainConfig, n_train: float, image_size: int =
                        "training records, where the phase is not measured")
                 continue
             knobs["classifier_steps"] = steps
-            try:
-                on = plan_training(dataclasses.replace(cfg, **knobs), n_train, image_size, seconds_per_iteration)
-            except (ConfigError, PrivacyConfigError) as e:
-                why = f"it does not fit the budget ({e})"
+            key = tuple(sorted((k, v) for k, v in knobs.items() if k not in RELEASE_KNOBS))
+            if key not in planned:
+                try:
+                    planned[key] = plan_training(dataclasses.replace(cfg, **dict(key)), n_train, image_size,
+                                                 seconds_per_iteration)
+                except (ConfigError, PrivacyConfigError) as e:
+                    planned[key] = e
+            if isinstance(planned[key], Exception):
+                why = f"it does not fit the budget ({planned[key]})"
                 continue
+            on = dataclasses.replace(planned[key], config=dataclasses.replace(planned[key].config, **knobs))
             noise = on.schedule.prefix[0].noise / batch
             if noise <= limit:
                 role = "".join(f", {k} {v:g}" for k, v in knobs.items() if k != "classifier_steps")
