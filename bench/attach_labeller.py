@@ -6,6 +6,7 @@ classifier from the run's checkpoint, `ConditionalGenerator.with_labeller`. A be
 new folder is the operator's, never a publication.
 
     python bench/attach_labeller.py RUN_DIR NEW_DIR [--between-class-fraction F] [--uncertain-fraction U]
+        [--pixel-mix-fraction P] [--boundary-fraction B]
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def main() -> None:
     ap.add_argument("new")
     ap.add_argument("--between-class-fraction", type=float, default=0.5)
     ap.add_argument("--uncertain-fraction", type=float, default=0.0)
+    ap.add_argument("--pixel-mix-fraction", type=float, default=0.0)
+    ap.add_argument("--boundary-fraction", type=float, default=0.0)
     args = ap.parse_args()
     run, new = Path(args.run), Path(args.new)
     generator = load_generator(run)
@@ -42,10 +45,10 @@ def main() -> None:
             shutil.copy2(run / name, new / name)
     for name in ("privacy_report.json", "score.json"):
         shutil.copy2(run / RELEASE_DIR / name, new / RELEASE_DIR / name)
-    generator.with_labeller(classifier, args.between_class_fraction, args.uncertain_fraction).save(
-        new / RELEASE_DIR / "generator.pt")
-    (new / "ATTACHED_FROM").write_text(f"{run.resolve()} with between_class_fraction {args.between_class_fraction}, "
-                                       f"uncertain_fraction {args.uncertain_fraction}\n")
+    knobs = {name: getattr(args, name) for name in
+             ("between_class_fraction", "uncertain_fraction", "pixel_mix_fraction", "boundary_fraction")}
+    generator.with_labeller(classifier, **knobs).save(new / RELEASE_DIR / "generator.pt")
+    (new / "ATTACHED_FROM").write_text(f"{run.resolve()} with " + ", ".join(f"{k} {v}" for k, v in knobs.items()) + "\n")
     print(new)
 
 

@@ -110,6 +110,11 @@ class TrainConfig:
     # off unless the default phase sets it: +0.7 points at ε = 10 (3 seeds), −0.5 at ε = 1 (2 seeds),
     # bench/results/utility_15; +0.9 and diversity ≥ 0.8 at ε = 0.2 (4 seeds), bench/results/utility_17
     uncertain_fraction: float = 0.0
+    # then this fraction is mixed in pixels with another image of the set, and this fraction moved a few steps
+    # towards the classifier's boundary, each changed image relabelled by it; off unless the default phase sets
+    # them (1000 steps: bench/results/utility_18)
+    pixel_mix_fraction: float = 0.0
+    boundary_fraction: float = 0.0
     teacher_features: bool = False  # DPAGG also sums the frozen classifier's [h, h², softmax] of each record
     classifier_matching: float = 10.0  # G matches their released class means with this weight
     generator_ema: float = 0.0  # > 0: the release holds an EMA of G's weights with this decay (0: G itself)
@@ -192,8 +197,9 @@ class TrainConfig:
         if not (0 <= self.between_class_fraction <= 1):
             bad("between_class_fraction", f"must lie in [0, 1] (0: only images of one class), got "
                                           f"{self.between_class_fraction}")
-        if not (0 <= self.uncertain_fraction <= 1):
-            bad("uncertain_fraction", f"must lie in [0, 1] (0: no selection), got {self.uncertain_fraction}")
+        for name in ("uncertain_fraction", "pixel_mix_fraction", "boundary_fraction"):
+            if not (0 <= getattr(self, name) <= 1):
+                bad(name, f"must lie in [0, 1] (0: off), got {getattr(self, name)}")
         if not (0 <= self.generator_ema < 1):
             bad("generator_ema", f"must lie in [0, 1) (0: off; e.g. 0.999), got {self.generator_ema}")
         if self.teacher_features and not self.prefix_iterations:

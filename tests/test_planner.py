@@ -14,7 +14,8 @@ from dpaf_ray import cli
 from dpaf_ray.config import MEASURED_BEST, ConfigError, TrainConfig
 from dpaf_ray.privacy.ledger import PoissonGaussian, PrivacyLedger
 from dpaf_ray.training import probe
-from dpaf_ray.training.plan import AUTO_CLASSIFIER_PHASES, DEFAULT_ITERATIONS, MAX_NOISE_MULTIPLIER, plan_training
+from dpaf_ray.training.plan import (AUTO_CLASSIFIER_PHASES, DEFAULT_ITERATIONS, MAX_NOISE_MULTIPLIER, RELEASE_KNOBS,
+                                   plan_training)
 
 torch.set_num_threads(1)
 DELTA = 1e-5
@@ -129,8 +130,7 @@ def test_the_default_classifier_phase_is_what_was_measured_to_help_at_its_noise(
     if steps:
         noise = plan.schedule.prefix[0].noise / plan.config.classifier_batch
         _, _, tier = next(t for t in AUTO_CLASSIFIER_PHASES if t[0] == steps and noise <= t[1])
-        for knob in ("classifier_weight", "uncertain_fraction", "classifier_batch", "classifier_noise",
-                     "between_class_fraction"):
+        for knob in ("classifier_weight", "classifier_batch", "classifier_noise") + RELEASE_KNOBS:
             assert getattr(plan.config, knob) == tier.get(knob, getattr(TrainConfig(), knob)), knob
         assert not plan.warnings, plan.warnings  # the default plan does not warn about itself
         assert "classifier" in plan.describe()[0]
@@ -159,6 +159,9 @@ def test_a_knob_the_user_set_wins_over_the_default_phases_choice():
     n = DATASETS["fashion-mnist"]
     assert plan_training(TrainConfig(epsilon=10, delta=DELTA, seed=0), n).config.uncertain_fraction == 0.5
     assert plan_training(TrainConfig(epsilon=10, delta=DELTA, seed=0), n).config.between_class_fraction == 1.0
+    ten = plan_training(TrainConfig(epsilon=10, delta=DELTA, seed=0), n).config
+    assert (ten.pixel_mix_fraction, ten.boundary_fraction) == (0.5, 0.5)  # bench/results/utility_18
+    assert plan_training(TrainConfig(epsilon=1, delta=DELTA, seed=0), n).config.pixel_mix_fraction == 0.0
     pure = plan_training(TrainConfig(epsilon=1, delta=DELTA, seed=0, between_class_fraction=0.0), n)
     assert pure.config.classifier_steps == 300 and pure.config.between_class_fraction == 0.0  # one class per image
     own = plan_training(TrainConfig(epsilon=10, delta=DELTA, seed=0, uncertain_fraction=0.2), n)

@@ -590,3 +590,42 @@ def test_the_classifier_cosine_schedule_decays_from_lr_to_a_tenth_and_constant_s
     assert lrs[0] == pytest.approx(4.0) and lrs[-1] == pytest.approx(0.4)
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
     assert {classifier_lr(4.0, "constant", t, 300) for t in range(300)} == {4.0}
+
+
+def test_mixed_and_boundary_images_are_gs_moved_a_bounded_way_and_labelled_by_the_classifier(tmp_path):
+    """Post-processing of the two releases only: the base draw is unchanged, a moved image lies within
+    BOUNDARY_STEPS × BOUNDARY_STEP_LENGTH (L2) of G's, nearer the classifier's boundary, a mixed one
+    between two of G's images; every label is the classifier's argmax; the saved release keeps the knobs."""
+    from dpaf_ray.models.generator import BOUNDARY_STEP_LENGTH, BOUNDARY_STEPS
+
+    _, released, _ = trained_release(tmp_path, uncertain_fraction=0.0)
+    base_x, _ = released.with_labeller(released.labeller, 0.5).sample_synthetic(200, seed=6)
+    moved = released.with_labeller(released.labeller, 0.5, 0.0, 0.0, 1.0)
+    x, y = moved.sample_synthetic(200, seed=6)
+    with torch.no_grad():
+        logits, base_logits = moved.labeller(x), moved.labeller(base_x)
+    assert torch.equal(y, logits.argmax(1))
+    step = (x - base_x).flatten(1).norm(dim=1)
+    assert float(step.max()) <= BOUNDARY_STEPS * BOUNDARY_STEP_LENGTH + 1e-4 and float(step.min()) > 0
+    gap = lambda lg: (lg.topk(2, dim=1).values[:, 0] - lg.topk(2, dim=1).values[:, 1]).mean()  # noqa: E731
+    assert gap(logits) < gap(base_logits)
+    mixed = released.with_labeller(released.labeller, 0.5, 0.0, 1.0, 0.0)
+    xm, ym = mixed.sample_synthetic(200, seed=6)
+    with torch.no_grad():
+        assert torch.equal(ym, mixed.labeller(xm).argmax(1))
+    assert float(xm.abs().max()) <= 1 and not torch.allclose(xm, base_x)
+    # each mixed image is a convex combination of its own base image and another: it lies no farther
+    # from its base image than the farthest base image does
+    far = torch.cdist(base_x.flatten(1), base_x.flatten(1)).max(1).values
+    assert bool(((xm - base_x).flatten(1).norm(dim=1) <= far + 1e-4).all())
+    path = tmp_path / "g.pt"
+    released.with_labeller(released.labeller, 0.5, 0.0, 0.5, 0.5).save(path)
+    from dpaf_ray.models.generator import load_generator
+    loaded = load_generator(path)
+    assert (loaded.pixel_mix_fraction, loaded.boundary_fraction) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="boundary_fraction"):
+        released.with_labeller(released.labeller, 0.5, 0.0, 0.0, 1.5)
+    with pytest.raises(ConfigError, match="--pixel-mix-fraction"):
+        TrainConfig(pixel_mix_fraction=2.0).validate()
+    assert cli.config_from_args(cli.build_parser().parse_args(
+        ["train", "--out", "x", "--boundary-fraction", "0.25"])).boundary_fraction == 0.25

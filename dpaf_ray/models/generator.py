@@ -15,6 +15,9 @@ from .label_classifier import LabelClassifier
 # A release's least certain images are picked from a pool this many times their number
 # (bench/results/utility_15: 3, the only size measured; the share is off by default).
 UNCERTAIN_POOL = 3
+# A release's boundary images take this many steps of this L2 length (pixels in [-1, 1]) down the
+# classifier's top-2 logit gap (bench/results/utility_18: the one setting measured).
+BOUNDARY_STEPS, BOUNDARY_STEP_LENGTH = 3, 1.0
 
 
 class ConditionalGenerator(nn.Module):
@@ -35,6 +38,8 @@ class ConditionalGenerator(nn.Module):
         self.labeller: LabelClassifier | None = None
         self.between_class_fraction = 0.0
         self.uncertain_fraction = 0.0
+        self.pixel_mix_fraction = 0.0
+        self.boundary_fraction = 0.0
         self.stem = nn.Sequential(nn.Linear(2 * z_dim, w * arch.gen_start ** 2), nn.LeakyReLU(0.2))
         blocks: list[nn.Module] = []
         for _ in range(arch.gen_blocks):
@@ -101,7 +106,8 @@ class ConditionalGenerator(nn.Module):
         return images, labels
 
     def with_labeller(self, labeller: LabelClassifier, between_class_fraction: float,
-                      uncertain_fraction: float = 0.0) -> "ConditionalGenerator":
+                      uncertain_fraction: float = 0.0, pixel_mix_fraction: float = 0.0,
+                      boundary_fraction: float = 0.0) -> "ConditionalGenerator":
         """A copy of G that carries the run's DP label classifier, for the release. Its synthetic set
         (`sample_synthetic`) then holds a fraction of images drawn between two classes, and the
         classifier labels every image: a student learns a teacher's boundary from images near it, not
@@ -109,13 +115,16 @@ class ConditionalGenerator(nn.Module):
         that the ledger charged in phase one and nothing changed after, so shipping it and labelling
         with it is post-processing. G itself is not touched."""
         for name, value in (("between_class_fraction", between_class_fraction),
-                            ("uncertain_fraction", uncertain_fraction)):
+                            ("uncertain_fraction", uncertain_fraction), ("pixel_mix_fraction", pixel_mix_fraction),
+                            ("boundary_fraction", boundary_fraction)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
         released = copy.deepcopy(self)
         released.labeller = copy.deepcopy(labeller).to(self.device).eval().requires_grad_(False)
         released.between_class_fraction = float(between_class_fraction)
         released.uncertain_fraction = float(uncertain_fraction)
+        released.pixel_mix_fraction = float(pixel_mix_fraction)
+        released.boundary_fraction = float(boundary_fraction)
         return released
 
     @torch.no_grad()
@@ -126,7 +135,12 @@ class ConditionalGenerator(nn.Module):
         `uncertain_fraction` of the set is chosen from a pool of UNCERTAIN_POOL times as many such
         images as those the classifier is least sure of (smallest gap between its two largest
         probabilities), an even number per label, as active learning picks the cases a student gets
-        wrong. (Labelling an image between y1 and y2 with the better of those two alone, which no
+        wrong. Then a fraction `pixel_mix_fraction` of the set is mixed in pixels with another image of
+        it, (1−λ)·x + λ·x', λ ~ U(0, 1) (mixup inputs for distillation: Beyer et al., "Knowledge
+        distillation: A good teacher is patient and consistent", CVPR 2022), and a fraction
+        `boundary_fraction` takes BOUNDARY_STEPS steps down the classifier's top-2 logit gap (Heo et
+        al., "Knowledge Distillation with Adversarial Samples Supporting Decision Boundary", AAAI
+        2019); the classifier labels each changed image anew. (Labelling an image between y1 and y2 with the better of those two alone, which no
         poor classifier could unbalance, released 2 points less: bench/results/utility_14/.)"""
         if self.labeller is None:
             return self.sample(n, seed=seed, batch=batch)
@@ -139,8 +153,39 @@ class ConditionalGenerator(nn.Module):
             pool, pool_labels, margin = self._labelled_draw(UNCERTAIN_POOL * m, g, batch)
             pick = least_certain(pool_labels, margin, m, self.num_classes)
             images, labels = torch.cat([images, pool[pick]]), torch.cat([labels, pool_labels[pick]])
+        if self.pixel_mix_fraction:
+            mixed = torch.rand(len(images), generator=g) < self.pixel_mix_fraction
+            partners = images[torch.randint(len(images), (int(mixed.sum()),), generator=g)]
+            lam = torch.rand(len(partners), 1, 1, 1, generator=g)
+            images[mixed] = (1 - lam) * images[mixed] + lam * partners
+            labels[mixed] = self._label(images[mixed], batch)
+        if self.boundary_fraction:
+            moved = torch.rand(len(images), generator=g) < self.boundary_fraction
+            images[moved] = self._towards_boundary(images[moved], batch)
+            labels[moved] = self._label(images[moved], batch)
         self.train(was_training)
         return images, labels
+
+    def _label(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """The classifier's argmax labels of images on the CPU."""
+        return torch.cat([torch.empty(0, dtype=torch.long)] +
+                         [self.labeller(x[i:i + batch].to(self.device)).argmax(1).cpu() for i in range(0, len(x), batch)])
+
+    def _towards_boundary(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """x after BOUNDARY_STEPS steps of L2 length BOUNDARY_STEP_LENGTH that shrink the gap between
+        the classifier's two largest logits, kept in the image range [-1, 1]."""
+        out = [torch.empty(0, *x.shape[1:])]
+        for i in range(0, len(x), batch):
+            xb = x[i:i + batch].to(self.device)
+            for _ in range(BOUNDARY_STEPS):
+                with torch.enable_grad():
+                    xb.requires_grad_(True)
+                    top2 = self.labeller(xb).topk(2, dim=1).values
+                    (grad,) = torch.autograd.grad((top2[:, 0] - top2[:, 1]).sum(), xb)
+                norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+                xb = (xb.detach() - BOUNDARY_STEP_LENGTH * grad / norm).clamp(-1, 1)
+            out.append(xb.cpu())
+        return torch.cat(out)
 
     def _labelled_draw(self, n: int, g: torch.Generator, batch: int) -> tuple[torch.Tensor, ...]:
         """n images (a share between two classes), the classifier's argmax labels and its top-2 gaps."""
@@ -169,7 +214,8 @@ class ConditionalGenerator(nn.Module):
         if self.labeller is not None:
             blob["labeller"] = {"width": self.labeller.width, "hidden": self.labeller.hidden_dim,
                                 "between_class_fraction": self.between_class_fraction,
-                                "uncertain_fraction": self.uncertain_fraction}
+                                "uncertain_fraction": self.uncertain_fraction,
+                                "pixel_mix_fraction": self.pixel_mix_fraction, "boundary_fraction": self.boundary_fraction}
         torch.save(blob, path)
 
 
@@ -199,6 +245,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Cond
     if "labeller" in blob:
         spec = blob["labeller"]
         g = g.with_labeller(LabelClassifier(g.arch, g.num_classes, spec["width"], spec["hidden"]),
-                            spec["between_class_fraction"], spec.get("uncertain_fraction", 0.0))
+                            spec["between_class_fraction"], spec.get("uncertain_fraction", 0.0),
+                            spec.get("pixel_mix_fraction", 0.0), spec.get("boundary_fraction", 0.0))
     g.load_state_dict(blob["state_dict"])
     return g.to(device).eval()

@@ -84,7 +84,8 @@ class DPAFTrainer(GANTrainerBase):
         if self.teacher is None or not self.cfg.classifier_labels:
             return generator
         return generator.with_labeller(self.teacher.model, self.cfg.between_class_fraction,
-                                       self.cfg.uncertain_fraction)
+                                       self.cfg.uncertain_fraction, self.cfg.pixel_mix_fraction,
+                                       self.cfg.boundary_fraction)
 
     # ------------------------------------------------------------------------------
     def pixels(self, x: torch.Tensor) -> torch.Tensor | None:
