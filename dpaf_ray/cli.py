@@ -45,11 +45,9 @@ _HELP = {
     "uncertain_fraction": "share of the released synthetic set chosen as the images the DP classifier is least "
                           "sure of, from a pool 3× that size, even per label (after a classifier phase; 0: none)",
     "pixel_mix_fraction": "share of the released synthetic set mixed in pixels with another of its images and "
-                          "relabelled by the DP classifier (after a classifier phase; 0: none; the default phase sets "
-                          "0.5 at 1000 steps)",
+                          "relabelled by the DP classifier (after a classifier phase; 0: none, the default)",
     "boundary_fraction": "share of the released synthetic set moved 3 small steps towards the DP classifier's boundary "
-                         "and relabelled by it (after a classifier phase; 0: none; the default phase sets 0.5 at 1000 "
-                         "steps)",
+                         "and relabelled by it (after a classifier phase; 0: none, the default)",
     "time_budget_minutes": "plan T to finish in about this time (speed probe on generated data, no privacy cost)",
 }
 

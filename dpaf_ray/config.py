@@ -111,8 +111,8 @@ class TrainConfig:
     # bench/results/utility_15; +0.9 and diversity ≥ 0.8 at ε = 0.2 (4 seeds), bench/results/utility_17
     uncertain_fraction: float = 0.0
     # then this fraction is mixed in pixels with another image of the set, and this fraction moved a few steps
-    # towards the classifier's boundary, each changed image relabelled by it; off unless the default phase sets
-    # them (1000 steps: bench/results/utility_18)
+    # towards the classifier's boundary, each changed image relabelled by it; off (ε = 10: +0.8 on three runs,
+    # −2.7 on a fourth, −4.9 at ε = 1; bench/results/utility_18)
     pixel_mix_fraction: float = 0.0
     boundary_fraction: float = 0.0
     teacher_features: bool = False  # DPAGG also sums the frozen classifier's [h, h², softmax] of each record

@@ -16,7 +16,7 @@ from .label_classifier import LabelClassifier
 # (bench/results/utility_15: 3, the only size measured; the share is off by default).
 UNCERTAIN_POOL = 3
 # A release's boundary images take this many steps of this L2 length (pixels in [-1, 1]) down the
-# classifier's top-2 logit gap (bench/results/utility_18: the one setting measured).
+# classifier's top-2 logit gap (bench/results/utility_18: the one setting measured; both shares are off by default).
 BOUNDARY_STEPS, BOUNDARY_STEP_LENGTH = 3, 1.0
 
 
