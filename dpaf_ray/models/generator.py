@@ -140,7 +140,8 @@ class ConditionalGenerator(nn.Module):
         distillation: A good teacher is patient and consistent", CVPR 2022), and a fraction
         `boundary_fraction` takes BOUNDARY_STEPS steps down the classifier's top-2 logit gap (Heo et
         al., "Knowledge Distillation with Adversarial Samples Supporting Decision Boundary", AAAI
-        2019); the classifier labels each changed image anew. (Labelling an image between y1 and y2 with the better of those two alone, which no
+        2019); the classifier labels each changed image anew. Both are off by default (bench/results/
+        utility_18). (Labelling an image between y1 and y2 with the better of those two alone, which no
         poor classifier could unbalance, released 2 points less: bench/results/utility_14/.)"""
         if self.labeller is None:
             return self.sample(n, seed=seed, batch=batch)
@@ -169,7 +170,8 @@ class ConditionalGenerator(nn.Module):
     def _label(self, x: torch.Tensor, batch: int) -> torch.Tensor:
         """The classifier's argmax labels of images on the CPU."""
         return torch.cat([torch.empty(0, dtype=torch.long)] +
-                         [self.labeller(x[i:i + batch].to(self.device)).argmax(1).cpu() for i in range(0, len(x), batch)])
+                         [self.labeller(x[i:i + batch].to(self.device)).argmax(1).cpu()
+                          for i in range(0, len(x), batch)])
 
     def _towards_boundary(self, x: torch.Tensor, batch: int) -> torch.Tensor:
         """x after BOUNDARY_STEPS steps of L2 length BOUNDARY_STEP_LENGTH that shrink the gap between
