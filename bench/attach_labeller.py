@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpaf_ray.models.generator import load_generator  # noqa: E402
+from dpaf_ray.models.generator import RELEASE_KNOBS, load_generator  # noqa: E402
 from dpaf_ray.release import RELEASE_DIR  # noqa: E402
 from teacher_labels import load_classifier  # noqa: E402
 
@@ -45,8 +45,7 @@ def main() -> None:
             shutil.copy2(run / name, new / name)
     for name in ("privacy_report.json", "score.json"):
         shutil.copy2(run / RELEASE_DIR / name, new / RELEASE_DIR / name)
-    knobs = {name: getattr(args, name) for name in
-             ("between_class_fraction", "uncertain_fraction", "pixel_mix_fraction", "boundary_fraction")}
+    knobs = {name: getattr(args, name) for name in RELEASE_KNOBS}
     generator.with_labeller(classifier, **knobs).save(new / RELEASE_DIR / "generator.pt")
     (new / "ATTACHED_FROM").write_text(f"{run.resolve()} with " + ", ".join(f"{k} {v}" for k, v in knobs.items()) + "\n")
     print(new)

@@ -43,11 +43,6 @@ from dpaf_ray.models.label_classifier import LabelClassifier  # noqa: E402
 from screen import score_and_log  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 
-def relabel(classifier, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([classifier(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
-
-
 def shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     out = torch.full_like(x, -1.0)
     pad = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
@@ -58,25 +53,10 @@ def shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out
 
 
-def boundary(classifier, x: torch.Tensor, steps: int, length: float, batch: int = 1000) -> torch.Tensor:
-    out = []
-    for i in range(0, len(x), batch):
-        xb = x[i:i + batch].clone()
-        for _ in range(steps):
-            xb.requires_grad_(True)
-            logits = classifier(xb)
-            top2 = logits.topk(2, dim=1)
-            gap = (top2.values[:, 0] - top2.values[:, 1]).sum()
-            (grad,) = torch.autograd.grad(gap, xb)
-            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
-            xb = (xb.detach() - length * grad / norm).clamp(-1, 1)
-        out.append(xb.detach())
-    return torch.cat(out)
-
-
 def proxy_student(x: torch.Tensor, labels: torch.Tensor, classifier, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    student = LabelClassifier(classifier_arch(x), classifier.head.out_features, 2 * classifier.width, 4 * classifier.hidden_dim)
+    student = LabelClassifier(architecture_for(tuple(x.shape[1:])), classifier.head.out_features, 2 * classifier.width,
+                              4 * classifier.hidden_dim)
     opt = torch.optim.Adam(student.parameters(), 1e-3)
     order = torch.randperm(len(x))
     for i in range(0, len(x), 128):
@@ -86,10 +66,6 @@ def proxy_student(x: torch.Tensor, labels: torch.Tensor, classifier, seed: int) 
         loss.backward()
         opt.step()
     return student.eval()
-
-
-def classifier_arch(x: torch.Tensor):
-    return architecture_for(tuple(x.shape[1:]))
 
 
 def disagree(generator, x, labels, fraction: float, ratio: float, seed: int):
@@ -104,13 +80,14 @@ def disagree(generator, x, labels, fraction: float, ratio: float, seed: int):
     return torch.cat([x[keep], pool[pick].clamp(-1, 1)]), torch.cat([labels[keep], pool_labels[pick]])
 
 
-def transform(spec: str, x: torch.Tensor, labels: torch.Tensor, classifier, seed: int):
-    """`spec` is one transform or several joined by '+', applied in turn."""
+def transform(spec: str, x: torch.Tensor, labels: torch.Tensor, generator, seed: int):
+    """`spec` is one transform or several joined by '+', applied in turn; the release's classifier
+    (`generator.labeller`) relabels every changed image, with the release's own code."""
     if spec == "none":
         return x, labels
     if "+" in spec:
         for i, part in enumerate(spec.split("+")):
-            x, labels = transform(part, x, labels, classifier, seed + 100 * i)
+            x, labels = transform(part, x, labels, generator, seed + 100 * i)
         return x, labels
     name, *params = spec.split(":")
     g = torch.Generator().manual_seed(seed + 1)
@@ -127,11 +104,12 @@ def transform(spec: str, x: torch.Tensor, labels: torch.Tensor, classifier, seed
     elif name == "disagree":
         raise SystemExit("disagree must come first in a spec: it needs the generator")
     elif name == "boundary":
-        xs = boundary(classifier, xs, int(params[1]), float(params[2]))
+        xs = generator._towards_boundary(xs, 1000, int(params[1]), float(params[2]))
     else:
         raise SystemExit(f"unknown transform {spec!r}: use none, shift:P, flip:P, pixmix:P or boundary:P:K:A")
     x, labels = x.clone(), labels.clone()
-    x[pick], labels[pick] = xs, relabel(classifier, xs)
+    with torch.no_grad():
+        x[pick], labels[pick] = xs, generator._label(xs, 1000)
     return x, labels
 
 
@@ -161,15 +139,16 @@ def main() -> None:
                 first, _, rest = spec.partition("+")
                 _, frac, ratio = first.split(":")
                 xt, lt = disagree(generator, xt, lt, float(frac), float(ratio), args.sample_seed)
-            xt, lt = transform(rest or "none", xt, lt, generator.labeller, args.sample_seed)
+            xt, lt = transform(rest or "none", xt, lt, generator, args.sample_seed)
             images = ((xt.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             synthetic = ImageDataset(images, lt, generator.num_classes, "synthetic")
             score_and_log(synthetic, test, train, start, args.out, run=run, transform=spec,
                           changed_labels=int((lt != labels).sum()))
         if args.real_teacher:
             start = time.time()
-            relabelled = ImageDataset(train.images, relabel(generator.labeller, train.as_float()),
-                                      train.num_classes, "real, the classifier's labels")
+            with torch.no_grad():
+                labels_of_real = generator._label(train.as_float(), 1000)
+            relabelled = ImageDataset(train.images, labels_of_real, train.num_classes, "real, the classifier's labels")
             score_and_log(relabelled, test, train, start, args.out, run=run, transform="real train images, classifier labels")
 
 

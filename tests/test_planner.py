@@ -14,8 +14,8 @@ from dpaf_ray import cli
 from dpaf_ray.config import MEASURED_BEST, ConfigError, TrainConfig
 from dpaf_ray.privacy.ledger import PoissonGaussian, PrivacyLedger
 from dpaf_ray.training import probe
-from dpaf_ray.training.plan import (AUTO_CLASSIFIER_PHASES, DEFAULT_ITERATIONS, MAX_NOISE_MULTIPLIER, RELEASE_KNOBS,
-                                   plan_training)
+from dpaf_ray.models.generator import RELEASE_KNOBS
+from dpaf_ray.training.plan import AUTO_CLASSIFIER_PHASES, DEFAULT_ITERATIONS, MAX_NOISE_MULTIPLIER, plan_training
 
 torch.set_num_threads(1)
 DELTA = 1e-5

@@ -18,6 +18,8 @@ UNCERTAIN_POOL = 3
 # A release's boundary images take this many steps of this L2 length (pixels in [-1, 1]) down the
 # classifier's top-2 logit gap (bench/results/utility_18: the one setting measured; both shares are off by default).
 BOUNDARY_STEPS, BOUNDARY_STEP_LENGTH = 3, 1.0
+# `with_labeller`'s keyword arguments: how a release's synthetic set is drawn (post-processing only).
+RELEASE_KNOBS = ("between_class_fraction", "uncertain_fraction", "pixel_mix_fraction", "boundary_fraction")
 
 
 class ConditionalGenerator(nn.Module):
@@ -173,19 +175,20 @@ class ConditionalGenerator(nn.Module):
                          [self.labeller(x[i:i + batch].to(self.device)).argmax(1).cpu()
                           for i in range(0, len(x), batch)])
 
-    def _towards_boundary(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        """x after BOUNDARY_STEPS steps of L2 length BOUNDARY_STEP_LENGTH that shrink the gap between
-        the classifier's two largest logits, kept in the image range [-1, 1]."""
+    def _towards_boundary(self, x: torch.Tensor, batch: int, steps: int = BOUNDARY_STEPS,
+                          length: float = BOUNDARY_STEP_LENGTH) -> torch.Tensor:
+        """x after `steps` steps of L2 length `length` that shrink the gap between the classifier's two
+        largest logits, kept in the image range [-1, 1] (bench/refine_screen.py screens other steps)."""
         out = [torch.empty(0, *x.shape[1:])]
         for i in range(0, len(x), batch):
             xb = x[i:i + batch].to(self.device)
-            for _ in range(BOUNDARY_STEPS):
+            for _ in range(steps):
                 with torch.enable_grad():
                     xb.requires_grad_(True)
                     top2 = self.labeller(xb).topk(2, dim=1).values
                     (grad,) = torch.autograd.grad((top2[:, 0] - top2[:, 1]).sum(), xb)
                 norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-                xb = (xb.detach() - BOUNDARY_STEP_LENGTH * grad / norm).clamp(-1, 1)
+                xb = (xb.detach() - length * grad / norm).clamp(-1, 1)
             out.append(xb.cpu())
         return torch.cat(out)
 

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from ..models import dpagg
 from ..models.discriminator import PrivateFeatures, Rear, RecordEmbedding, pixel_statistics, pixel_statistics_dim
+from ..models.generator import RELEASE_KNOBS
 from ..privacy.grad_sample import PerRecordGradients
 from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release
 from ..privacy.randomness import KeyedStream
@@ -83,9 +84,7 @@ class DPAFTrainer(GANTrainerBase):
         generator = super().released_generator()
         if self.teacher is None or not self.cfg.classifier_labels:
             return generator
-        return generator.with_labeller(self.teacher.model, self.cfg.between_class_fraction,
-                                       self.cfg.uncertain_fraction, self.cfg.pixel_mix_fraction,
-                                       self.cfg.boundary_fraction)
+        return generator.with_labeller(self.teacher.model, **{k: getattr(self.cfg, k) for k in RELEASE_KNOBS})
 
     # ------------------------------------------------------------------------------
     def pixels(self, x: torch.Tensor) -> torch.Tensor | None:

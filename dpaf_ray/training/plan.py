@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import ConfigError, TrainConfig
+from ..models.generator import RELEASE_KNOBS
 from ..privacy.calibration import IterationSchedule, Phase, iterations_for_budget, noise_scale_for_iterations
 from ..privacy.ledger import Entry, PrivacyConfigError, entry_from_json, epsilon_from_rdp, rdp_curve, validate_budget
 
@@ -87,9 +88,8 @@ AUTO_CLASSIFIER_PHASES: tuple[tuple[int, float, dict[str, float]], ...] = (
     (75, LABELLER_TIER_LIMIT,
      {"classifier_weight": 0.0, "classifier_batch": 4096, "classifier_noise": 4.0, "uncertain_fraction": 0.5}),
     (300, NOISY_LABELLER_MEAN, {"classifier_weight": 0.0}))
-# Knobs of a tier that only choose how the release is sampled (post-processing): no part of the plan, so
-# tiers that differ only in them are planned once.
-RELEASE_KNOBS = ("between_class_fraction", "uncertain_fraction", "pixel_mix_fraction", "boundary_fraction")
+# Knobs of a tier that only choose how the release is sampled (RELEASE_KNOBS, post-processing) are no part of
+# the plan, so tiers that differ only in them are planned once.
 # Every measurement above drew the classifier's batch from a large set (q_c = B_c/N ≤ 0.076, Fashion-MNIST);
 # a tier whose batch would be a larger share of the records (mnist-5k: 0.28) is skipped.
 AUTO_CLASSIFIER_MAX_SAMPLING_RATE = 0.08
