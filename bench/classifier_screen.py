@@ -27,7 +27,7 @@ from dpaf_ray.models.architecture import architecture_for  # noqa: E402
 from dpaf_ray.models.label_classifier import LabelClassifier  # noqa: E402
 from dpaf_ray.privacy.grad_sample import PerRecordGradients  # noqa: E402
 from dpaf_ray.privacy.mechanisms import clip_and_sum_per_record  # noqa: E402
-from dpaf_ray.training.label_teacher import _record_loss, classifier_lr  # noqa: E402
+from dpaf_ray.training.label_teacher import record_loss, classifier_lr  # noqa: E402
 from classifier_accuracy import test_accuracy  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     start, curve, ema_curve = time.time(), [], []
     for t in range(args.steps):
         chosen = (torch.rand(args.n_train) < q).nonzero().squeeze(1)
-        grads = per_record((x_all[chosen],), _record_loss, (y_all[chosen],))
+        grads = per_record((x_all[chosen],), record_loss, (y_all[chosen],))
         summed = clip_and_sum_per_record(grads, args.clip)
         for group in opt.param_groups:
             group["lr"] = classifier_lr(args.lr, args.schedule, t, args.steps)

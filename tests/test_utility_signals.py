@@ -95,7 +95,7 @@ def test_classifier_clipped_sum_moves_by_at_most_c_when_one_record_is_added_or_r
     assert worst >= 0.99 * clip
     # add a record whose gradient is enormous: still moves the sum by C_c at most
     x = DS.as_float(torch.arange(1)) * 1e4
-    big = tr.teacher.per_record((x,), teacher_module._record_loss, (DS.labels[:1],))
+    big = tr.teacher.per_record((x,), teacher_module.record_loss, (DS.labels[:1],))
     more = clip_and_sum_per_record([torch.cat([g, b]) for g, b in zip(grads, big)], clip)
     assert norm(m - f for m, f in zip(more, full)) <= clip * (1 + 1e-5)
 
@@ -103,8 +103,8 @@ def test_classifier_clipped_sum_moves_by_at_most_c_when_one_record_is_added_or_r
 def test_a_record_gradient_depends_only_on_that_record():
     tr = make_trainer()
     idx_a, idx_b = torch.tensor([5, 0, 1, 2]), torch.tensor([7, 8, 9, 5])
-    ga = tr.teacher.per_record((DS.as_float(idx_a),), teacher_module._record_loss, (DS.labels[idx_a],))
-    gb = tr.teacher.per_record((DS.as_float(idx_b),), teacher_module._record_loss, (DS.labels[idx_b],))
+    ga = tr.teacher.per_record((DS.as_float(idx_a),), teacher_module.record_loss, (DS.labels[idx_a],))
+    gb = tr.teacher.per_record((DS.as_float(idx_b),), teacher_module.record_loss, (DS.labels[idx_b],))
     for a, b in zip(ga, gb):  # record 5 first in one batch, last in the other
         assert torch.allclose(a[0], b[-1], rtol=1e-5, atol=1e-7)
 

@@ -28,7 +28,8 @@ POISSON_STREAM = "poisson/classifier"
 NOISE_RELEASE = "dpsgd/classifier"
 
 
-def _record_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def record_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each record's own cross-entropy: the loss whose per-record gradient phase one clips (bench scripts reuse it)."""
     return F.cross_entropy(logits, y, reduction="none")
 
 
@@ -59,7 +60,7 @@ class LabelTeacher:
         """One DP-SGD release of the classifier on its own Poisson sample (phase one)."""
         cfg, tr = self.cfg, self.trainer
         real = tr.real_sample(t, stream=POISSON_STREAM, q=self.q)
-        per_record = self.per_record((real.x,), _record_loss, (real.y,))
+        per_record = self.per_record((real.x,), record_loss, (real.y,))
         clipped = clip_and_sum_per_record(per_record, cfg.classifier_clip)
         noisy = gaussian_release(clipped, self.sigma * cfg.classifier_clip, tr.noise_stream(t, NOISE_RELEASE),
                                  tr.collective)
