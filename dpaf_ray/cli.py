@@ -16,7 +16,7 @@ from .privacy.ledger import PrivacyConfigError
 
 _TYPES = {"data_root": str, "seed": int, "iterations": int, "max_iterations": int, "epochs": float,
           "time_budget_minutes": float, "num_threads": int, "num_classes": int, "sigma_agg": float,
-          "sigma_sgd": float, "classifier_steps": int}
+          "sigma_sgd": float, "classifier_steps": int, "generator_width": int}
 _HIDDEN = {"extra_fixed_releases"}
 _HELP = {
     "batch_size": "B = qN, expected real records per iteration",

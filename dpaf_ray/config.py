@@ -119,6 +119,7 @@ class TrainConfig:
     classifier_matching: float = 10.0  # G matches their released class means with this weight
     generator_ema: float = 0.0  # > 0: the release holds an EMA of G's weights with this decay (0: G itself)
     z_dim: int = 64
+    generator_width: int | None = None  # channels of G's first map (halved per upsampling); None: 64 at 28×28
     upsample: str = "nearest"  # G's ×2 upsampling: "nearest" or "bilinear" (public architecture)
     smooth_output: bool = True  # G ends in a fixed 3×3 low-pass filter: no pixel-level speckle (bench: fid_domain 63 → 35)
     # execution
@@ -204,6 +205,10 @@ class TrainConfig:
             bad("generator_ema", f"must lie in [0, 1) (0: off; e.g. 0.999), got {self.generator_ema}")
         if self.teacher_features and not self.prefix_iterations:
             bad("teacher_features", "needs a classifier phase: pass --classifier-steps P (P >= 1)")
+        if self.generator_width is not None and (int(self.generator_width) != self.generator_width
+                                                 or self.generator_width < 16):
+            bad("generator_width", f"must be an integer >= 16 (or unset for the resolution's default), "
+                                   f"got {self.generator_width}")
         if self.upsample not in UPSAMPLE_MODES:
             bad("upsample", f"must be one of {UPSAMPLE_MODES}, got {self.upsample!r}")
         if self.grouping not in ("class", "mixed"):

@@ -627,3 +627,25 @@ def test_mixed_and_boundary_images_are_gs_moved_a_bounded_way_and_labelled_by_th
         TrainConfig(pixel_mix_fraction=2.0).validate()
     assert cli.config_from_args(cli.build_parser().parse_args(
         ["train", "--out", "x", "--boundary-fraction", "0.25"])).boundary_fraction == 0.25
+
+
+def test_generator_width_is_validated_saved_and_reaches_the_trainer(tmp_path):
+    """A wider G is public architecture: the knob is checked, the trainer builds it, the release rebuilds it."""
+    from dpaf_ray.models.generator import ConditionalGenerator, load_generator
+
+    for bad in (8, 40.5):
+        with pytest.raises(ConfigError, match="--generator-width"):
+            TrainConfig(generator_width=bad).validate()
+    tr = make_trainer(generator_width=96)
+    default = make_trainer()
+    assert tr.generator.width == 96 and default.generator.width == default.arch.gen_width
+    assert tr.generator.stem[0].out_features == 96 * tr.arch.gen_start ** 2
+    assert sum(p.numel() for p in tr.generator.parameters()) > sum(p.numel() for p in default.generator.parameters())
+    wide = tr.generator
+    wide.save(tmp_path / "g.pt")
+    loaded = load_generator(tmp_path / "g.pt")  # a saved G rebuilds at its own width
+    z, y = torch.randn(4, wide.z_dim), torch.tensor([0, 1, 2, 0])
+    assert isinstance(loaded, ConditionalGenerator) and loaded.width == 96
+    assert torch.allclose(loaded(z, y), wide.eval()(z, y))
+    args = cli.build_parser().parse_args(["train", "--out", str(tmp_path), "--generator-width", "96"])
+    assert cli.config_from_args(args).generator_width == 96

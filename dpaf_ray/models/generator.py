@@ -28,13 +28,13 @@ class ConditionalGenerator(nn.Module):
     the optional output low-pass, is public: G never reads private data."""
 
     def __init__(self, arch: Architecture, num_classes: int, z_dim: int = 64, smooth_output: bool = False,
-                 upsample: str = "nearest") -> None:
+                 upsample: str = "nearest", width: int | None = None) -> None:
         super().__init__()
         if upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
         self.arch, self.num_classes, self.z_dim = arch, num_classes, z_dim
         self.smooth_output, self.upsample = smooth_output, upsample
-        w = arch.gen_width
+        w = self.width = width or arch.gen_width
         self.label_embedding = nn.Embedding(num_classes, z_dim)
         # The run's DP label classifier, on a released copy only (`with_labeller`): it labels the synthetic set.
         self.labeller: LabelClassifier | None = None
@@ -215,7 +215,7 @@ class ConditionalGenerator(nn.Module):
         blob = {"state_dict": {k: v.cpu() for k, v in self.state_dict().items()},
                 "shape": [self.arch.channels, self.arch.size, self.arch.size],
                 "num_classes": self.num_classes, "z_dim": self.z_dim, "smooth_output": self.smooth_output,
-                "upsample": self.upsample}
+                "upsample": self.upsample, "width": self.width}
         if self.labeller is not None:
             blob["labeller"] = {"width": self.labeller.width, "hidden": self.labeller.hidden_dim,
                                 "between_class_fraction": self.between_class_fraction,
@@ -246,7 +246,8 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Cond
         raise FileNotFoundError(f"{path}: no generator there; pass a release/ folder, a run directory or a generator.pt")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     g = ConditionalGenerator(architecture_for(tuple(blob["shape"])), blob["num_classes"], blob["z_dim"],
-                             smooth_output=blob.get("smooth_output", False), upsample=blob.get("upsample", "nearest"))
+                             smooth_output=blob.get("smooth_output", False), upsample=blob.get("upsample", "nearest"),
+                             width=blob.get("width"))
     if "labeller" in blob:
         spec = blob["labeller"]
         g = g.with_labeller(LabelClassifier(g.arch, g.num_classes, spec["width"], spec["hidden"]),
