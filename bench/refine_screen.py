@@ -104,12 +104,12 @@ def transform(spec: str, x: torch.Tensor, labels: torch.Tensor, generator, seed:
     elif name == "disagree":
         raise SystemExit("disagree must come first in a spec: it needs the generator")
     elif name == "boundary":
-        xs = generator._towards_boundary(xs, 1000, int(params[1]), float(params[2]))
+        xs = generator.towards_boundary(xs, 1000, int(params[1]), float(params[2]))
     else:
         raise SystemExit(f"unknown transform {spec!r}: use none, shift:P, flip:P, pixmix:P or boundary:P:K:A")
     x, labels = x.clone(), labels.clone()
     with torch.no_grad():
-        x[pick], labels[pick] = xs, generator._label(xs, 1000)
+        x[pick], labels[pick] = xs, generator.label_with_classifier(xs, 1000)
     return x, labels
 
 
@@ -147,7 +147,7 @@ def main() -> None:
         if args.real_teacher:
             start = time.time()
             with torch.no_grad():
-                labels_of_real = generator._label(train.as_float(), 1000)
+                labels_of_real = generator.label_with_classifier(train.as_float(), 1000)
             relabelled = ImageDataset(train.images, labels_of_real, train.num_classes, "real, the classifier's labels")
             score_and_log(relabelled, test, train, start, args.out, run=run, transform="real train images, classifier labels")
 

@@ -161,21 +161,21 @@ class ConditionalGenerator(nn.Module):
             partners = images[torch.randint(len(images), (int(mixed.sum()),), generator=g)]
             lam = torch.rand(len(partners), 1, 1, 1, generator=g)
             images[mixed] = (1 - lam) * images[mixed] + lam * partners
-            labels[mixed] = self._label(images[mixed], batch)
+            labels[mixed] = self.label_with_classifier(images[mixed], batch)
         if self.boundary_fraction:
             moved = torch.rand(len(images), generator=g) < self.boundary_fraction
-            images[moved] = self._towards_boundary(images[moved], batch)
-            labels[moved] = self._label(images[moved], batch)
+            images[moved] = self.towards_boundary(images[moved], batch)
+            labels[moved] = self.label_with_classifier(images[moved], batch)
         self.train(was_training)
         return images, labels
 
-    def _label(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        """The classifier's argmax labels of images on the CPU."""
+    def label_with_classifier(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """The classifier's argmax labels of images, on the CPU (the release's labels; bench/refine_screen.py reuses it)."""
         return torch.cat([torch.empty(0, dtype=torch.long)] +
                          [self.labeller(x[i:i + batch].to(self.device)).argmax(1).cpu()
                           for i in range(0, len(x), batch)])
 
-    def _towards_boundary(self, x: torch.Tensor, batch: int, steps: int = BOUNDARY_STEPS,
+    def towards_boundary(self, x: torch.Tensor, batch: int, steps: int = BOUNDARY_STEPS,
                           length: float = BOUNDARY_STEP_LENGTH) -> torch.Tensor:
         """x after `steps` steps of L2 length `length` that shrink the gap between the classifier's two
         largest logits, kept in the image range [-1, 1] (bench/refine_screen.py screens other steps)."""
