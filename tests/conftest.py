@@ -31,8 +31,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _exit_status is None or "ray" not in sys.modules or os.environ.get("DPAF_TEST_FINALIZE") == "1":
         return
-    if hasattr(sys.modules["ray"], "is_initialized") and sys.modules["ray"].is_initialized():
-        sys.modules["ray"].shutdown()  # a test that left Ray running still has its processes stopped
+    ray = sys.modules["ray"]
+    if ray.is_initialized():
+        ray.shutdown()  # a test that left Ray running still has its processes stopped
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_exit_status)

@@ -176,7 +176,7 @@ class ConditionalGenerator(nn.Module):
                           for i in range(0, len(x), batch)])
 
     def towards_boundary(self, x: torch.Tensor, batch: int, steps: int = BOUNDARY_STEPS,
-                          length: float = BOUNDARY_STEP_LENGTH) -> torch.Tensor:
+                         length: float = BOUNDARY_STEP_LENGTH) -> torch.Tensor:
         """x after `steps` steps of L2 length `length` that shrink the gap between the classifier's two
         largest logits, kept in the image range [-1, 1] (bench/refine_screen.py screens other steps)."""
         out = [torch.empty(0, *x.shape[1:])]
