@@ -22,7 +22,7 @@ import tempfile
 import ray
 
 from dpaf_ray.config import TrainConfig
-from dpaf_ray.distributed.ray_train import fit_with_ray_train
+from dpaf_ray.ray_train import fit_with_ray_train
 from dpaf_ray.data.splits import SPLIT_LABEL
 from dpaf_ray.training.loop import train_loop
 from dpaf_ray.run import prepare

@@ -25,7 +25,7 @@ from dpaf_ray.config import TrainConfig
 from dpaf_ray.training.draw_ahead import default_enabled
 from dpaf_ray.data import load_dataset
 from dpaf_ray.training.loop import make_trainer
-from dpaf_ray.distributed.collectives import LocalCollective
+from dpaf_ray.collectives import LocalCollective
 
 
 def _sync(device: str) -> None:

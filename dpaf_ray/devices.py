@@ -2,12 +2,9 @@
 
 One rule everywhere: `--use-gpu` means CUDA, or an error that says what to do. Nothing falls back
 to the CPU silently: the in-process trainer, a Tune trial, the scoring of a trial and `evaluate`
-all ask `gpu_device()`, and the Ray Train workers ask Ray.
-
-Collectives (DESIGN §5) go through a process group whose backend is chosen by `torch_backend`:
-"cpu:gloo,cuda:nccl" when every worker owns its GPUs (NCCL for CUDA tensors, gloo for any CPU
-tensor), and plain "gloo" when workers share a GPU (fractional `gpus_per_worker`): NCCL refuses
-two ranks on one device ("Duplicate GPU detected"), while gloo reduces CUDA tensors through the host.
+all ask `gpu_device()`, and the Ray Train workers ask Ray. What only the Ray side of a run needs
+(worker shares, the process-group backend, the environment forwarded to workers) lives a floor up,
+in `dpaf_ray.ray_resources`.
 
 Tests on machines without CUDA set `DPAF_TEST_GPU_AS` (e.g. to "cpu"): Ray then schedules the
 GPUs a test cluster declares (`ray.init(num_gpus=1)`), and the code computes on the named device
@@ -53,47 +50,6 @@ def device_for(use_gpu: bool, flag: str = "--use-gpu") -> str:
 def local_gpu_count() -> int:
     """GPUs this process could use (0 without CUDA)."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def local_cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def torch_backend(use_gpu: bool, gpus_per_worker: float = 1.0) -> str:
-    """The torch.distributed backend of a Ray Train run (see the module docstring)."""
-    if not use_gpu or test_gpu_stand_in():
-        return "gloo"
-    if gpus_per_worker < 1:
-        return "gloo"  # workers may share a GPU: NCCL would refuse ("Duplicate GPU detected")
-    return "cpu:gloo,cuda:nccl"
-
-
-def forwarded_env() -> dict[str, str]:
-    """Test hooks that Ray workers, trials and tasks must see as the driver does."""
-    stand_in = test_gpu_stand_in()
-    return {TEST_GPU_ENV: stand_in} if stand_in else {}
-
-
-def check_cpu_share(value: float, key: str) -> float:
-    """Ray reserves a positive number of CPUs per worker; 0 would let workers pile onto one core."""
-    if not value > 0:
-        raise ConfigError(f"{key} must be > 0 CPUs per worker, got {value}")
-    return float(value)
-
-
-def check_gpu_fraction(value: float, key: str) -> float:
-    """Ray accepts a fraction of one GPU or a whole number of GPUs per worker."""
-    if not value > 0:
-        raise ConfigError(f"{key} must be > 0, got {value}")
-    if value > 1 and value != int(value):
-        raise ConfigError(f"{key}: Ray gives a worker either a fraction of one GPU (0 < g ≤ 1) or whole GPUs, "
-                          f"got {value}")
-    if value < 1 and round(value, 4) != value:
-        raise ConfigError(f"{key}: Ray schedules GPU fractions to 4 decimal places, got {value}")
-    return float(value)
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

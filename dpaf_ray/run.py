@@ -3,7 +3,7 @@
     secret   fresh 256-bit run secret (or the one in OUT's checkpoint, to resume)
     data     loaded, split by a keyed hash under the secret (rule 14)
     plan     T and σ from (ε, δ), with spend carried forward from an earlier attempt in OUT
-    train    in-process (`training.loop`) or over Ray Train workers (`distributed.ray_train`),
+    train    in-process (`training.loop`) or over Ray Train workers (`ray_train`),
              every window charged to OUT/ledger.json before it runs (rule 16)
     release  OUT/release/: generator, synthetic data, samples, score, privacy report (rule 15)
 
@@ -21,13 +21,13 @@ from typing import Any, Callable
 from .config import ConfigError, TrainConfig
 from .data import PrivateData, load_training_data
 from .data.splits import SPLIT_LABEL
-from .devices import (DeviceError, check_cpu_share, check_gpu_fraction, gpu_device,  # noqa: F401 (DeviceError: API)
-                      local_gpu_count, test_gpu_stand_in)
+from .devices import DeviceError, gpu_device, local_gpu_count, test_gpu_stand_in  # noqa: F401 (DeviceError: API)
 from .pictures import save_curves
 from .privacy.calibration import warn_large_delta
 from .privacy.ledger import PrivacyLedger
 from .privacy.randomness import RunSecret
 from .privacy.report import data_assumptions, privacy_report
+from .ray_resources import check_cpu_share, check_gpu_fraction
 from .release import write_release
 from .training.checkpoint import LocalCheckpointSink
 from .training.loop import TrainResult, WriteAheadLedger, secret_for, train_loop
@@ -119,7 +119,7 @@ def train_private(cfg: TrainConfig, out: str | Path, num_workers: int = 0, use_g
     cfg, data, plan, secret = prepare(cfg, secret, carried,  # every check before anything is written
                                       probe_device(use_gpu, num_workers))
     if num_workers > 0:  # the cluster can hold the workers (GPU shares included), before anything is written
-        from .distributed.ray_train import check_resources, ensure_ray
+        from .ray_train import check_resources, ensure_ray
 
         ensure_ray(address)
         check_resources(num_workers, use_gpu, cpus_per_worker, gpus_per_worker)
@@ -139,7 +139,7 @@ def train_private(cfg: TrainConfig, out: str | Path, num_workers: int = 0, use_g
         result = train_loop(plan, data.train, len(data.train), 0, None, sink, progress, device,
                             secret=secret, journal=journal, initial_ledger=carried)
     else:
-        from .distributed.ray_train import fit_with_ray_train
+        from .ray_train import fit_with_ray_train
 
         result = fit_with_ray_train(plan, data, num_workers, use_gpu, address, out, progress, secret=secret,
                                     split_key=secret.child(SPLIT_LABEL), ledger_path=out / LEDGER_FILE,

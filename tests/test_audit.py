@@ -21,7 +21,7 @@ from dpaf_ray.audit import bounds
 from dpaf_ray.audit.cli import add_audit_parser, run_audit, verdict_line
 from dpaf_ray.audit.release_level import MECHANISMS, ReleaseAuditSettings, audit_releases
 from dpaf_ray.audit.run_level import RunAuditSettings, audit_run
-from dpaf_ray.distributed.collectives import all_reduce_many
+from dpaf_ray.collectives import all_reduce_many
 from dpaf_ray.models import dpagg
 from dpaf_ray.privacy.calibration import IterationSchedule
 from dpaf_ray.privacy.randomness import RunSecret

@@ -14,8 +14,8 @@ import ray
 import torch
 
 from dpaf_ray.config import TrainConfig
-from dpaf_ray.distributed.collectives import LocalCollective
-from dpaf_ray.distributed.ray_train import FAIL_AT_ENV, ResourceError, fit_with_ray_train
+from dpaf_ray.collectives import LocalCollective
+from dpaf_ray.ray_train import FAIL_AT_ENV, ResourceError, fit_with_ray_train
 from dpaf_ray.data.splits import SPLIT_LABEL
 from dpaf_ray.training.loop import make_trainer, secret_for, train_loop
 from dpaf_ray.run import prepare
@@ -169,7 +169,7 @@ def test_a_local_run_starts_its_own_ray_beside_a_cluster_already_on_the_machine(
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         code = ("import json, ray\n"
-                "from dpaf_ray.distributed.ray_train import ensure_ray\n"
+                "from dpaf_ray.ray_train import ensure_ray\n"
                 "ensure_ray(None, resources={'trial_slot': 2}, num_cpus=1)\n"
                 "print(json.dumps({'slot': ray.cluster_resources().get('trial_slot'),"
                 " 'gcs': ray.get_runtime_context().gcs_address}))\n"

@@ -23,8 +23,9 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpaf_ray.config import ConfigError, TrainConfig
-from dpaf_ray.devices import TEST_GPU_ENV, DeviceError, check_gpu_fraction, gpu_device, torch_backend
-from dpaf_ray.distributed.collectives import LocalCollective, TorchDistributedCollective, all_reduce_many
+from dpaf_ray.devices import TEST_GPU_ENV, DeviceError, gpu_device
+from dpaf_ray.ray_resources import check_gpu_fraction, torch_backend
+from dpaf_ray.collectives import LocalCollective, TorchDistributedCollective, all_reduce_many
 from dpaf_ray.privacy.randomness import RunSecret
 from dpaf_ray.training.checkpoint import LocalCheckpointSink
 from dpaf_ray.training.draw_ahead import DRAW_AHEAD_ENV
@@ -417,7 +418,7 @@ def fake_gpu_ray(monkeypatch):
 
 @pytest.mark.slow
 def test_two_workers_share_one_gpu(fake_gpu_ray, prepared, tmp_path):
-    from dpaf_ray.distributed.ray_train import ResourceError, fit_with_ray_train
+    from dpaf_ray.ray_train import ResourceError, fit_with_ray_train
     from dpaf_ray.data.splits import SPLIT_LABEL
 
     plan, data, secret = prepared["dpaf"]

@@ -15,7 +15,7 @@ import torch
 
 from dpaf_ray.config import TrainConfig
 from dpaf_ray.data.dataset import ImageDataset
-from dpaf_ray.distributed.collectives import LocalCollective
+from dpaf_ray.collectives import LocalCollective
 from dpaf_ray.models import dpagg
 from dpaf_ray.models.dpagg import DPAggSpec, assign_groups, bound_records, group_sums
 from dpaf_ray.privacy import mechanisms

@@ -15,7 +15,7 @@ from dpaf_ray.models.architecture import SUPPORTED_SHAPES
 from dpaf_ray.models.discriminator import PIXEL_RFF_FEATURES
 from dpaf_ray.training.loop import make_trainer, train_loop
 from dpaf_ray.training.plan import plan_training
-from dpaf_ray.distributed.collectives import LocalCollective
+from dpaf_ray.collectives import LocalCollective
 
 REPO = Path(__file__).resolve().parents[1]
 

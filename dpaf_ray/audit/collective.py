@@ -21,7 +21,7 @@ class _Group:
 
 
 class ThreadCollective:
-    """One rank's view of the group (the `Collective` protocol of `distributed.collectives`)."""
+    """One rank's view of the group (the `Collective` protocol of `dpaf_ray.collectives`)."""
 
     def __init__(self, group: _Group, rank: int) -> None:
         self.group, self.rank, self.world_size = group, rank, group.world

@@ -49,7 +49,7 @@ from scipy import stats
 
 from ..config import TrainConfig
 from ..data.dataset import ImageDataset
-from ..distributed.collectives import LocalCollective
+from ..collectives import LocalCollective
 from ..evaluation.classifier import correct_count, train_classifier
 from ..models import dpagg
 from ..privacy.calibration import IterationSchedule

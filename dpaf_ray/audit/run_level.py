@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from ..config import TrainConfig
 from ..data.dataset import ImageDataset
 from ..data.sources import load_dataset
-from ..distributed.collectives import LocalCollective
+from ..collectives import LocalCollective
 from ..models import dpagg
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from ..distributed.collectives import Collective
+from ..collectives import Collective
 from ..privacy.mechanisms import clip_rows, gaussian_release
 from ..privacy.randomness import KeyedStream
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed.collectives import Collective, all_reduce_many
+from ..collectives import Collective, all_reduce_many
 from .randomness import KeyedStream
 
 

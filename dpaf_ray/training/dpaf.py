@@ -22,7 +22,7 @@ from ..models.generator import RELEASE_KNOBS
 from ..privacy.grad_sample import PerRecordGradients
 from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release
 from ..privacy.randomness import KeyedStream
-from ..distributed.collectives import all_reduce_many
+from ..collectives import all_reduce_many
 from .draw_ahead import DrawPlan
 from .gan import GANTrainerBase, stream_name
 from .label_teacher import LabelTeacher

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ..distributed.collectives import all_reduce_many
+from ..collectives import all_reduce_many
 from ..models.discriminator import BaselineDiscriminator
 from ..privacy.grad_sample import PerRecordGradients
 from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..data.dataset import ImageDataset
-from ..distributed.collectives import Collective, LocalCollective, all_reduce_many
+from ..collectives import Collective, LocalCollective, all_reduce_many
 from ..models.architecture import architecture_for
 from ..models.discriminator import PublicFeatures
 from ..models.generator import ConditionalGenerator

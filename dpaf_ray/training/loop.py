@@ -22,7 +22,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data.dataset import ImageDataset
-from ..distributed.collectives import Collective, LocalCollective, all_reduce_many
+from ..collectives import Collective, LocalCollective, all_reduce_many
 from ..privacy.calibration import IterationSchedule
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.randomness import RunSecret

@@ -30,14 +30,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from ..devices import (
-    DeviceError,
-    device_for,
-    forwarded_env,
-    local_cpu_count,
-    local_gpu_count,
-    test_gpu_stand_in,
-)
+from ..devices import DeviceError, device_for, local_gpu_count, test_gpu_stand_in
+from ..ray_resources import forwarded_env, local_cpu_count
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..data.dataset import ImageDataset
@@ -181,7 +175,7 @@ def check_search_hardware(ss: "SearchSpace", address: str | None = None) -> None
 
     import ray
 
-    from ..distributed.ray_train import cluster_capacity, ensure_ray
+    from ..ray_train import cluster_capacity, ensure_ray
 
     if ray.is_initialized():
         check_hardware(ss, *cluster_capacity())

@@ -261,13 +261,13 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     trial_dir.mkdir(parents=True, exist_ok=True)
     journal = WriteAheadLedger(trial_dir / "ledger.json")
     if ss.num_workers == 0:
-        from ..distributed.ray_train import console_line
+        from ..ray_train import console_line
 
         result = train_loop(plan, data.train, len(data.train), sink=TrialProgressSink(),
                             progress=lambda m: console_line(f"{trial_name}: {m}"), secret=trial_secret,
                             journal=journal, device=trial_device(ss))  # the GPU share the trial holds, when use_gpu
     else:
-        from ..distributed.ray_train import fit_with_ray_train
+        from ..ray_train import fit_with_ray_train
 
         result = fit_with_ray_train(plan, data, ss.num_workers, ss.use_gpu, None, None, None,
                                     secret=trial_secret, split_key=split_key, ledger_path=trial_dir / "ledger.json",
@@ -401,7 +401,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
         progress(f"plan: WARNING: {w}")
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    from ..distributed.ray_train import ensure_ray
+    from ..ray_train import ensure_ray
 
     if address or os.environ.get("RAY_ADDRESS"):
         ensure_ray(address)  # the cluster's head must offer the `trial_slot` resource (see clusters/)

@@ -22,15 +22,16 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import ConfigError
-from ..data import PrivateData, Subsample, load_training_data
-from ..devices import forwarded_env, gpu_device, torch_backend
-from ..distributed.collectives import LocalCollective, TorchDistributedCollective
-from ..privacy.ledger import PrivacyLedger
-from ..privacy.randomness import RunSecret
-from ..training.checkpoint import RayTrainCheckpointSink, read_checkpoint_dir
-from ..training.loop import TrainResult, WriteAheadLedger, make_trainer, train_loop
-from ..training.plan import TrainingPlan
+from .collectives import LocalCollective, TorchDistributedCollective
+from .config import ConfigError
+from .data import PrivateData, Subsample, load_training_data
+from .devices import gpu_device
+from .privacy.ledger import PrivacyLedger
+from .privacy.randomness import RunSecret
+from .ray_resources import forwarded_env, torch_backend
+from .training.checkpoint import RayTrainCheckpointSink, read_checkpoint_dir
+from .training.loop import TrainResult, WriteAheadLedger, make_trainer, train_loop
+from .training.plan import TrainingPlan
 
 FAIL_AT_ENV = "DPAF_TEST_FAIL_AT"  # "ITERATION:RANK:MARKER_FILE": kill that worker once (fault tests)
 
@@ -97,7 +98,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
 
-    from ..data import shard_indices
+    from .data import shard_indices
 
     plan: TrainingPlan = config["plan"]
     secret: RunSecret = config["secret"]
