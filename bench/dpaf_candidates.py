@@ -42,7 +42,8 @@ from dpaf_ray.data import load_dataset  # noqa: E402
 from dpaf_ray.evaluation.diversity import diversity_ratio  # noqa: E402
 from dpaf_ray.evaluation.downstream import train_and_score  # noqa: E402
 from dpaf_ray.evaluation.fid import domain_fid  # noqa: E402
-from dpaf_ray.training.outputs import generate, load_generator  # noqa: E402
+from dpaf_ray.models.generator import load_generator  # noqa: E402
+from dpaf_ray.release import generate  # noqa: E402
 from dpaf_ray.run import run_train  # noqa: E402
 
 # The §3a knobs are given explicitly in every candidate so that changing the TrainConfig

@@ -1,7 +1,7 @@
 """Issue #13 screen: transforms of the released synthetic set that the DP classifier relabels.
 
 The release's G and its DP label classifier are both charged releases, so any function of them is
-post-processing. This screen draws the set exactly as a release does (`sample_synthetic`), then
+post-processing. This screen draws the set exactly as a release does (`release.sample_synthetic`), then
 changes a fraction P of its images and labels each changed image by the classifier's argmax:
 
     shift:P            translate by a random integer offset in [-2, 2]² (zeros, i.e. -1, fill)
@@ -38,7 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 from dpaf_ray.data import ImageDataset, load_dataset  # noqa: E402
 from dpaf_ray.models.architecture import architecture_for  # noqa: E402
-from dpaf_ray.models.generator import least_certain, load_generator  # noqa: E402
+from dpaf_ray.models.generator import load_generator  # noqa: E402
+from dpaf_ray.release import (labelled_draw, label_with_classifier, least_certain,  # noqa: E402
+                              sample_synthetic, towards_boundary)
 from dpaf_ray.models.label_classifier import LabelClassifier  # noqa: E402
 from screen import score_and_log  # noqa: E402  (bench/ is on sys.path when a script runs)
 
@@ -72,7 +74,7 @@ def disagree(generator, x, labels, fraction: float, ratio: float, seed: int):
     student = proxy_student(x, labels, generator.labeller, seed)
     m = round(len(x) * fraction)
     with torch.no_grad():
-        pool, pool_labels, _ = generator._labelled_draw(int(ratio * m), torch.Generator().manual_seed(seed + 7), 500)
+        pool, pool_labels, _ = labelled_draw(generator, int(ratio * m), torch.Generator().manual_seed(seed + 7), 500)
         agree = torch.cat([student(pool[i:i + 1000]).log_softmax(1).gather(1, pool_labels[i:i + 1000, None])[:, 0]
                            for i in range(0, len(pool), 1000)])
     pick = least_certain(pool_labels, agree.exp(), m, generator.num_classes)
@@ -104,12 +106,12 @@ def transform(spec: str, x: torch.Tensor, labels: torch.Tensor, generator, seed:
     elif name == "disagree":
         raise SystemExit("disagree must come first in a spec: it needs the generator")
     elif name == "boundary":
-        xs = generator.towards_boundary(xs, 1000, int(params[1]), float(params[2]))
+        xs = towards_boundary(generator, xs, 1000, int(params[1]), float(params[2]))
     else:
         raise SystemExit(f"unknown transform {spec!r}: use none, shift:P, flip:P, pixmix:P or boundary:P:K:A")
     x, labels = x.clone(), labels.clone()
     with torch.no_grad():
-        x[pick], labels[pick] = xs, generator.label_with_classifier(xs, 1000)
+        x[pick], labels[pick] = xs, label_with_classifier(generator, xs, 1000)
     return x, labels
 
 
@@ -131,7 +133,7 @@ def main() -> None:
         if generator.labeller is None:
             print(f"{run}: no label classifier in the release, skipped")
             continue
-        x, labels = generator.sample_synthetic(args.num_synthetic, seed=args.sample_seed)
+        x, labels = sample_synthetic(generator, args.num_synthetic, seed=args.sample_seed)
         for spec in args.transform:
             start = time.time()
             xt, lt, rest = x.clamp(-1, 1), labels, spec
@@ -147,7 +149,7 @@ def main() -> None:
         if args.real_teacher:
             start = time.time()
             with torch.no_grad():
-                labels_of_real = generator.label_with_classifier(train.as_float(), 1000)
+                labels_of_real = label_with_classifier(generator, train.as_float(), 1000)
             relabelled = ImageDataset(train.images, labels_of_real, train.num_classes, "real, the classifier's labels")
             score_and_log(relabelled, test, train, start, args.out, run=run, transform="real train images, classifier labels")
 

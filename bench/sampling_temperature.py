@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from dpaf_ray.data import load_dataset  # noqa: E402
 from dpaf_ray.models.generator import load_generator  # noqa: E402
 from dpaf_ray.release import RELEASE_DIR  # noqa: E402
-from dpaf_ray.training.outputs import generate  # noqa: E402
+from dpaf_ray.release import generate  # noqa: E402
 from screen import score_and_log  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 

@@ -8,7 +8,7 @@ from them alone is post-processing and costs no privacy. Variants of the 60k syn
              between two classes, e_λ = (1−λ)·e(y1) + λ·e(y2), λ ~ U(0, 1); every image is
              labelled by the classifier's argmax (data-free distillation's lesson: the student
              learns the teacher's boundary from images near it, not from those it is sure of).
-             This is `ConditionalGenerator.sample_synthetic`, what a release ships. A variant
+             This is `release.sample_synthetic`, what a release ships. A variant
              that labelled each image between y1 and y2 with the better of those two only
              (bench/results/utility_14/pair_labels.jsonl) released 2 points less.
 
@@ -41,7 +41,7 @@ from dpaf_ray.data import load_dataset  # noqa: E402
 from dpaf_ray.models.generator import load_generator  # noqa: E402
 from dpaf_ray.models.label_classifier import LabelClassifier  # noqa: E402
 from dpaf_ray.training.checkpoint import LocalCheckpointSink  # noqa: E402
-from dpaf_ray.training.outputs import generate  # noqa: E402
+from dpaf_ray.release import generate  # noqa: E402
 from screen import score_and_log  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 

@@ -12,6 +12,11 @@ Everything else a run writes (configuration and seeds, timings, curves, the ledg
 checkpoints, which hold the run secret, trial records, evaluation results) stays outside
 `release/`. The folder appears whole or not at all, and nothing writes into it afterwards:
 `is_release_dir` lets other commands refuse to.
+
+What goes into the folder is made here too: the labelled synthetic set drawn from the generator
+(`sample_synthetic`: with the run's DP label classifier, part of it between two classes, least
+certain, mixed or moved towards the boundary, every image labelled by that classifier) and the
+sample grid. All of it is post-processing of the released generator (no privacy cost).
 """
 from __future__ import annotations
 
@@ -20,11 +25,27 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from .data.dataset import ImageDataset
+from .data.sources import write_parquet
+from .models.generator import ConditionalGenerator
+from .pictures import save_sample_grid
 from .privacy.report import write_report
 
 RELEASE_DIR = "release"
 ARTEFACT_FILES = ("generator.pt", "synthetic.parquet", "samples.png")
 RELEASE_FILES = ARTEFACT_FILES + ("score.json", "privacy_report.json")
+
+SAMPLES_PER_CLASS = 10
+SYNTHETIC_SEED = 1  # public
+GRID_SEED = 2  # public
+# A release's least certain images are picked from a pool this many times their number
+# (bench/results/utility_15: 3, the only size measured; the share is off by default).
+UNCERTAIN_POOL = 3
+# A release's boundary images take this many steps of this L2 length (pixels in [-1, 1]) down the
+# classifier's top-2 logit gap (bench/results/utility_18: the one setting measured; both shares are off by default).
+BOUNDARY_STEPS, BOUNDARY_STEP_LENGTH = 3, 1.0
 
 
 def is_release_dir(path: str | Path) -> bool:
@@ -56,3 +77,153 @@ def write_release(out: Path, artefacts: Path | Callable[[Path], Any] | None, sco
         shutil.rmtree(release)
     tmp.replace(release)
     return release
+
+
+def generate(generator: ConditionalGenerator, n: int, seed: int = SYNTHETIC_SEED) -> ImageDataset:
+    """n labelled images as uint8: classes drawn uniformly, or, when the released G carries the run's
+    DP label classifier, some between two classes and labelled by it (`sample_synthetic`)."""
+    x, labels = sample_synthetic(generator, n, seed=seed)
+    images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return ImageDataset(images, labels, generator.num_classes, "synthetic")
+
+
+def label_balance_warning(generator: ConditionalGenerator, synthetic: ImageDataset) -> str | None:
+    """A class with under a third of its even share of `synthetic`, drawn from `generator`: labels that
+    a poor DP classifier gave (after a forced classifier phase on little data) can nearly empty a
+    class, which the user must hear of. None without a labeller (G's asked classes are even)."""
+    if generator.labeller is None:
+        return None
+    counts = torch.bincount(synthetic.labels, minlength=synthetic.num_classes)
+    low = [k for k, c in enumerate(counts.tolist()) if c < len(synthetic) / (3 * synthetic.num_classes)]
+    if not low:
+        return None
+    return (f"the released synthetic set holds under a third of an even share of class(es) {low} "
+            f"({', '.join(str(counts[k].item()) for k in low)} of {len(synthetic)} images): its labels come from the "
+            "run's DP label classifier, which rarely gives these (a poor classifier at this budget; its labels still "
+            "helped on average at Fashion-MNIST ε = 0.2). If every class must be represented, --no-classifier-labels "
+            "releases the classes G was asked for")
+
+
+def write_artefacts(directory: Path, generator: ConditionalGenerator, num_synthetic: int,
+                    synthetic: ImageDataset | None = None) -> ImageDataset:
+    """generator.pt, synthetic.parquet and samples.png in `directory`; returns the synthetic set.
+
+    The generator may sit on any device: it is saved from CPU copies, and `sample` feeds it inputs
+    on its own device and returns CPU tensors. `synthetic`: the set, when it was generated
+    elsewhere (a Tune trial generates on its workers' GPU)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    generator.save(directory / "generator.pt")
+    if synthetic is None:
+        synthetic = generate(generator, num_synthetic)
+    write_parquet(synthetic, directory / "synthetic.parquet")
+    labels = torch.arange(generator.num_classes).repeat_interleave(SAMPLES_PER_CLASS)
+    grid, _ = generator.sample(labels=labels, seed=GRID_SEED)
+    save_sample_grid(grid, labels, generator.num_classes, directory / "samples.png", per_class=SAMPLES_PER_CLASS)
+    return synthetic
+
+
+@torch.no_grad()
+def sample_synthetic(generator: ConditionalGenerator, n: int, seed: int = 0,
+                     batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """The synthetic data set: `generator.sample(n)` without a labeller; with one, images of which a fraction
+    `between_class_fraction` come from a label code e = (1−λ)·e(y1) + λ·e(y2), λ ~ U(0, 1), the
+    others of one class y1, every image labelled by the classifier's argmax; and a fraction
+    `uncertain_fraction` of the set is chosen from a pool of UNCERTAIN_POOL times as many such
+    images as those the classifier is least sure of (smallest gap between its two largest
+    probabilities), an even number per label, as active learning picks the cases a student gets
+    wrong. Then a fraction `pixel_mix_fraction` of the set is mixed in pixels with another image of
+    it, (1−λ)·x + λ·x', λ ~ U(0, 1) (mixup inputs for distillation: Beyer et al., "Knowledge
+    distillation: A good teacher is patient and consistent", CVPR 2022), and a fraction
+    `boundary_fraction` takes BOUNDARY_STEPS steps down the classifier's top-2 logit gap (Heo et
+    al., "Knowledge Distillation with Adversarial Samples Supporting Decision Boundary", AAAI
+    2019); the classifier labels each changed image anew. Both are off by default (bench/results/
+    utility_18). (Labelling an image between y1 and y2 with the better of those two alone, which no
+    poor classifier could unbalance, released 2 points less: bench/results/utility_14/.)
+    The fractions are the generator's (`ConditionalGenerator.with_labeller`)."""
+    if generator.labeller is None:
+        return generator.sample(n, seed=seed, batch=batch)
+    g = torch.Generator().manual_seed(seed)
+    was_training = generator.training
+    generator.eval()
+    m = round(n * generator.uncertain_fraction)
+    images, labels, _ = labelled_draw(generator, n - m, g, batch)
+    if m:
+        pool, pool_labels, margin = labelled_draw(generator, UNCERTAIN_POOL * m, g, batch)
+        pick = least_certain(pool_labels, margin, m, generator.num_classes)
+        images, labels = torch.cat([images, pool[pick]]), torch.cat([labels, pool_labels[pick]])
+    if generator.pixel_mix_fraction:
+        mixed = torch.rand(len(images), generator=g) < generator.pixel_mix_fraction
+        partners = images[torch.randint(len(images), (int(mixed.sum()),), generator=g)]
+        lam = torch.rand(len(partners), 1, 1, 1, generator=g)
+        images[mixed] = (1 - lam) * images[mixed] + lam * partners
+        labels[mixed] = label_with_classifier(generator, images[mixed], batch)
+    if generator.boundary_fraction:
+        moved = torch.rand(len(images), generator=g) < generator.boundary_fraction
+        images[moved] = towards_boundary(generator, images[moved], batch)
+        labels[moved] = label_with_classifier(generator, images[moved], batch)
+    generator.train(was_training)
+    return images, labels
+
+
+def label_with_classifier(generator: ConditionalGenerator, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """The argmax labels that the generator's DP label classifier gives images, on the CPU (the
+    release's labels; bench/refine_screen.py reuses it)."""
+    return torch.cat([torch.empty(0, dtype=torch.long)] +
+                     [generator.labeller(x[i:i + batch].to(generator.device)).argmax(1).cpu()
+                      for i in range(0, len(x), batch)])
+
+
+def towards_boundary(generator: ConditionalGenerator, x: torch.Tensor, batch: int, steps: int = BOUNDARY_STEPS,
+                     length: float = BOUNDARY_STEP_LENGTH) -> torch.Tensor:
+    """x after `steps` steps of L2 length `length` that shrink the gap between the generator's
+    classifier's two largest logits, kept in the image range [-1, 1] (bench/refine_screen.py
+    screens other steps)."""
+    out = [torch.empty(0, *x.shape[1:])]
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch].to(generator.device)
+        for _ in range(steps):
+            with torch.enable_grad():
+                xb.requires_grad_(True)
+                top2 = generator.labeller(xb).topk(2, dim=1).values
+                (grad,) = torch.autograd.grad((top2[:, 0] - top2[:, 1]).sum(), xb)
+            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+            xb = (xb.detach() - length * grad / norm).clamp(-1, 1)
+        out.append(xb.cpu())
+    return torch.cat(out)
+
+
+def labelled_draw(generator: ConditionalGenerator, n: int, g: torch.Generator,
+                  batch: int) -> tuple[torch.Tensor, ...]:
+    """n images (a share between two classes), the classifier's argmax labels and its top-2 gaps."""
+    arch = generator.arch
+    images, labels, margins = [torch.empty(0, arch.channels, arch.size, arch.size)], \
+        [torch.empty(0, dtype=torch.long)], [torch.empty(0)]
+    for i in range(0, n, batch):
+        m = min(batch, n - i)
+        y1 = torch.randint(generator.num_classes, (m,), generator=g)
+        y2 = torch.randint(generator.num_classes, (m,), generator=g)
+        between = torch.rand(m, generator=g) < generator.between_class_fraction
+        lam = torch.rand(m, generator=g) * between
+        z = torch.randn(m, generator.z_dim, generator=g)
+        device = generator.device
+        codes = generator.label_embedding(y1.to(device)) * (1 - lam[:, None]).to(device) + \
+            generator.label_embedding(y2.to(device)) * lam[:, None].to(device)
+        x = generator.decode(z.to(device), codes)
+        top2 = generator.labeller(x).softmax(1).topk(2, dim=1)
+        images.append(x.cpu())
+        labels.append(top2.indices[:, 0].cpu())
+        margins.append((top2.values[:, 0] - top2.values[:, 1]).cpu())
+    return torch.cat(images), torch.cat(labels), torch.cat(margins)
+
+
+def least_certain(labels: torch.Tensor, margin: torch.Tensor, m: int, num_classes: int) -> torch.Tensor:
+    """Indices of m images with the smallest margins, m // num_classes per label where the pool
+    has them, the rest the smallest margins left (so a class the classifier rarely gives cannot
+    shrink the set)."""
+    chosen = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().flatten()
+        chosen[idx[margin[idx].argsort()[: m // num_classes]]] = True
+    rest = (~chosen).nonzero().flatten()
+    chosen[rest[margin[rest].argsort()[: m - int(chosen.sum())]]] = True
+    return chosen.nonzero().flatten()

@@ -28,10 +28,9 @@ from .privacy.ledger import PrivacyLedger
 from .privacy.randomness import RunSecret
 from .privacy.report import data_assumptions, privacy_report
 from .ray_resources import check_cpu_share, check_gpu_fraction
-from .release import write_release
+from .release import generate, label_balance_warning, write_artefacts, write_release
 from .training.checkpoint import LocalCheckpointSink
 from .training.loop import TrainResult, WriteAheadLedger, secret_for, train_loop
-from .training.outputs import generate, label_balance_warning, write_artefacts
 from .training.plan import TrainingPlan, plan_training
 from .training.probe import seconds_per_iteration
 

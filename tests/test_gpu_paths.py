@@ -30,7 +30,7 @@ from dpaf_ray.privacy.randomness import RunSecret
 from dpaf_ray.training.checkpoint import LocalCheckpointSink
 from dpaf_ray.training.draw_ahead import DRAW_AHEAD_ENV
 from dpaf_ray.training.loop import make_trainer, train_loop
-from dpaf_ray.training.outputs import write_artefacts
+from dpaf_ray.release import write_artefacts
 from dpaf_ray.tuning.search_space import SearchSpaceError, load_search_space, validate_search_space
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,6 +22,7 @@ from dpaf_ray.privacy.calibration import IterationSchedule, Phase
 from dpaf_ray.privacy.ledger import PoissonGaussian, PrivacyLedger, effective_noise_multiplier
 from dpaf_ray.privacy.mechanisms import clip_and_sum_per_record
 from dpaf_ray.privacy.randomness import RunSecret
+from dpaf_ray.release import sample_synthetic
 from dpaf_ray.training import label_teacher as teacher_module
 from dpaf_ray.training.dpaf import DPAFTrainer
 from dpaf_ray.training.loop import train_loop
@@ -434,7 +435,7 @@ def label_codes_used(generator, monkeypatch, n: int, seed: int) -> tuple[torch.T
         return decode(z, label_codes)
 
     monkeypatch.setattr(generator, "decode", spy)
-    x, y = generator.sample_synthetic(n, seed=seed)
+    x, y = sample_synthetic(generator, n, seed=seed)
     return x, y, torch.cat(codes)
 
 
@@ -452,7 +453,7 @@ def test_every_synthetic_label_is_the_classifiers_and_half_the_codes_lie_between
         assert torch.equal(y, released.labeller(x).argmax(1))
     _, _, pure_codes = label_codes_used(tr.generator.with_labeller(tr.teacher.model, 0.0), monkeypatch, 100, seed=1)
     assert bool(is_a_class_code(released, pure_codes).all())
-    xl, yl = loaded.sample_synthetic(400, seed=5)  # the saved release draws the same set
+    xl, yl = sample_synthetic(loaded, 400, seed=5)  # the saved release draws the same set
     assert torch.equal(yl, y) and torch.allclose(xl, x)
 
 
@@ -460,7 +461,7 @@ def test_without_a_labeller_the_synthetic_set_is_gs_asked_classes(tmp_path):
     tr, _, _ = trained_release(tmp_path, classifier_labels=False)
     released = tr.released_generator()
     assert released.labeller is None
-    x, y = released.sample_synthetic(50, seed=2)
+    x, y = sample_synthetic(released, 50, seed=2)
     x2, y2 = released.sample(50, seed=2)
     assert torch.equal(x, x2) and torch.equal(y, y2)
     no_phase = make_trainer(classifier_steps=0)
@@ -468,7 +469,7 @@ def test_without_a_labeller_the_synthetic_set_is_gs_asked_classes(tmp_path):
 
 
 def test_least_certain_takes_the_smallest_margins_evenly_per_label_and_fills_a_short_class():
-    from dpaf_ray.models.generator import least_certain
+    from dpaf_ray.release import least_certain
 
     labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 1)
     margin = torch.rand(21, generator=torch.Generator().manual_seed(0))
@@ -491,7 +492,7 @@ def test_the_uncertain_share_is_the_classifiers_least_sure_images_labelled_by_it
     draws it again."""
     _, released, loaded = trained_release(tmp_path, uncertain_fraction=0.5)
     assert loaded.uncertain_fraction == 0.5
-    x, y = released.sample_synthetic(300, seed=4)
+    x, y = sample_synthetic(released, 300, seed=4)
     assert x.shape[0] == y.shape[0] == 300
     with torch.no_grad():
         probs = released.labeller(x).softmax(1)
@@ -499,10 +500,10 @@ def test_the_uncertain_share_is_the_classifiers_least_sure_images_labelled_by_it
     top2 = probs.topk(2, dim=1).values
     margin = top2[:, 0] - top2[:, 1]
     assert margin[150:].mean() < margin[:150].mean()  # the chosen half is less certain than a plain draw
-    xl, yl = loaded.sample_synthetic(300, seed=4)
+    xl, yl = sample_synthetic(loaded, 300, seed=4)
     assert torch.equal(yl, y) and torch.allclose(xl, x)
     none = released.with_labeller(released.labeller, released.between_class_fraction, 0.0)
-    assert none.sample_synthetic(10, seed=4)[0].shape[0] == 10
+    assert sample_synthetic(none, 10, seed=4)[0].shape[0] == 10
 
 
 def test_between_class_fraction_is_validated_and_reaches_the_cli():
@@ -525,14 +526,14 @@ def test_a_run_with_the_phase_releases_the_labelled_set_its_generator_pt_redraws
     from dpaf_ray.data import load_dataset
     from dpaf_ray.models.generator import load_generator
     from dpaf_ray.training.checkpoint import LocalCheckpointSink
-    from dpaf_ray.training.outputs import SYNTHETIC_SEED
+    from dpaf_ray.release import SYNTHETIC_SEED
 
     run = dpaf_ray.train("mnist-5k", epsilon=10, out=tmp_path / "run", iterations=2, classifier_steps=3,
                          classifier_batch=256, batch_size=64, group_size=32, num_threads=1, num_synthetic=120, progress=None)
     released = load_generator(run.release_path / "generator.pt")
     assert released.labeller is not None and released.between_class_fraction == 0.5
     table = load_dataset(str(run.release_path / "synthetic.parquet"), "train")
-    x, y = released.sample_synthetic(120, seed=SYNTHETIC_SEED)
+    x, y = sample_synthetic(released, 120, seed=SYNTHETIC_SEED)
     assert torch.equal(table.labels, y)
     with torch.no_grad():  # the classifier's labels of the published (uint8-rounded) images
         assert (released.labeller(table.as_float(torch.arange(120))).argmax(1) == y).float().mean() > 0.95
@@ -548,7 +549,7 @@ def test_a_run_with_the_phase_releases_the_labelled_set_its_generator_pt_redraws
 def test_a_nearly_empty_class_in_the_classifier_labelled_set_is_reported():
     from types import SimpleNamespace
 
-    from dpaf_ray.training.outputs import label_balance_warning
+    from dpaf_ray.release import label_balance_warning
 
     labelled = SimpleNamespace(labeller=object())  # a release that carries its DP classifier
     images = torch.zeros(300, 1, 28, 28, dtype=torch.uint8)
@@ -562,7 +563,7 @@ def test_a_nearly_empty_class_in_the_classifier_labelled_set_is_reported():
 
 def test_a_search_release_repeats_its_best_trials_label_balance_warning(tmp_path):
     """A search releases the best trial's files; the warning its trial recorded must reach the user."""
-    from dpaf_ray.training.outputs import write_artefacts
+    from dpaf_ray.release import write_artefacts
     from dpaf_ray.tuning.search_space import load_search_space
     from dpaf_ray.tuning.tuner import finish_search, plan_search
 
@@ -596,12 +597,12 @@ def test_mixed_and_boundary_images_are_gs_moved_a_bounded_way_and_labelled_by_th
     """Post-processing of the two releases only: the base draw is unchanged, a moved image lies within
     BOUNDARY_STEPS × BOUNDARY_STEP_LENGTH (L2) of G's, nearer the classifier's boundary, a mixed one
     between two of G's images; every label is the classifier's argmax; the saved release keeps the knobs."""
-    from dpaf_ray.models.generator import BOUNDARY_STEP_LENGTH, BOUNDARY_STEPS
+    from dpaf_ray.release import BOUNDARY_STEP_LENGTH, BOUNDARY_STEPS
 
     _, released, _ = trained_release(tmp_path, uncertain_fraction=0.0)
-    base_x, _ = released.with_labeller(released.labeller, 0.5).sample_synthetic(200, seed=6)
+    base_x, _ = sample_synthetic(released.with_labeller(released.labeller, 0.5), 200, seed=6)
     moved = released.with_labeller(released.labeller, 0.5, 0.0, 0.0, 1.0)
-    x, y = moved.sample_synthetic(200, seed=6)
+    x, y = sample_synthetic(moved, 200, seed=6)
     with torch.no_grad():
         logits, base_logits = moved.labeller(x), moved.labeller(base_x)
     assert torch.equal(y, logits.argmax(1))
@@ -610,7 +611,7 @@ def test_mixed_and_boundary_images_are_gs_moved_a_bounded_way_and_labelled_by_th
     gap = lambda lg: (lg.topk(2, dim=1).values[:, 0] - lg.topk(2, dim=1).values[:, 1]).mean()  # noqa: E731
     assert gap(logits) < gap(base_logits)
     mixed = released.with_labeller(released.labeller, 0.5, 0.0, 1.0, 0.0)
-    xm, ym = mixed.sample_synthetic(200, seed=6)
+    xm, ym = sample_synthetic(mixed, 200, seed=6)
     with torch.no_grad():
         assert torch.equal(ym, mixed.labeller(xm).argmax(1))
     assert float(xm.abs().max()) <= 1

@@ -13,8 +13,7 @@ from typing import Any
 
 from ..data import load_dataset
 from ..models.generator import load_generator
-from ..release import RELEASE_DIR, is_release_dir
-from ..training.outputs import generate
+from ..release import RELEASE_DIR, generate, is_release_dir
 from .report import evaluate
 
 # Values computed from real data without noise: for the operator only.

@@ -12,13 +12,8 @@ from ..config import UPSAMPLE_MODES
 from .architecture import Architecture, architecture_for
 from .label_classifier import LabelClassifier
 
-# A release's least certain images are picked from a pool this many times their number
-# (bench/results/utility_15: 3, the only size measured; the share is off by default).
-UNCERTAIN_POOL = 3
-# A release's boundary images take this many steps of this L2 length (pixels in [-1, 1]) down the
-# classifier's top-2 logit gap (bench/results/utility_18: the one setting measured; both shares are off by default).
-BOUNDARY_STEPS, BOUNDARY_STEP_LENGTH = 3, 1.0
-# `with_labeller`'s keyword arguments: how a release's synthetic set is drawn (post-processing only).
+# `with_labeller`'s keyword arguments: how a release's synthetic set is drawn (post-processing only,
+# `dpaf_ray.release.sample_synthetic`).
 RELEASE_KNOBS = ("between_class_fraction", "uncertain_fraction", "pixel_mix_fraction", "boundary_fraction")
 
 
@@ -111,8 +106,8 @@ class ConditionalGenerator(nn.Module):
                       uncertain_fraction: float = 0.0, pixel_mix_fraction: float = 0.0,
                       boundary_fraction: float = 0.0) -> "ConditionalGenerator":
         """A copy of G that carries the run's DP label classifier, for the release. Its synthetic set
-        (`sample_synthetic`) then holds a fraction of images drawn between two classes, and the
-        classifier labels every image: a student learns a teacher's boundary from images near it, not
+        (`dpaf_ray.release.sample_synthetic`) then holds a fraction of images drawn between two
+        classes, and the classifier labels every image: a student learns a teacher's boundary from images near it, not
         from those the teacher is sure of (data-free distillation). The classifier is a DP-SGD release
         that the ledger charged in phase one and nothing changed after, so shipping it and labelling
         with it is post-processing. G itself is not touched."""
@@ -129,88 +124,6 @@ class ConditionalGenerator(nn.Module):
         released.boundary_fraction = float(boundary_fraction)
         return released
 
-    @torch.no_grad()
-    def sample_synthetic(self, n: int, seed: int = 0, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-        """The synthetic data set: `sample(n)` without a labeller; with one, images of which a fraction
-        `between_class_fraction` come from a label code e = (1−λ)·e(y1) + λ·e(y2), λ ~ U(0, 1), the
-        others of one class y1, every image labelled by the classifier's argmax; and a fraction
-        `uncertain_fraction` of the set is chosen from a pool of UNCERTAIN_POOL times as many such
-        images as those the classifier is least sure of (smallest gap between its two largest
-        probabilities), an even number per label, as active learning picks the cases a student gets
-        wrong. Then a fraction `pixel_mix_fraction` of the set is mixed in pixels with another image of
-        it, (1−λ)·x + λ·x', λ ~ U(0, 1) (mixup inputs for distillation: Beyer et al., "Knowledge
-        distillation: A good teacher is patient and consistent", CVPR 2022), and a fraction
-        `boundary_fraction` takes BOUNDARY_STEPS steps down the classifier's top-2 logit gap (Heo et
-        al., "Knowledge Distillation with Adversarial Samples Supporting Decision Boundary", AAAI
-        2019); the classifier labels each changed image anew. Both are off by default (bench/results/
-        utility_18). (Labelling an image between y1 and y2 with the better of those two alone, which no
-        poor classifier could unbalance, released 2 points less: bench/results/utility_14/.)"""
-        if self.labeller is None:
-            return self.sample(n, seed=seed, batch=batch)
-        g = torch.Generator().manual_seed(seed)
-        was_training = self.training
-        self.eval()
-        m = round(n * self.uncertain_fraction)
-        images, labels, _ = self._labelled_draw(n - m, g, batch)
-        if m:
-            pool, pool_labels, margin = self._labelled_draw(UNCERTAIN_POOL * m, g, batch)
-            pick = least_certain(pool_labels, margin, m, self.num_classes)
-            images, labels = torch.cat([images, pool[pick]]), torch.cat([labels, pool_labels[pick]])
-        if self.pixel_mix_fraction:
-            mixed = torch.rand(len(images), generator=g) < self.pixel_mix_fraction
-            partners = images[torch.randint(len(images), (int(mixed.sum()),), generator=g)]
-            lam = torch.rand(len(partners), 1, 1, 1, generator=g)
-            images[mixed] = (1 - lam) * images[mixed] + lam * partners
-            labels[mixed] = self.label_with_classifier(images[mixed], batch)
-        if self.boundary_fraction:
-            moved = torch.rand(len(images), generator=g) < self.boundary_fraction
-            images[moved] = self.towards_boundary(images[moved], batch)
-            labels[moved] = self.label_with_classifier(images[moved], batch)
-        self.train(was_training)
-        return images, labels
-
-    def label_with_classifier(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        """The classifier's argmax labels of images, on the CPU (the release's labels; bench/refine_screen.py reuses it)."""
-        return torch.cat([torch.empty(0, dtype=torch.long)] +
-                         [self.labeller(x[i:i + batch].to(self.device)).argmax(1).cpu()
-                          for i in range(0, len(x), batch)])
-
-    def towards_boundary(self, x: torch.Tensor, batch: int, steps: int = BOUNDARY_STEPS,
-                         length: float = BOUNDARY_STEP_LENGTH) -> torch.Tensor:
-        """x after `steps` steps of L2 length `length` that shrink the gap between the classifier's two
-        largest logits, kept in the image range [-1, 1] (bench/refine_screen.py screens other steps)."""
-        out = [torch.empty(0, *x.shape[1:])]
-        for i in range(0, len(x), batch):
-            xb = x[i:i + batch].to(self.device)
-            for _ in range(steps):
-                with torch.enable_grad():
-                    xb.requires_grad_(True)
-                    top2 = self.labeller(xb).topk(2, dim=1).values
-                    (grad,) = torch.autograd.grad((top2[:, 0] - top2[:, 1]).sum(), xb)
-                norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-                xb = (xb.detach() - length * grad / norm).clamp(-1, 1)
-            out.append(xb.cpu())
-        return torch.cat(out)
-
-    def _labelled_draw(self, n: int, g: torch.Generator, batch: int) -> tuple[torch.Tensor, ...]:
-        """n images (a share between two classes), the classifier's argmax labels and its top-2 gaps."""
-        images, labels, margins = [torch.empty(0, self.arch.channels, self.arch.size, self.arch.size)], \
-            [torch.empty(0, dtype=torch.long)], [torch.empty(0)]
-        for i in range(0, n, batch):
-            m = min(batch, n - i)
-            y1, y2 = torch.randint(self.num_classes, (m,), generator=g), torch.randint(self.num_classes, (m,), generator=g)
-            between = torch.rand(m, generator=g) < self.between_class_fraction
-            lam = torch.rand(m, generator=g) * between
-            z = torch.randn(m, self.z_dim, generator=g)
-            codes = self.label_embedding(y1.to(self.device)) * (1 - lam[:, None]).to(self.device) + \
-                self.label_embedding(y2.to(self.device)) * lam[:, None].to(self.device)
-            x = self.decode(z.to(self.device), codes)
-            top2 = self.labeller(x).softmax(1).topk(2, dim=1)
-            images.append(x.cpu())
-            labels.append(top2.indices[:, 0].cpu())
-            margins.append((top2.values[:, 0] - top2.values[:, 1]).cpu())
-        return torch.cat(images), torch.cat(labels), torch.cat(margins)
-
     def save(self, path: str | Path) -> None:
         blob = {"state_dict": {k: v.cpu() for k, v in self.state_dict().items()},
                 "shape": [self.arch.channels, self.arch.size, self.arch.size],
@@ -222,19 +135,6 @@ class ConditionalGenerator(nn.Module):
                                 "uncertain_fraction": self.uncertain_fraction,
                                 "pixel_mix_fraction": self.pixel_mix_fraction, "boundary_fraction": self.boundary_fraction}
         torch.save(blob, path)
-
-
-def least_certain(labels: torch.Tensor, margin: torch.Tensor, m: int, num_classes: int) -> torch.Tensor:
-    """Indices of m images with the smallest margins, m // num_classes per label where the pool
-    has them, the rest the smallest margins left (so a class the classifier rarely gives cannot
-    shrink the set)."""
-    chosen = torch.zeros(len(labels), dtype=torch.bool)
-    for c in range(num_classes):
-        idx = (labels == c).nonzero().flatten()
-        chosen[idx[margin[idx].argsort()[: m // num_classes]]] = True
-    rest = (~chosen).nonzero().flatten()
-    chosen[rest[margin[rest].argsort()[: m - int(chosen.sum())]]] = True
-    return chosen.nonzero().flatten()
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> ConditionalGenerator:

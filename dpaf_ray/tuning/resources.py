@@ -235,7 +235,7 @@ def _synthesise_and_fit_task(generator, num_synthetic, epochs, max_steps, seed, 
 
 def _synthesise_and_fit(generator, num_synthetic, epochs, max_steps, seed, device):
     from ..evaluation.classifier import train_classifier
-    from ..training.outputs import generate
+    from ..release import generate
 
     generator = generator.to(device).eval()
     synthetic = generate(generator, num_synthetic)

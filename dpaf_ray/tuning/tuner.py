@@ -219,7 +219,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     from ..data import load_dataset, load_training_data, write_parquet
     from ..data.splits import SPLIT_LABEL
     from ..training.loop import WriteAheadLedger, train_loop
-    from ..training.outputs import label_balance_warning, write_artefacts
+    from ..release import label_balance_warning, write_artefacts
     from ..training.plan import TrainingPlan, schedule_for
     from .resources import synthesise_and_fit, trial_device
     from .scoring import score_trial
@@ -556,7 +556,7 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
     finished, the trials touched the data, so ε is gone: the release holds only the report,
     and `SearchFailed` carries the first trial's error (the command exits non-zero)."""
     from ..release import write_release
-    from ..training.outputs import generate, label_balance_warning, write_artefacts
+    from ..release import generate, label_balance_warning, write_artefacts
     from .results import load_trials, plot_trials
 
     trials = load_trials(out)
