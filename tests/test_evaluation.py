@@ -11,11 +11,7 @@ from PIL import Image
 
 from dpaf_ray.data.dataset import ImageDataset
 from dpaf_ray.evaluation import (
-    FEATURE_DIM,
     INCEPTION_WEIGHTS_ENV,
-    SmallCNN,
-    accuracy,
-    correct_count,
     diversity_ratio,
     domain_fid,
     downstream_accuracy,
@@ -26,10 +22,10 @@ from dpaf_ray.evaluation import (
     load_inception,
     save_curves,
     save_sample_grid,
-    train_classifier,
     within_class_diversity,
 )
 from dpaf_ray.evaluation import fid as fid_module
+from dpaf_ray.models.scoring_cnn import FEATURE_DIM, SmallCNN, accuracy, correct_count, train_classifier
 
 torch.set_num_threads(1)
 

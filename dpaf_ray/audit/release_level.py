@@ -50,7 +50,7 @@ from scipy import stats
 from ..config import TrainConfig
 from ..data.dataset import ImageDataset
 from ..collectives import LocalCollective
-from ..evaluation.classifier import correct_count, train_classifier
+from ..models.scoring_cnn import correct_count, train_classifier
 from ..models import dpagg
 from ..privacy.calibration import IterationSchedule
 from ..privacy.ledger import Gaussian, PrivacyLedger

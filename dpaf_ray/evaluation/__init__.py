@@ -1,16 +1,9 @@
 """Evaluation: a benchmark of synthetic data, not part of the private release (DESIGN.md §7).
 
 Downstream accuracy, FID (domain and, with local weights, Inception), within-class diversity and
-pictures. Results on the real test split never feed back into tuning.
+pictures. Results on the real test split never feed back into tuning. The classifier it trains
+is the fixed scoring CNN of `dpaf_ray.models.scoring_cnn`.
 """
-from dpaf_ray.evaluation.classifier import (
-    FEATURE_DIM,
-    SmallCNN,
-    accuracy,
-    correct_count,
-    predict,
-    train_classifier,
-)
 from dpaf_ray.evaluation.diversity import diversity_ratio, within_class_diversity
 from dpaf_ray.evaluation.downstream import downstream_accuracy, real_data_accuracy
 from dpaf_ray.evaluation.fid import (
@@ -26,11 +19,7 @@ from dpaf_ray.pictures import grid_size, save_curves, save_sample_grid
 from dpaf_ray.evaluation.report import evaluate
 
 __all__ = [
-    "FEATURE_DIM",
     "INCEPTION_WEIGHTS_ENV",
-    "SmallCNN",
-    "accuracy",
-    "correct_count",
     "diversity_ratio",
     "domain_fid",
     "downstream_accuracy",
@@ -40,11 +29,9 @@ __all__ = [
     "grid_size",
     "inception_fid",
     "load_inception",
-    "predict",
     "real_data_accuracy",
     "resolve_inception_weights",
     "save_curves",
     "save_sample_grid",
-    "train_classifier",
     "within_class_diversity",
 ]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dpaf_ray.data.dataset import ImageDataset
-from dpaf_ray.evaluation.classifier import accuracy, train_classifier
+from dpaf_ray.models.scoring_cnn import accuracy, train_classifier
 
 DEFAULT_EPOCHS = 3
 

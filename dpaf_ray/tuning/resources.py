@@ -234,7 +234,7 @@ def _synthesise_and_fit_task(generator, num_synthetic, epochs, max_steps, seed, 
 
 
 def _synthesise_and_fit(generator, num_synthetic, epochs, max_steps, seed, device):
-    from ..evaluation.classifier import train_classifier
+    from ..models.scoring_cnn import train_classifier
     from ..release import generate
 
     generator = generator.to(device).eval()

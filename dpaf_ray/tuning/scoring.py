@@ -15,7 +15,7 @@ from typing import Callable
 from torch import nn
 
 from ..data.dataset import ImageDataset
-from ..evaluation.classifier import correct_count, train_classifier
+from ..models.scoring_cnn import correct_count, train_classifier
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.randomness import RunSecret
 

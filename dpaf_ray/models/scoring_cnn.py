@@ -1,8 +1,11 @@
-"""A fixed small CNN used as the downstream benchmark classifier and as a domain feature extractor.
+"""A fixed small CNN that scores synthetic data: it is trained on a synthetic set and tested on
+held-out data, in a Tune trial's score (`tuning.scoring`), in the audit of that score, and in the
+downstream benchmark, where it is also the domain feature extractor.
 
-The architecture is deliberately fixed (no knobs) so that downstream accuracies and domain FIDs
-from different runs are comparable. It never sees private data during a release: evaluation is a
-benchmark run after the fact (DESIGN.md §7).
+The architecture is deliberately fixed (no knobs) so that downstream accuracies, trial scores and
+domain FIDs from different runs are comparable. It is trained on synthetic data only; a trial's
+count of correct predictions on the private validation split is released with noise by
+`tuning.scoring`, and evaluation is a benchmark run after the fact (DESIGN.md §7).
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dpaf_ray.data.dataset import ImageDataset
+from ..data.dataset import ImageDataset
 
 #: Inputs larger than this are average-pooled down to it first, so 64x64 and 128x128 images cost
 #: about as much as 32x32 ones on a CPU.
