@@ -31,7 +31,8 @@ from dpaf_ray.training.checkpoint import LocalCheckpointSink
 from dpaf_ray.training.draw_ahead import DRAW_AHEAD_ENV
 from dpaf_ray.training.loop import make_trainer, train_loop
 from dpaf_ray.release import write_artefacts
-from dpaf_ray.tuning.search_space import SearchSpaceError, load_search_space, validate_search_space
+from dpaf_ray.tuning.search_space import load_search_space, validate_search_space
+from dpaf_ray.tuning.search_space_error import SearchSpaceError
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))

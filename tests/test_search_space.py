@@ -13,7 +13,8 @@ import yaml
 
 from dpaf_ray.config import ConfigError
 from dpaf_ray.tuning import cli
-from dpaf_ray.tuning.search_space import SearchSpace, SearchSpaceError, load_search_space
+from dpaf_ray.tuning.search_space import SearchSpace, load_search_space
+from dpaf_ray.tuning.search_space_error import SearchSpaceError
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted(glob.glob(str(ROOT / "search_spaces" / "*.yaml")) + glob.glob(str(ROOT / "search_spaces" / "*.yml")))

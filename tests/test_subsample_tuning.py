@@ -39,7 +39,8 @@ from dpaf_ray.privacy.subsample import (
     composed_privacy,
     unamplified_epsilon,
 )
-from dpaf_ray.tuning.search_space import SearchSpace, SearchSpaceError, load_search_space
+from dpaf_ray.tuning.search_space import SearchSpace, load_search_space
+from dpaf_ray.tuning.search_space_error import SearchSpaceError
 from test_tune_e2e import dp_event  # the independent JSON → dp_accounting conversion
 
 ROOT = Path(__file__).resolve().parents[1]

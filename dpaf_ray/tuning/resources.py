@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..devices import DeviceError, device_for, local_gpu_count, test_gpu_stand_in
 from ..ray_resources import forwarded_env, local_cpu_count
+from .search_space_error import SearchSpaceError, key_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..data.dataset import ImageDataset
@@ -42,10 +43,8 @@ HARDWARE_KEYS = {"cpus", "gpus", "nodes", "note"}
 _EPS = 1e-9
 
 
-def _error(ss: "SearchSpace", key: str, msg: str) -> Exception:
-    from .search_space import SearchSpaceError
-
-    return SearchSpaceError(f"{ss.path}: `{key}`: {msg}")
+def _error(ss: "SearchSpace", key: str, msg: str) -> SearchSpaceError:
+    return key_error(ss.path, key, msg)
 
 
 def slots_per_trial(ss: "SearchSpace") -> int:

@@ -11,6 +11,7 @@ import yaml
 
 from ..config import ConfigError, TrainConfig
 from .resources import check_declared_hardware, check_resource_keys, parse_hardware
+from .search_space_error import SearchSpaceError, key_error
 
 if TYPE_CHECKING:
     from ..privacy.subsample import SubsampleBudget
@@ -26,10 +27,6 @@ TRIAL_KEYS = {"iterations", "time_budget_minutes", "num_synthetic", "num_workers
 DERIVED = {"epsilon", "delta", "dataset", "data_root", "num_classes", "iterations", "max_iterations", "seed",
            "time_budget_minutes", "extra_fixed_releases", "reproducible_noise"}
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-
-
-class SearchSpaceError(ConfigError):
-    pass
 
 
 @dataclass
@@ -107,10 +104,6 @@ class SearchSpace:
         return budget.search_epsilon, budget.search_delta
 
 
-def _err(path: str, key: str, msg: str) -> SearchSpaceError:
-    return SearchSpaceError(f"{path}: `{key}`: {msg}")
-
-
 _REPLACED = {
     "reference.noise_multiplier": "the reference's noise is now calibrated from the budget; drop the key",
     "trial.min_iterations": "trials now all run the planned T: use trial.iterations (or trial.time_budget_minutes)",
@@ -122,11 +115,11 @@ def _unknown(path: str, section: str, got: dict, allowed: set[str]) -> None:
     for key in got:
         full = f"{section}.{key}" if section else key
         if full in _REPLACED:
-            raise _err(path, full, _REPLACED[full])
+            raise key_error(path, full, _REPLACED[full])
     extra = sorted(set(got) - allowed)
     if extra:
         where = f"{section}." if section else ""
-        raise _err(path, where + extra[0], f"unknown key; allowed keys here: {sorted(allowed)}")
+        raise key_error(path, where + extra[0], f"unknown key; allowed keys here: {sorted(allowed)}")
 
 
 def _number(path: str, key: str, v: Any, positive: bool = True) -> float:
@@ -136,9 +129,9 @@ def _number(path: str, key: str, v: Any, positive: bool = True) -> float:
         except ValueError:
             pass
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _err(path, key, f"must be a number, got {v!r}")
+        raise key_error(path, key, f"must be a number, got {v!r}")
     if positive and v <= 0:
-        raise _err(path, key, f"must be > 0, got {v}")
+        raise key_error(path, key, f"must be > 0, got {v}")
     return float(v)
 
 
@@ -146,28 +139,28 @@ def parse_param(path: str, name: str, spec: Any) -> Param:
     key = f"params.{name}"
     if name not in TRAIN_FIELDS or name in DERIVED:
         allowed = sorted(TRAIN_FIELDS - DERIVED)
-        raise _err(path, key, f"not a searchable knob; searchable: {allowed}")
+        raise key_error(path, key, f"not a searchable knob; searchable: {allowed}")
     if not isinstance(spec, dict) or len(set(spec) & {"choice", "int", "float"}) != 1:
-        raise _err(path, key, "give exactly one of {choice: [a, b, ...]}, {int: [low, high]}, {float: [low, high]}"
+        raise key_error(path, key, "give exactly one of {choice: [a, b, ...]}, {int: [low, high]}, {float: [low, high]}"
                    " (optionally with log: true)")
     _unknown(path, key, spec, {"choice", "int", "float", "log"})
     log = bool(spec.get("log", False))
     if "choice" in spec:
         values = spec["choice"]
         if not isinstance(values, list) or not values:
-            raise _err(path, key, "choice must be a non-empty list of values")
+            raise key_error(path, key, "choice must be a non-empty list of values")
         return Param(name, "choice", values=list(values))
     kind = "int" if "int" in spec else "float"
     rng = spec[kind]
     if not isinstance(rng, list) or len(rng) != 2:
-        raise _err(path, key, f"{kind} must be a list [low, high]")
+        raise key_error(path, key, f"{kind} must be a list [low, high]")
     low, high = (_number(path, key, v, positive=False) for v in rng)
     if kind == "int" and (low != int(low) or high != int(high)):
-        raise _err(path, key, f"int range needs whole numbers, got {rng}")
+        raise key_error(path, key, f"int range needs whole numbers, got {rng}")
     if not low < high:
-        raise _err(path, key, f"empty or inverted range [{rng[0]}, {rng[1]}]: low must be < high")
+        raise key_error(path, key, f"empty or inverted range [{rng[0]}, {rng[1]}]: low must be < high")
     if log and low <= 0:
-        raise _err(path, key, f"log scale needs low > 0, got {low}")
+        raise key_error(path, key, f"log scale needs low > 0, got {low}")
     return Param(name, kind, low=low, high=high, log=log)
 
 
@@ -196,7 +189,7 @@ def load_search_space(path: str | Path) -> SearchSpace:
     for sec, allowed in sections.items():
         d = raw.get(sec, {}) or {}
         if not isinstance(d, dict):
-            raise _err(p, sec, "must be a mapping")
+            raise key_error(p, sec, "must be a mapping")
         _unknown(p, sec, d, allowed)
     ref, score, trial = (raw.get(s, {}) or {} for s in sections)
     if "batch_size" in ref:
@@ -204,7 +197,7 @@ def load_search_space(path: str | Path) -> SearchSpace:
     if "classifier_steps" in ref:
         v = _number(p, "reference.classifier_steps", ref["classifier_steps"], positive=False)
         if v < 0 or v != int(v):
-            raise _err(p, "reference.classifier_steps", f"must be a whole number >= 0 (0: no classifier phase), got {v:g}")
+            raise key_error(p, "reference.classifier_steps", f"must be a whole number >= 0 (0: no classifier phase), got {v:g}")
         ss.reference_classifier_steps = int(v)
     if "noise_multiplier" in score:
         ss.score_noise = _number(p, "score.noise_multiplier", score["noise_multiplier"])
@@ -233,18 +226,18 @@ def load_search_space(path: str | Path) -> SearchSpace:
     parse_subsample(p, ss, raw.get("subsample"))
     fixed = raw.get("fixed", {}) or {}
     if not isinstance(fixed, dict):
-        raise _err(p, "fixed", "must be a mapping of knob: value")
+        raise key_error(p, "fixed", "must be a mapping of knob: value")
     for k in fixed:
         if k not in TRAIN_FIELDS or k in DERIVED:
-            raise _err(p, f"fixed.{k}", f"not a knob that can be fixed; allowed: {sorted(TRAIN_FIELDS - DERIVED)}")
+            raise key_error(p, f"fixed.{k}", f"not a knob that can be fixed; allowed: {sorted(TRAIN_FIELDS - DERIVED)}")
     ss.fixed = dict(fixed)
     params = raw.get("params", {}) or {}
     if not isinstance(params, dict):
-        raise _err(p, "params", "must be a mapping of knob: {choice|int|float: ...}")
+        raise key_error(p, "params", "must be a mapping of knob: {choice|int|float: ...}")
     ss.params = [parse_param(p, k, v) for k, v in params.items()]
     both = sorted(set(ss.fixed) & {q.name for q in ss.params})
     if both:
-        raise _err(p, f"params.{both[0]}", "is also in `fixed`; keep it in one place")
+        raise key_error(p, f"params.{both[0]}", "is also in `fixed`; keep it in one place")
     ss = validate_search_space(ss)
     check_declared_hardware(ss)  # the file as written fits the hardware it names (before Ray starts)
     return ss
@@ -255,19 +248,19 @@ def parse_subsample(path: str, ss: SearchSpace, section: Any) -> None:
     if section is None:
         return
     if not isinstance(section, dict):
-        raise _err(path, "subsample", "must be a mapping like {fraction: 0.2, epsilon_share: 0.1}, or be left out "
+        raise key_error(path, "subsample", "must be a mapping like {fraction: 0.2, epsilon_share: 0.1}, or be left out "
                    "to search on all records")
     _unknown(path, "subsample", section, SUBSAMPLE_KEYS)
     for key, what in (("fraction", "the probability γ that a record joins the tuning subsample, e.g. 0.2"),
                       ("epsilon_share", "the part of the total ε the search may spend, e.g. 0.1")):
         if key not in section:
-            raise _err(path, f"subsample.{key}", f"missing; give {what}")
+            raise key_error(path, f"subsample.{key}", f"missing; give {what}")
     ss.subsample_fraction = _number(path, "subsample.fraction", section["fraction"], positive=False)
     ss.subsample_epsilon_share = _number(path, "subsample.epsilon_share", section["epsilon_share"], positive=False)
     if "final_iterations" in section:
         v = _number(path, "subsample.final_iterations", section["final_iterations"])
         if v != int(v):
-            raise _err(path, "subsample.final_iterations", f"must be a whole number >= 1, got {v:g}")
+            raise key_error(path, "subsample.final_iterations", f"must be a whole number >= 1, got {v:g}")
         ss.subsample_final_iterations = int(v)
 
 
@@ -283,7 +276,7 @@ def check_run(path: str, key: str, knobs: dict[str, Any], prefix: str = "") -> N
     try:
         TrainConfig.from_dict(clamp_group(knobs)).validate()
     except (ConfigError, TypeError) as e:
-        raise _err(path, key, f"{prefix}{e}") from e
+        raise key_error(path, key, f"{prefix}{e}") from e
 
 
 def same_source(a: str, b: str) -> bool:
@@ -302,14 +295,14 @@ def check_subsample(ss: SearchSpace) -> None:
     p = ss.path
     if ss.subsample_fraction is None or ss.subsample_epsilon_share is None:
         missing = "fraction" if ss.subsample_fraction is None else "epsilon_share"
-        raise _err(p, f"subsample.{missing}", "missing; give both subsample.fraction and subsample.epsilon_share "
+        raise key_error(p, f"subsample.{missing}", "missing; give both subsample.fraction and subsample.epsilon_share "
                    "(on the command line: --subsample-fraction and --subsample-epsilon-share)")
     gamma, share = ss.subsample_fraction, ss.subsample_epsilon_share
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and 0 < gamma < 1):
-        raise _err(p, "subsample.fraction", f"must lie strictly between 0 and 1, got {gamma}; e.g. 0.2 (a record joins "
+        raise key_error(p, "subsample.fraction", f"must lie strictly between 0 and 1, got {gamma}; e.g. 0.2 (a record joins "
                    "the tuning subsample with probability 0.2), or drop the `subsample` section to search on all records")
     if not (isinstance(share, (int, float)) and math.isfinite(share) and 0 < share < 1):
-        raise _err(p, "subsample.epsilon_share", f"must lie strictly between 0 and 1, got {share}; e.g. 0.1 (the "
+        raise key_error(p, "subsample.epsilon_share", f"must lie strictly between 0 and 1, got {share}; e.g. 0.1 (the "
                    "search spends 10 % of ε after amplification, the final run on all records the rest)")
 
 
@@ -317,33 +310,33 @@ def validate_search_space(ss: SearchSpace) -> SearchSpace:
     """Checks that need the values together: each extreme of each range must be a valid run."""
     p = ss.path
     if ss.search not in ("random", "tpe"):
-        raise _err(p, "search", f"must be 'random' or 'tpe', got {ss.search!r}")
+        raise key_error(p, "search", f"must be 'random' or 'tpe', got {ss.search!r}")
     if ss.trials_distribution not in ("tnb", "logarithmic", "geometric", "poisson"):
-        raise _err(p, "trials_distribution", "must be one of tnb, logarithmic, geometric, poisson")
+        raise key_error(p, "trials_distribution", "must be one of tnb, logarithmic, geometric, poisson")
     if not (0 < ss.delta < 1):
-        raise _err(p, "delta", f"must lie strictly between 0 and 1, got {ss.delta}")
+        raise key_error(p, "delta", f"must lie strictly between 0 and 1, got {ss.delta}")
     if ss.search == "tpe" and ss.expected_trials != int(ss.expected_trials):
-        raise _err(p, "expected_trials", "TPE runs a fixed number of trials: give a whole number")
+        raise key_error(p, "expected_trials", "TPE runs a fixed number of trials: give a whole number")
     if ss.search == "random" and ss.expected_trials <= 1 and ss.trials_distribution != "poisson":
-        raise _err(p, "expected_trials", "the truncated negative binomial needs a mean > 1, e.g. 2")
+        raise key_error(p, "expected_trials", "the truncated negative binomial needs a mean > 1, e.g. 2")
     if ss.expected_trials < 1:
-        raise _err(p, "expected_trials", f"must be >= 1 (the repeat-and-select bound needs it), got {ss.expected_trials}")
+        raise key_error(p, "expected_trials", f"must be >= 1 (the repeat-and-select bound needs it), got {ss.expected_trials}")
     if ss.public_validation is not None and same_source(ss.public_validation, ss.dataset):
-        raise _err(p, "score.public_validation",
+        raise key_error(p, "score.public_validation",
                    f"{ss.public_validation!r} is the private data set itself: scoring trials on it without noise "
                    "would select on private data for free; drop --public-validation (trials are then scored on "
                    "the private validation split, with noise, charged) or name a different, public data set")
     if ss.subsample_fraction is not None or ss.subsample_epsilon_share is not None:
         check_subsample(ss)
     elif ss.subsample_final_iterations is not None:
-        raise _err(p, "subsample.final_iterations", "sets the final run of a search on a subsample, but there is none: "
+        raise key_error(p, "subsample.final_iterations", "sets the final run of a search on a subsample, but there is none: "
                    "add subsample.fraction and subsample.epsilon_share (--subsample-fraction, "
                    "--subsample-epsilon-share), or drop it")
     if ss.subsample_final_iterations is not None and (ss.subsample_final_iterations != int(ss.subsample_final_iterations)
                                                       or ss.subsample_final_iterations < 1):
-        raise _err(p, "subsample.final_iterations", f"must be a whole number >= 1, got {ss.subsample_final_iterations}")
+        raise key_error(p, "subsample.final_iterations", f"must be a whole number >= 1, got {ss.subsample_final_iterations}")
     if ss.trial_iterations is not None and (ss.trial_iterations != int(ss.trial_iterations) or ss.trial_iterations < 1):
-        raise _err(p, "trial.iterations", f"must be a whole number >= 1, got {ss.trial_iterations}")
+        raise key_error(p, "trial.iterations", f"must be a whole number >= 1, got {ss.trial_iterations}")
     check_resource_keys(ss)
     # `fixed` alone, then each extreme of each range against `fixed`, then all first values
     # together. A group larger than the batch is clamped to it, as a trial does.

@@ -462,7 +462,8 @@ def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
     from ..config import ConfigError
     from ..privacy.ledger import PrivacyConfigError
     from ..training.plan import MAX_NOISE_MULTIPLIER, plan_training, schedule_for
-    from .search_space import SearchSpaceError, clamp_group
+    from .search_space import clamp_group
+    from .search_space_error import SearchSpaceError
 
     reference = reference_from(state)
     budget = ss.subsample_budget()
