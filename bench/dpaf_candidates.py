@@ -1,4 +1,4 @@
-"""Measure the DESIGN §3a candidates on Fashion-MNIST at one privacy budget.
+"""Measure the docs/design.md §3a candidates on Fashion-MNIST at one privacy budget.
 
 Each named configuration is trained with the same iteration cap (the plan lowers the noise so
 that the capped run spends exactly the budget, rule 12), then evaluated:

@@ -2,7 +2,7 @@
 # One measurement for issue #13 (utility of the privacy budget): train at ε = EPS,
 # δ = 1e-5 with one torch thread, then evaluate. EVAL=quick (default): 20k synthetic images and a
 # 20k cap on each CNN's training set (screening); EVAL=full: the evaluate command's defaults
-# (60k synthetic, 3 epochs; DESIGN §7). Also prints the DP label classifier's own test accuracy
+# (60k synthetic, 3 epochs; docs/design.md §7). Also prints the DP label classifier's own test accuracy
 # when the run has one (bench/classifier_accuracy.py).
 #
 #   [DATASET=mnist-5k] EPS=1 SEED=0 [EVAL=full] bash bench/utility_run.sh WORKDIR NAME [train options...]

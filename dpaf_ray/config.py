@@ -1,6 +1,6 @@
 """Run configuration, validated once at the boundary.
 
-Every knob of DESIGN §4 lives here. `validate()` turns an impossible setting into a
+Every knob of docs/design.md §4 lives here. `validate()` turns an impossible setting into a
 `ConfigError` whose message says which option to change and how.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ UPSAMPLE_MODES = ("nearest", "bilinear")  # G's ×2 upsampling (models.generator
 LR_G_SCHEDULES = ("constant", "cosine")  # G's learning rate over the planned iterations (training.gan)
 
 
-# The configuration behind the README's Fashion-MNIST results (bench/results/k2_900: mean 71.0 % over 5
+# The configuration behind docs/results.md's Fashion-MNIST results (bench/results/k2_900: mean 71.0 % over 5
 # seeds at ε = 10, 900 iterations, at noise split 2; split 1 and the DP label-classifier phase's knobs since
 # bench/results/utility_13_seeds; the phase itself is on where its planned noise is small, see
 # training.plan.resolve_classifier_phase). TrainConfig's defaults, and so the CLI's, equal it (tests/test_planner.py).
@@ -47,7 +47,7 @@ class TrainConfig:
     seed: int | None = None  # public randomness only (initialisation, generated codes); None: drawn at random
     reproducible_noise: bool = False  # tests/benchmarks: noise derived from the public seed; the run is NOT private
     num_classes: int | None = None  # public class count, for sources without metadata (Parquet)
-    # DESIGN §4 knobs
+    # docs/design.md §4 knobs
     batch_size: int = 256  # B = qN, expected real records per iteration
     group_size: int = 128  # b
     sgd_every: int = 2  # k; bench/results/k2_900: 5 seeds at 900 it., mean 71.1 % at k = 2 against 69.3 % at k = 1
@@ -68,7 +68,7 @@ class TrainConfig:
     d_steps_per_g: int = 1
     g_steps: int = 1  # generator steps per G phase: post-processing of released values, no privacy cost
     adversarial_weight: float = 1.0  # weight of the rear's real/fake loss in G's objective
-    # DESIGN §3a candidates
+    # docs/design.md §3a candidates
     grouping: str = "class"
     embedding: str = "moments"
     head_weight: float = 0.0  # per-record real/fake head in the DP-SGD release (0 disables; it hurt in bench/dpaf_candidates.py)

@@ -1,7 +1,7 @@
 """What the Ray side of a run asks of the machine or cluster: CPU and GPU shares per worker, the
 torch.distributed backend of a Ray Train run, and the test hooks forwarded to Ray workers.
 
-Collectives (DESIGN §5) go through a process group whose backend is chosen by `torch_backend`:
+Collectives (docs/design.md §5) go through a process group whose backend is chosen by `torch_backend`:
 "cpu:gloo,cuda:nccl" when every worker owns its GPUs (NCCL for CUDA tensors, gloo for any CPU
 tensor), and plain "gloo" when workers share a GPU (fractional `gpus_per_worker`): NCCL refuses
 two ranks on one device ("Duplicate GPU detected"), while gloo reduces CUDA tensors through the host.

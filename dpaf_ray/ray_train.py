@@ -1,4 +1,4 @@
-"""Ray Train glue: shard one training run over W workers with `TorchTrainer` (DESIGN §5).
+"""Ray Train glue: shard one training run over W workers with `TorchTrainer` (docs/design.md §5).
 
 Each worker reads the data itself, splits it with the run's split key and keeps only its
 contiguous shard; the Poisson sample, the generated batch and the noise come from
@@ -210,7 +210,7 @@ def result_from_state(plan: TrainingPlan, state: dict[str, Any], data: PrivateDa
 
 
 def _tune_callbacks() -> list[Any]:
-    """Inside a Tune trial, forward Train reports to Tune (DESIGN §9)."""
+    """Inside a Tune trial, forward Train reports to Tune (docs/design.md §9)."""
     try:
         import ray.tune
 

@@ -1,4 +1,4 @@
-"""The release: the only files that may be published, written in this one place (DESIGN rule 15).
+"""The release: the only files that may be published, written in this one place (docs/design.md rule 15).
 
     OUT/release/
       generator.pt         the class-conditional generator; after a DP label-classifier phase also

@@ -674,7 +674,7 @@ def local_head():
     sid_file = base / "state" / "head.sid"
     sid = None
     try:
-        # The recipe itself offers the `trial_slot` resource tune.py's trials hold (DESIGN §9).
+        # The recipe itself offers the `trial_slot` resource tune.py's trials hold (docs/design.md §9).
         started = subprocess.run(
             [str(LOCAL / "start_head.sh")],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=180,

@@ -1,4 +1,4 @@
-"""Ray Train sharding (DESIGN §5): W = 1 equals in-process, W = 2 agrees, same seed and W repeat
+"""Ray Train sharding (docs/design.md §5): W = 1 equals in-process, W = 2 agrees, same seed and W repeat
 exactly, a dying worker resumes from its checkpoint and is charged again, missing resources fail
 at once, workers land on two nodes of a ray.cluster_utils.Cluster."""
 from __future__ import annotations

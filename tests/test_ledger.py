@@ -1,4 +1,4 @@
-"""The privacy ledger (DESIGN rules 9 and 11, §5): what is charged, how ε follows from it, and that it
+"""The privacy ledger (docs/design.md rules 9 and 11, §5): what is charged, how ε follows from it, and that it
 survives JSON and crashes without under-counting.
 
 ε is recomputed here *independently* of dp_accounting: the RDP of the Poisson-subsampled Gaussian at

@@ -1,4 +1,4 @@
-"""Budget-first planning (issue #12, DESIGN rule 12): any ε a user asks for runs, the noise is
+"""Budget-first planning (issue #12, docs/design.md rule 12): any ε a user asks for runs, the noise is
 scaled up or down to spend exactly that ε at the planned T, a time budget plans T from a speed
 probe on generated data, and the defaults are the measured best configuration."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DESIGN §3 rules 1–8, checked as properties of what is released, not of how the code computes it.
+"""docs/design.md §3 rules 1–8, checked as properties of what is released, not of how the code computes it.
 
 Every test here is built so that a plausible privacy bug makes it fail: a grouping that depends on
 batch position, a bound that forgets the one-hot block, noise added on every rank, a per-record

@@ -1,4 +1,4 @@
-"""Tests that play the attacker (DESIGN rules 13–16): someone who holds every file a run writes
+"""Tests that play the attacker (docs/design.md rules 13–16): someone who holds every file a run writes
 outside its checkpoints, and the code, must not be able to replay the privacy randomness; one
 record must not move others across the validation split; every executed release must be
 charged on disk, even for a run killed before its first checkpoint; the release holds nothing

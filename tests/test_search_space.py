@@ -1,6 +1,6 @@
 """Search-space files (YAML) and tune.py's command line: every shipped file loads; every bad file is
 refused once, up front, with a SearchSpaceError that names the file, the key and the fix; and an
-impossible budget fails before anything runs (DESIGN §6, rule 12)."""
+impossible budget fails before anything runs (docs/design.md §6, rule 12)."""
 from __future__ import annotations
 
 import copy

@@ -1,5 +1,5 @@
 """End to end: `python tune.py` on the seconds-sized search space, as a subprocess with its own local Ray
-(DESIGN §6): the release holds exactly the five files, its ε covers the whole search and can be recomputed
+(docs/design.md §6): the release holds exactly the five files, its ε covers the whole search and can be recomputed
 from the report alone, the realised K stays in trials/, every trial stayed under the reference, and an
 interrupted search resumes without re-drawing K.
 

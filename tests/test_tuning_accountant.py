@@ -1,4 +1,4 @@
-"""The accountant of the hyperparameter search (DESIGN §6): the Papernot–Steinke repeat-and-select
+"""The accountant of the hyperparameter search (docs/design.md §6): the Papernot–Steinke repeat-and-select
 bound, the distribution of the number of trials K, the calibration of the reference curve, and the
 per-trial fit under that reference.
 

@@ -1,4 +1,4 @@
-"""Issue #13: the label-classifier phase (a DP-SGD classifier that teaches G) keeps DESIGN §3.
+"""Issue #13: the label-classifier phase (a DP-SGD classifier that teaches G) keeps docs/design.md §3.
 
 Each test is built so that a plausible bug fails it: a gradient sum that one record moves by more
 than C_c, generated images inside the classifier's clipped sum, a normaliser that uses the realised

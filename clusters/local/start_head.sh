@@ -99,7 +99,7 @@ ARGS=(
   --disable-usage-stats
 )
 [[ -n "${DPAF_RAY_NUM_CPUS:-}" ]] && ARGS+=(--num-cpus="$DPAF_RAY_NUM_CPUS")
-# tune.py's trials hold a `trial_slot` instead of a CPU (DESIGN §9), so that a trial and its Train
+# tune.py's trials hold a `trial_slot` instead of a CPU (docs/design.md §9), so that a trial and its Train
 # workers never deadlock on a small machine; without it a submitted tune.py warns and falls back.
 case " $* " in
   *" --resources"*) ;;

@@ -11,8 +11,8 @@ MECHANISMS = ("dpagg_group_sums", "dpsgd_conv2", "noisy_score")
 @dataclass(frozen=True)
 class ReleaseAuditSettings:
     """Public knobs of the audit. σ = 1.5 puts one release's ε at 2.75 (δ = 1e-5), which 8·10⁶
-    trials per side measure to 0.84–0.94× (4·10⁶: 0.80–0.90×; see README, "Auditing the
-    guarantee"). The ε of a release does not change its code path, so one σ serves every mechanism."""
+    trials per side measure to 0.84–0.94× (4·10⁶: 0.80–0.90×; see docs/audit.md,
+    "Measured"). The ε of a release does not change its code path, so one σ serves every mechanism."""
 
     sigma: float = 1.5  # noise multiplier of every audited release
     delta: float = 1e-5  # the run's δ

@@ -1,6 +1,6 @@
 """The private validation split and per-worker shards of an `ImageDataset`.
 
-The split is per record (DESIGN rule 14): a record is held out for validation when a keyed
+The split is per record (docs/design.md rule 14): a record is held out for validation when a keyed
 hash of its own bytes and label, under the run's split secret, falls below the fraction.
 Adding or removing one record therefore moves no other record, and identical records land
 on the same side. Sizes used by the mechanisms are the public expectations (1−f)·N and f·N,

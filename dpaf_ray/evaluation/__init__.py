@@ -1,4 +1,4 @@
-"""Evaluation: a benchmark of synthetic data, not part of the private release (DESIGN.md §7).
+"""Evaluation: a benchmark of synthetic data, not part of the private release (docs/design.md §7).
 
 Downstream accuracy, FID (domain and, with local weights, Inception), within-class diversity and
 pictures. Results on the real test split never feed back into tuning. The classifier it trains

@@ -2,7 +2,7 @@
 
 Train the fixed `SmallCNN` on labelled synthetic images and test it on the REAL test split; the
 same classifier trained on real training data gives the reference ("real-data accuracy"). This is
-a benchmark only: test-split numbers never feed back into tuning (DESIGN.md §7).
+a benchmark only: test-split numbers never feed back into tuning (docs/design.md §7).
 """
 from __future__ import annotations
 

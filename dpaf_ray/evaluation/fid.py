@@ -1,6 +1,6 @@
 """Fréchet distances between real and synthetic images.
 
-Two feature spaces, reported under separate names and never mixed (DESIGN.md §7):
+Two feature spaces, reported under separate names and never mixed (docs/design.md §7):
 
 - `fid_inception`: pool3 (2048-d) features of torchvision's Inception-V3, only when its weights
   are available as a LOCAL file (argument or env var `DPAF_INCEPTION_WEIGHTS`). Nothing is ever

@@ -1,6 +1,6 @@
 """One call that benchmarks a synthetic data set against the real one.
 
-Benchmark only (DESIGN.md §7): it reads the real test split, so nothing here may feed back into
+Benchmark only (docs/design.md §7): it reads the real test split, so nothing here may feed back into
 tuning or model selection; private trial scoring uses `models.scoring_cnn.correct_count` on the private
 validation split with noise added, elsewhere.
 """

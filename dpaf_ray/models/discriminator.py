@@ -1,4 +1,4 @@
-"""The split discriminator D = rear ∘ DPAGG ∘ front (DESIGN §2).
+"""The split discriminator D = rear ∘ DPAGG ∘ front (docs/design.md §2).
 
 - `PublicFeatures` (conv1): fixed from a public seed, never updated from private data.
 - `PrivateFeatures` (conv2 + per-record real/fake head): the only parameters whose
@@ -51,7 +51,7 @@ class PrivateFeatures(nn.Module):
     """conv2 and the per-record real/fake head: trained only by DP-SGD on real records.
 
     Returns the pooled conv2 feature map φ (n, c, p, p) and the head's per-record logit.
-    The head gives the generator a per-sample signal (DESIGN §3a) at no extra privacy
+    The head gives the generator a per-sample signal (docs/design.md §3a) at no extra privacy
     cost: its per-record gradient is clipped together with conv2's.
     """
 
@@ -128,7 +128,7 @@ def pixel_statistics(x: torch.Tensor, pooled: int, moments: tuple[str, ...] = ("
 
 
 class RecordEmbedding(nn.Module):
-    """The non-linear per-record embedding that DPAGG sums (DESIGN §3a).
+    """The non-linear per-record embedding that DPAGG sums (docs/design.md §3a).
 
     - ``linear``: scale·φ; group means only show first moments.
     - ``moments``: scale·[φ, φ⊙φ]; group sums carry second moments, so a collapsed group

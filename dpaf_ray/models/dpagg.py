@@ -1,4 +1,4 @@
-"""DPAGG: the private feature-aggregation layer (DESIGN §3 rules 1–5).
+"""DPAGG: the private feature-aggregation layer (docs/design.md §3 rules 1–5).
 
 Records are bounded to v_i = [clip(e_i, C_agg), κ·onehot(y_i)] (norm ≤ Δ), summed per
 group, and released with N(0, σ_agg²Δ²) noise. Everything downstream reads only the

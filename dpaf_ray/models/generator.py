@@ -1,4 +1,4 @@
-"""Class-conditional generator. It never sees private data (DESIGN §2)."""
+"""Class-conditional generator. It never sees private data (docs/design.md §2)."""
 from __future__ import annotations
 
 import copy

@@ -5,7 +5,7 @@ downstream benchmark, where it is also the domain feature extractor.
 The architecture is deliberately fixed (no knobs) so that downstream accuracies, trial scores and
 domain FIDs from different runs are comparable. It is trained on synthetic data only; a trial's
 count of correct predictions on the private validation split is released with noise by
-`tuning.scoring`, and evaluation is a benchmark run after the fact (DESIGN.md §7).
+`tuning.scoring`, and evaluation is a benchmark run after the fact (docs/design.md §7).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Derive the number of iterations (or the noise) from a target (ε, δ) — DESIGN rule 12.
+"""Derive the number of iterations (or the noise) from a target (ε, δ) — docs/design.md rule 12.
 
 The plan here only decides how long to train; the ε that is reported always comes
 from the ledger of what was executed.

@@ -8,7 +8,7 @@ independently (see `privacy_report.json`).
 Entry kinds (σ is per unit of L2 sensitivity):
 - ``poisson_gaussian``: Poisson-sampled Gaussian at rate q with noise multiplier σ.
   One DPAF iteration that releases DPAGG *and* a DP-SGD update on the same sample
-  is one such entry with σ_eff = (σ_agg⁻² + σ_sgd⁻²)^(-1/2) (DESIGN rule 9).
+  is one such entry with σ_eff = (σ_agg⁻² + σ_sgd⁻²)^(-1/2) (docs/design.md rule 9).
 - ``gaussian``: an unsampled Gaussian release (a noisy count or histogram).
 - ``repeat_and_select``: Papernot–Steinke private hyperparameter search over a
   random number of runs of a reference mechanism.

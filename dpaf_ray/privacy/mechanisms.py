@@ -1,7 +1,7 @@
 """Clipping and Gaussian noise: where private values become releasable.
 
 A release is `Σ (bounded per-record values) + N(0, std² I)`, with the noise added
-exactly once however many workers hold records (DESIGN §5): rank 0 adds it to its
+exactly once however many workers hold records (docs/design.md §5): rank 0 adds it to its
 local sum before the all-reduce.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ def gaussian_release(
     collective: Collective,
 ) -> list[torch.Tensor]:
     """Global sum plus N(0, noise_std²) per coordinate, noise drawn once (on rank 0) from a
-    stream of the run secret (DESIGN rule 13)."""
+    stream of the run secret (docs/design.md rule 13)."""
     if collective.rank == 0:
         total = sum(s.numel() for s in local_sums)
         flat = noise.normal_tensor((total,), dtype=local_sums[0].dtype if local_sums else torch.float32,

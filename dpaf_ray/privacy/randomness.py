@@ -1,5 +1,5 @@
 """Privacy randomness: every Poisson sample, group draw, noise vector, validation split and
-noisy score of a run derives from one run secret (DESIGN rules 13–14).
+noisy score of a run derives from one run secret (docs/design.md rules 13–14).
 
     RunSecret (256 bits from `secrets`)
       └─ child("split")            keyed hash of each record → its side of the split
@@ -28,7 +28,7 @@ import secrets
 import numpy as np
 import torch
 
-SECRET_BYTES = 32  # 256 bits; DESIGN rule 13 asks for at least 128
+SECRET_BYTES = 32  # 256 bits; docs/design.md rule 13 asks for at least 128
 _TWO_53 = float(2 ** 53)
 
 

@@ -1,4 +1,4 @@
-"""Privacy of the hyperparameter search itself (DESIGN §6; Papernot & Steinke, ICLR 2022).
+"""Privacy of the hyperparameter search itself (docs/design.md §6; Papernot & Steinke, ICLR 2022).
 
 Every trial's executed mechanism (training + noisy score) must have an RDP curve at or
 below a *reference curve* at every order. The reference is the search's planned trial (its

@@ -1,7 +1,7 @@
 """Where training state goes: a local directory, or Ray Train checkpoints.
 
 A checkpoint holds models, optimisers, the iteration and the ledger; the ledger is
-also written as JSON beside it (DESIGN rule 11).
+also written as JSON beside it (docs/design.md rule 11).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One DPAF iteration, top to bottom (DESIGN §2–§3).
+"""One DPAF iteration, top to bottom (docs/design.md §2–§3).
 
     real Poisson sample S ──conv1 (public)──conv2──embed──bound──Σ per group──+noise──▶ A  (DPAGG release)
     generated batch       ──conv1──────────conv2──embed──bound──Σ per group──+noise──▶ A' (same noise, rule 5)

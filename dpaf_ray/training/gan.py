@@ -5,9 +5,9 @@ Sharding: rank r owns the records [offset, offset + n_local) of the training ord
 the slice r of the generated batch. Each iteration's draws are made for all n_total
 training records from a stream of the run secret keyed by the iteration, so the union of
 the ranks' samples is one Poisson sample at rate q, identical for any number of workers
-(DESIGN §5).
+(docs/design.md §5).
 
-Two kinds of randomness, never mixed (DESIGN rule 13):
+Two kinds of randomness, never mixed (docs/design.md rule 13):
 - private: Poisson samples, group draws and noise, from the run secret (`privacy.randomness`);
 - public: initialisation and generated codes, from the public `--seed` (`training.rng`).
 """

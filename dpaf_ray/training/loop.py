@@ -1,6 +1,6 @@
 """The training loop: charge, iterate, log, checkpoint. Same code in-process and on Ray Train workers.
 
-Ledger charging (DESIGN §5, rules 11 and 16): at each window boundary the ledger is charged
+Ledger charging (docs/design.md §5, rules 11 and 16): at each window boundary the ledger is charged
 for the whole coming window of iterations and written to the write-ahead ledger file
 (`OUT/ledger.json`) *before* any of them runs. A run that dies anywhere, before its first
 checkpoint included, has therefore charged on disk every release it executed. A restarted
@@ -202,7 +202,7 @@ def _report_now(t: int, cfg: TrainConfig) -> bool:
 
 def save(sink: CheckpointSink, trainer: GANTrainerBase, ledger: PrivacyLedger, history: dict, t: int,
          plan: TrainingPlan, secret: RunSecret) -> None:
-    """A checkpoint holds the run secret, so checkpoints are private artefacts (DESIGN rule 13),
+    """A checkpoint holds the run secret, so checkpoints are private artefacts (docs/design.md rule 13),
     and the configuration as planned, so a resumed run continues the same plan."""
     state = {"trainer": cpu_state(trainer.state_dict()), "ledger": ledger.to_json(), "history": history,
              "iteration": t, "secret": secret.to_checkpoint(), "config": plan.config.to_dict(),

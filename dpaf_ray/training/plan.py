@@ -1,4 +1,4 @@
-"""Turn a budget (ε, δ) and a compute plan into T and the noise multipliers (DESIGN rule 12).
+"""Turn a budget (ε, δ) and a compute plan into T and the noise multipliers (docs/design.md rule 12).
 
 Budget first, as users think (Opacus' `make_private_with_epsilon(target_epsilon, epochs)`):
 
@@ -28,7 +28,7 @@ from ..privacy.ledger import Entry, PrivacyConfigError, entry_from_json, epsilon
 # longer runs did not pay). The larger sizes are not measured on this project's hardware yet.
 DEFAULT_ITERATIONS = {28: 900, 32: 900, 64: 2000, 128: 2000}
 # Beyond this effective noise multiplier no signal survives (DPAGG's signal-to-noise needs
-# b·C_agg ≫ σ_agg·Δ·√m, DESIGN §4): such a budget is refused, with the knob that helps.
+# b·C_agg ≫ σ_agg·Δ·√m, docs/design.md §4): such a budget is refused, with the knob that helps.
 MAX_NOISE_MULTIPLIER = 1000.0
 # DPAGG's noise on one group mean, σ_agg·C_agg/b in units of C_agg, past which the released class
 # means no longer teach G (measured at B = 256, b = 128, T = 900, evaluate defaults): 0.039 still

@@ -1,7 +1,7 @@
 """A trial's score: accuracy on held-out data of a classifier trained on its synthetic data.
 
 On the private validation split the count of correct predictions is released with
-Gaussian noise (sensitivity 1, DESIGN rule 10) and charged to the trial; on a public
+Gaussian noise (sensitivity 1, docs/design.md rule 10) and charged to the trial; on a public
 validation set the score is free. The noisy count is divided by the public expected size
 of the validation split f·N, never by the realised count (rule 14), and the noise comes from
 the trial's secret.

@@ -1,4 +1,4 @@
-"""Private hyperparameter search with Ray Tune + Optuna (DESIGN §6).
+"""Private hyperparameter search with Ray Tune + Optuna (docs/design.md §6).
 
     K ← TNB/logarithmic/Poisson(mean) from a cryptographic RNG      (random search; TPE: fixed K)
     reference ← largest curve whose repeat-and-select (or K-fold composition) meets (ε, δ)
@@ -410,7 +410,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     static = {**state, "trials_dir": str(trials_dir),
               "train_storage": storage_path or str(trials_dir / "ray_train")}
     # The trial itself only waits on its Train workers: it holds a `trial_slot`, not a CPU,
-    # so a trial plus its workers never deadlock on a small machine (DESIGN §9).
+    # so a trial plus its workers never deadlock on a small machine (docs/design.md §9).
     # An in-process trial holds the worker share it trains with, GPU fraction included.
     resources = trial_resources(ss)
     if ss.num_workers > 0 and ray.cluster_resources().get("trial_slot", 0) < 1:
