@@ -21,17 +21,20 @@ import json
 import math
 import os
 import secrets
+import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import TrainConfig
-from ..privacy.ledger import PrivacyLedger
+from ..config import ConfigError, TrainConfig
+from ..privacy.ledger import Gaussian, PrivacyLedger
 from ..privacy.randomness import RunSecret
 from ..privacy.report import data_assumptions, privacy_report
 from ..privacy.subsample import SUBSAMPLED_ACCOUNTING, composed_privacy
 from ..privacy.tuning import (
     Reference,
+    TrialFit,
     calibrate_reference,
     check_trial_under_reference,
     distribution_shape,
@@ -207,12 +210,65 @@ def search_privacy_report(ss: SearchSpace, state: dict[str, Any], best_knobs: di
 
 
 # --- one trial ---------------------------------------------------------------------------------
+TRIAL_PLAN_FILE = "plan.json"  # TRIAL/plan.json: the first attempt's plan, which a restart replays
+
+
+def write_trial_plan(trial_dir: Path, plan: Any) -> None:
+    """Every public input of the trial's training (configuration with the public seed, T, noise), on disk
+    before its first charge."""
+    _atomic_json(trial_dir / TRIAL_PLAN_FILE, {"config": plan.config.to_dict(), "iterations": plan.iterations,
+                                               "noise_factor": plan.noise_factor, "how": plan.how})
+
+
+def read_trial_plan(trial_dir: Path) -> dict[str, Any] | None:
+    path = trial_dir / TRIAL_PLAN_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# Fault tests only: "PHASE[,PHASE…]:MARKER_DIR" SIGKILLs the driver once at each phase (before_trials,
+# mid_trial, between_trials, finish_search, writing_release); MARKER_DIR/PHASE records that it fired.
+KILL_DRIVER_ENV = "DPAF_TEST_KILL_DRIVER_AT"
+DRIVER_PID_ENV = "DPAF_TEST_DRIVER_PID"  # set by the driver, inherited by the Ray processes it starts
+FAULT_PHASES = ("before_trials", "mid_trial", "between_trials", "finish_search", "writing_release")
+
+
+def _kill_driver(phase: str, detail: str = "") -> None:
+    spec = os.environ.get(KILL_DRIVER_ENV)
+    if not spec:
+        return
+    phases, marker_dir = spec.rsplit(":", 1)
+    marker = Path(marker_dir) / phase
+    if phase not in phases.split(",") or marker.exists():
+        return
+    marker.write_text(detail)
+    driver = int(os.environ.get(DRIVER_PID_ENV, os.getpid()))
+    os.kill(driver, signal.SIGKILL)
+    if driver != os.getpid():  # a trial's process dies with its driver, as on a lost head node
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _driver_kill_hook(phase: str, at: int) -> Callable[[int], None] | None:
+    """A `before_iteration` hook that kills the driver before iteration `at` (fault tests only)."""
+    if not os.environ.get(KILL_DRIVER_ENV):
+        return None
+    return lambda t: _kill_driver(phase, str(t)) if t == at else None
+
+
 def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) -> None:
     """A Tune function trainable: fit T under the reference, train, score, report.
 
     Its private randomness comes from the search secret: the split (one for all trials) and
-    the trial's own secret, a child keyed by the trial id. A trial that Tune restarts from
-    scratch therefore repeats the same releases exactly, and reveals nothing new."""
+    the trial's own secret, a child keyed by the trial id.
+
+    A trial that Tune restarts (a resumed search continues the trials a dead driver left running)
+    keeps every public input of its first attempt: the plan (public seed, T, noise) is written to
+    TRIAL/plan.json before anything is charged and read back on restart, and training continues from
+    the trial's last checkpoint. Every draw of iteration t is keyed by (trial secret, t) or (seed, t),
+    so an iteration the write-ahead journal already charged is replayed with the same noise on the
+    same sums: it releases nothing new and is not charged again (`train_loop(replay_charged=True)`),
+    and the trial's ledger stays the one mechanism fitted under the reference (DESIGN rule 17). A
+    fresh secret per attempt would instead need every attempt's charge under the one reference,
+    leaving a restarted trial only what its first attempt had not spent."""
     import ray.tune
     from ray.tune import Checkpoint
 
@@ -233,12 +289,28 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     sampled = {k: v for k, v in config.items() if k != "_static"}
     context = ray.tune.get_context()
     trial_name, trial_id = context.get_trial_name(), context.get_trial_id()
+    trial_dir = Path(static["trials_dir"]) / trial_name
+    if not trial_dir.exists() and list(Path(static["trials_dir"]).glob("*/trial.json")):
+        _kill_driver("between_trials")  # fault tests: after one trial finished, before this one starts
+    trial_dir.mkdir(parents=True, exist_ok=True)  # first: every trial that started has a folder (a run)
+    if (trial_dir / "trial.json").exists():  # finished before the driver died: nothing to redo
+        done = json.loads((trial_dir / "trial.json").read_text())
+        ray.tune.report({"score": done["score"], "epsilon_trial": done["epsilon_trial"],
+                         "iterations": done["iterations"], "noise_factor": done["noise_factor"]},
+                        checkpoint=Checkpoint.from_directory(str(trial_dir)))
+        return
     trial_secret = search_secret.child(f"trial/{trial_id}")
     split_key = search_secret.child(SPLIT_LABEL)
     target_eps, target_delta = ss.search_target()  # (ε, δ), or (ε_s, δ_s) on a subsample
-    cfg = TrainConfig.from_dict({**trial_knobs(ss, sampled), "dataset": ss.dataset, "data_root": ss.data_root,
-                                 "epsilon": target_eps, "delta": target_delta, "num_classes": ss.num_classes,
-                                 "seed": secrets.randbits(31), "time_budget_minutes": ss.time_budget_minutes})
+    journal = WriteAheadLedger(trial_dir / "ledger.json")
+    saved = read_trial_plan(trial_dir)
+    if saved is None and journal.load() is not None:
+        raise RuntimeError(f"{trial_dir} holds charges but no {TRIAL_PLAN_FILE}: an attempt that cannot be replayed "
+                           "identically; the trial counts as a run that failed")
+    cfg = (TrainConfig.from_dict(saved["config"]) if saved is not None else
+           TrainConfig.from_dict({**trial_knobs(ss, sampled), "dataset": ss.dataset, "data_root": ss.data_root,
+                                  "epsilon": target_eps, "delta": target_delta, "num_classes": ss.num_classes,
+                                  "seed": secrets.randbits(31), "time_budget_minutes": ss.time_budget_minutes}))
     cfg = dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))  # as clamp_group
     subsample = None
     if ss.subsample_fraction is not None:  # only the subsample (validation side included), from the search secret
@@ -248,24 +320,30 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     data = load_training_data(cfg, split_key, subsample)
     score_noise = None if ss.public_validation else ss.score_noise
     cfg.validate(data.expected_train)
-    T, how = trial_iterations(ss, cfg, data.shape, data.num_classes, data.expected_train)
-    P = schedule_for(cfg, data.expected_train).prefix_iterations  # T GAN iterations after the classifier phase
-    fit = fit_trial(schedule_for(cfg, data.expected_train), P + T, score_noise, reference)
-    base_agg, base_sgd = cfg.base_sigmas()  # as sampled, or the noise split at σ_sgd = 1
-    cfg = dataclasses.replace(cfg, iterations=T, sigma_agg=base_agg * fit.noise_factor,
-                              sigma_sgd=base_sgd * fit.noise_factor)
-    cfg.validate(data.expected_train)
-    plan = TrainingPlan(cfg, schedule_for(cfg, data.expected_train), P + T, float("nan"), fit.noise_factor,
-                        f"{how}; noise fitted under the reference")
-    trial_dir = Path(static["trials_dir"]) / trial_name
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    journal = WriteAheadLedger(trial_dir / "ledger.json")
+    if saved is None:
+        T, how = trial_iterations(ss, cfg, data.shape, data.num_classes, data.expected_train)
+        P = schedule_for(cfg, data.expected_train).prefix_iterations  # T GAN iterations after the classifier phase
+        fit = fit_trial(schedule_for(cfg, data.expected_train), P + T, score_noise, reference)
+        base_agg, base_sgd = cfg.base_sigmas()  # as sampled, or the noise split at σ_sgd = 1
+        cfg = dataclasses.replace(cfg, iterations=T, sigma_agg=base_agg * fit.noise_factor,
+                                  sigma_sgd=base_sgd * fit.noise_factor)
+        cfg.validate(data.expected_train)
+        plan = TrainingPlan(cfg, schedule_for(cfg, data.expected_train), P + T, float("nan"), fit.noise_factor,
+                            f"{how}; noise fitted under the reference")
+        write_trial_plan(trial_dir, plan)  # before the first charge: a restart replays exactly this plan
+    else:
+        plan = TrainingPlan(cfg, schedule_for(cfg, data.expected_train), int(saved["iterations"]), float("nan"),
+                            float(saved["noise_factor"]), f"{saved['how']}; restarted with its first attempt's plan")
+        P, T = plan.schedule.prefix_iterations, int(saved["iterations"]) - plan.schedule.prefix_iterations
+    fit = TrialFit(plan.iterations, plan.noise_factor)
+    kill_hook = _driver_kill_hook("mid_trial", at=min(plan.iterations - 1, cfg.checkpoint_every + 1))
     if ss.num_workers == 0:
         from ..distributed.ray_train import console_line
 
-        result = train_loop(plan, data.train, len(data.train), sink=TrialProgressSink(),
+        result = train_loop(plan, data.train, len(data.train), sink=TrialCheckpointSink(trial_dir),
                             progress=lambda m: console_line(f"{trial_name}: {m}"), secret=trial_secret,
-                            journal=journal, device=trial_device(ss))  # the GPU share the trial holds, when use_gpu
+                            journal=journal, device=trial_device(ss),  # the GPU share the trial holds, when use_gpu
+                            before_iteration=kill_hook, replay_charged=True)
     else:
         from ..distributed.ray_train import fit_with_ray_train
 
@@ -274,7 +352,14 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
                                     name=f"{trial_name}-train", max_failures=0,
                                     cpus_per_worker=ss.cpus_per_worker, gpus_per_worker=ss.gpus_per_worker,
                                     storage_path=static["train_storage"],
-                                    report_defaults={"score": float("nan")}, subsample=subsample)
+                                    report_defaults={"score": float("nan")}, subsample=subsample,
+                                    replay_charged=True)
+    if any(isinstance(e, Gaussian) for e in (journal.load() or result.ledger).entries):
+        # An earlier attempt charged the score and died before recording it. Its classifier need not be
+        # bit-identical to a new one (GPU), so the same score noise on a recount is no replay: fail the trial
+        # (a crashed trial counts as a run) rather than release a second noisy count.
+        raise RuntimeError(f"{trial_name}: an earlier attempt already charged and computed the noisy score but "
+                           "never recorded it; the trial counts as a run that failed")
     ledger = result.ledger
     generator = result.trainer.released_generator().eval()
     # Synthetic set and scoring classifier on the training device (a worker's share, for Ray Train).
@@ -345,6 +430,10 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     from ..data import check_image_shape, load_dataset
     from .resources import check_search_hardware, trial_resources
 
+    out = out.absolute()
+    if resume and (out / RELEASE_DIR).exists():  # a release is never rewritten (DESIGN rule 17)
+        progress(released_message(out))
+        return out / RELEASE_DIR
     # Before anything is written or charged: the search fits this machine or the cluster
     # (max_concurrent_trials × workers × GPU share), so no trial waits for resources forever.
     check_search_hardware(ss, address)
@@ -352,18 +441,22 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
         from ..run import resolve_device
 
         resolve_device(True, 0)  # the final run trains in this process: it needs a GPU here, before anything is charged
-    out = out.absolute()
     trials_dir = out / "trials"
     state_path = trials_dir / STATE_FILE
+    storage = storage_path or str(trials_dir / "ray_tune")
+    name = "search"
     if resume:
         if not state_path.exists():
             raise FileNotFoundError(f"--resume {out}: no {STATE_FILE} there; start a new search with --out")
         state = json.loads(state_path.read_text())
         secret = load_search_secret(out)
+        if state["num_trials"] and not (Path(storage) / name).exists():
+            check_no_trials_beside_fresh_tuner(out, Path(storage) / name)
         progress(f"resuming the search in {out}")
     else:
         if state_path.exists():
             raise FileExistsError(f"{out} already holds a search; use --resume {out} or another --out")
+        check_no_earlier_search(out)
         ds = load_dataset(ss.dataset, "train", ss.data_root, num_classes=ss.num_classes)
         check_image_shape(ds)
         state = plan_search(ss, len(ds), ds.shape, ds.num_classes)
@@ -401,6 +494,8 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
         progress(f"plan: WARNING: {w}")
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    if os.environ.get(KILL_DRIVER_ENV):  # fault tests: the trials' processes learn whom to kill
+        os.environ[DRIVER_PID_ENV] = str(os.getpid())
     from ..distributed.ray_train import ensure_ray
 
     if address or os.environ.get("RAY_ADDRESS"):
@@ -422,8 +517,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     # through the trial config, which Tune writes to params.json.
     trainable = tune.with_resources(tune.with_parameters(_trainable_with_static(static), search_secret=secret),
                                     resources)
-    storage = storage_path or str(trials_dir / "ray_tune")
-    name = "search"
+    _kill_driver("before_trials")  # fault tests: charged and planned, no trial started
     if k == 0:
         progress("the drawn number of trials is 0 (Poisson): nothing is trained; the release holds only the report")
         results = None
@@ -432,6 +526,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
         results = tuner.fit()
     else:
+        check_no_trials_beside_fresh_tuner(out, Path(storage) / name)  # again, at the last moment
         space = {p.name: p.optuna_distribution() for p in ss.params}
         sampler = (optuna.samplers.RandomSampler(seed=state["sampler_seed"]) if ss.search == "random"
                    else optuna.samplers.TPESampler(seed=state["sampler_seed"]))
@@ -515,15 +610,23 @@ def finished_trial_files(out: Path) -> list[Path]:
     return sorted((out / "trials").glob("*/trial.json"))
 
 
-class TrialProgressSink:
-    """An in-process trial's progress for Tune's table and the dashboard (no checkpoints: a trial
-    is never retried, and its ledger is journaled in its folder)."""
+class TrialCheckpointSink:
+    """An in-process trial's checkpoints (TRIAL/checkpoint/, private: they hold the trial secret), from
+    which a restarted trial continues, and its progress for Tune's table and the dashboard."""
 
-    def latest(self) -> None:
-        return None
+    def __init__(self, trial_dir: Path) -> None:
+        self.dir = Path(trial_dir) / "checkpoint"
+
+    def latest(self) -> dict[str, Any] | None:
+        from ..training.checkpoint import read_checkpoint_dir
+
+        return read_checkpoint_dir(self.dir)
 
     def save(self, state: dict[str, Any], metrics: dict[str, Any]) -> None:
-        pass
+        from ..training.checkpoint import write_checkpoint_dir
+
+        write_checkpoint_dir(self.dir, state)
+        os.chmod(self.dir / "state.pt", 0o600)
 
     def report(self, metrics: dict[str, Any]) -> None:
         import ray.tune
@@ -550,6 +653,86 @@ def _trainable_with_static(static: dict[str, Any]) -> Callable[..., None]:
     return dpaf_trial
 
 
+RELEASE_DIR = "release"
+NOT_TRIAL_DIRS = ("ray_tune", "ray_train")  # Tune's and Train's default storage, beside the trial folders
+
+
+class SearchRefused(ConfigError):
+    """A run directory a search cannot continue soundly as it stands; the message names the folder and the
+    operator's choices (exit code 2, and nothing already written is touched)."""
+
+
+def trial_folders(out: Path) -> list[Path]:
+    """Every trial that started: its folder in OUT/trials, made before it reads data or charges anything.
+    Counted from the disk, not from what Tune says: a Tune experiment can be lost or replaced."""
+    root = Path(out) / "trials"
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name not in NOT_TRIAL_DIRS) if root.exists() else []
+
+
+def released_message(out: Path) -> str:
+    """Where an existing release is and what it cost (from its own report)."""
+    report_path = Path(out) / RELEASE_DIR / "privacy_report.json"
+    try:
+        report = json.loads(report_path.read_text())
+        cost = f"ε={report['epsilon']:.3f} at δ={report['delta']:g} (target ε={report['target_epsilon']:g})"
+    except (OSError, ValueError, KeyError) as err:
+        cost = f"its report could not be read ({err})"
+    return (f"the search in {out} is already released: {Path(out) / RELEASE_DIR}, {cost}. Nothing was run and the "
+            "release was not touched; a new search needs another --out")
+
+
+def check_no_earlier_search(out: Path) -> None:
+    """A new search never starts where an earlier one left trials or a charged ledger without its state."""
+    folders = trial_folders(out)
+    if folders or (Path(out) / "ledger.json").exists():
+        held = f"{len(folders)} trial folder(s) in {Path(out) / 'trials'}" if folders else "a charged ledger.json"
+        raise SearchRefused(f"{out} holds {held} of an earlier search but no trials/{STATE_FILE}: a new search there "
+                            "would mix its trials with them or overwrite what was charged; use another --out")
+
+
+def check_no_trials_beside_fresh_tuner(out: Path, tune_experiment: Path) -> None:
+    """A fresh Tuner runs K new trials: never beside trials already in OUT/trials, which the release
+    would then select among (more than the K the ledger charges)."""
+    folders = trial_folders(out)
+    if not folders:
+        return
+    listed = ", ".join(p.name for p in folders[:5]) + (", …" if len(folders) > 5 else "")
+    raise SearchRefused(
+        f"--resume {out}: Tune's experiment folder {tune_experiment} is missing (another --storage-path, or "
+        f"deleted), but {Path(out) / 'trials'} already holds {len(folders)} trial folder(s) ({listed}). A fresh "
+        "Tuner would run the drawn number of trials again beside them and select among more than the ledger "
+        f"charges. Either resume with the --storage-path under which `{tune_experiment.name}/` lives, or delete "
+        f"those trial folders to run the search's trials afresh: {Path(out) / 'ledger.json'} stays as charged "
+        "(nothing already charged is refunded) and only the new trials are selected from")
+
+
+def check_selection_within_k(out: Path, k: int) -> None:
+    """The release selects among at most the K trials the ledger charged (finished or failed: every trial
+    folder is a run)."""
+    folders = trial_folders(out)
+    if len(folders) > k:
+        raise SearchRefused(
+            f"{Path(out) / 'trials'} holds {len(folders)} trial folders, more than the number of trials this "
+            f"search drew and charged (kept in trials/{STATE_FILE}): releasing the best of them would select "
+            "among more runs than the ledger covers, so nothing is released. Trial folders from another attempt "
+            "were added to this run directory; remove them (keep this search's own), then --resume")
+
+
+def _killable(artefacts: Path | Callable[[Path], Any]) -> Callable[[Path], None]:
+    """The release's artefacts written into release.tmp, with the fault tests' kill point after them."""
+    from ..release import ARTEFACT_FILES
+
+    def write(directory: Path) -> None:
+        if callable(artefacts):
+            artefacts(directory)
+        else:
+            for name in ARTEFACT_FILES:
+                shutil.copy2(Path(artefacts) / name, directory / name)
+        _kill_driver("writing_release")
+
+    return write
+
+
 def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: Any,
                   progress: Callable[[str], None]) -> Path:
     """Release the best finished trial with the search's report. With K ≥ 1 and no trial
@@ -559,6 +742,11 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
     from ..training.outputs import generate, label_balance_warning, write_artefacts
     from .results import load_trials, plot_trials
 
+    if (out / RELEASE_DIR).exists():
+        raise SearchRefused(f"{out / RELEASE_DIR} exists: a release is never rewritten (a second release would be "
+                            f"charged nowhere). {released_message(out)}")
+    check_selection_within_k(out, state["num_trials"])
+    _kill_driver("finish_search")  # fault tests
     trials = load_trials(out)
     finished = [t for t in trials if t.status == "finished"]
     best_trial = max(finished, key=lambda t: t.score) if finished else None
@@ -573,7 +761,7 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
                  if state["num_trials"] else "K = 0 trials were drawn: nothing was trained"}
     if ss.subsample_fraction is None:
         report = search_privacy_report(ss, state, best["knobs"] if best else None)
-        release = write_release(out, best_trial.path if best_trial else None, score, report)
+        release = write_release(out, _killable(best_trial.path) if best_trial else None, score, report)
     else:  # the best knobs trained once on all records; that generator is released
         final = run_final(ss, state, out, best["knobs"], progress) if best else None
         report = subsampled_privacy_report(ss, state, best["knobs"] if best else None, final)
@@ -582,7 +770,8 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
                              "ε); the released generator is the final run's, trained on all records, and is not scored")
         generator = final.trainer.released_generator().eval() if final else None
         synthetic = generate(generator, ss.num_synthetic) if final else None
-        release = write_release(out, (lambda d: write_artefacts(d, generator, ss.num_synthetic, synthetic=synthetic))
+        release = write_release(out, _killable(lambda d: write_artefacts(d, generator, ss.num_synthetic,
+                                                                        synthetic=synthetic))
                                 if final else None, score, report)
         if final:  # the released set is the final run's, not the best trial's
             warning = label_balance_warning(generator, synthetic)
