@@ -213,3 +213,109 @@ def test_a_restarted_attempt_replays_the_same_noise_on_the_same_sums_and_charges
     assert torch.equal(_params(resumed), _params(whole))  # the same releases, so the same model
     assert resumed.ledger.entries == whole.ledger.entries == journal.load().entries
     assert charged_iterations(journal.load()) == plan.iterations
+
+
+# ------------------------------------------------- SIGKILL the driver at each phase, then resume
+
+
+def _charged_within_reference(out: Path, state: dict) -> None:
+    """Every trial's journal (what it charged) lies under the reference at every order."""
+    ref = Reference.from_json(state["reference"])
+    ref_curve = rdp_curve(ref.entries(), ref.orders)
+    finite = np.isfinite(ref_curve)
+    for journal in (out / "trials").glob("*/ledger.json"):
+        curve = rdp_curve(PrivacyLedger.load(journal).entries, ref.orders)
+        assert not (finite & (curve > ref_curve * (1 + 1e-9) + 1e-12)).any(), journal
+
+
+def _kill_tagged(tag: str) -> None:
+    from test_tune_e2e import _tagged_pids
+
+    for _ in range(20):
+        pids = _tagged_pids(tag)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_sigkill_of_the_driver_at_every_phase_then_resume_releases_once_within_k(tmp_path):
+    """K = 2 in-process trials (TPE: a fixed K). The driver is SIGKILLed once at each phase — before the
+    first trial, mid-trial, between trials, inside finish_search, while writing release/ — and resumed each
+    time. After every run: the search's charge is on disk, each trial's journal lies under the reference and
+    covers every iteration it executed, at most K trial folders exist, and release/ is absent or whole and
+    never rewritten. At the end the interrupted trial has completed and the release is recomputable."""
+    import dp_accounting
+
+    from test_tune_e2e import _start, _tail, dp_event
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(search="tpe", expected_trials=2)
+    raw["trial"]["num_workers"] = 0  # in-process trials: no Train workers to start (CI time)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out, markers = tmp_path / "run", tmp_path / "markers"
+    markers.mkdir()
+    os.environ[KILL_DRIVER_ENV] = ",".join(FAULT_PHASES) + f":{markers}"
+    args = ["--search-space", str(space), "--out", str(out)]
+    release_seen = None
+    rc, log = None, None
+    try:
+        for run in range(len(FAULT_PHASES) + 2):
+            log, tag = tmp_path / f"run{run}.log", uuid.uuid4().hex
+            proc = _start(args, log, tag)
+            try:
+                rc = proc.wait(600)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(30)
+                _kill_tagged(tag)
+            state_path = out / "trials" / "search_state.json"
+            if state_path.exists():
+                state = json.loads(state_path.read_text())
+                ledger = PrivacyLedger.load(out / "ledger.json")  # charged before any trial
+                assert ledger.epsilon(raw["delta"]) <= raw["epsilon"]
+                folders = [p for p in (out / "trials").iterdir() if p.is_dir() and not p.name.startswith("ray_")]
+                assert len(folders) <= state["num_trials"] == 2, [p.name for p in folders]
+                _charged_within_reference(out, state)
+            mid = markers / "mid_trial"
+            if mid.exists():  # the killed trial's journal covers every iteration it executed
+                trial, t = mid.read_text().rsplit(":", 1)
+                assert charged_iterations(PrivacyLedger.load(out / "trials" / trial / "ledger.json")) >= int(t)
+            if (out / "release").exists():
+                assert sorted(p.name for p in (out / "release").iterdir()) == sorted(RELEASE_FILES)
+                snap = _snapshot(out / "release")
+                assert release_seen in (None, snap), "release/ was rewritten"
+                release_seen = snap
+            if rc == 0:
+                break
+            assert rc == -signal.SIGKILL, f"run {run}: exit {rc}\n{_tail(log)}"
+            args = ["--resume", str(out)]
+    finally:
+        os.environ.pop(KILL_DRIVER_ENV, None)
+    assert rc == 0, _tail(log)
+    assert sorted(p.name for p in markers.iterdir()) == sorted(FAULT_PHASES)
+    assert sorted(p.name for p in (out / "release").iterdir()) == sorted(RELEASE_FILES)
+    report = json.loads((out / "release" / "privacy_report.json").read_text())
+    acc = dp_accounting.rdp.RdpAccountant(list(report["orders"]))  # recomputed from the report alone
+    acc.compose(dp_accounting.ComposedDpEvent([dp_event(e) for e in report["events"]]))
+    assert acc.get_epsilon(raw["delta"]) == pytest.approx(report["epsilon"], rel=1e-9) <= raw["epsilon"]
+    assert report["epsilon"] == pytest.approx(PrivacyLedger.load(out / "ledger.json").epsilon(raw["delta"]))
+    trials = sorted((out / "trials").glob("*/trial.json"))
+    folders = [p for p in (out / "trials").iterdir() if p.is_dir() and not p.name.startswith("ray_")]
+    assert len(trials) == len(folders) == 2, "every trial, the interrupted one included, completed"
+    for path in trials:
+        t = json.loads(path.read_text())
+        assert t["iterations"] == t["iterations_planned"]
+        assert t["epsilon_trial"] <= t["epsilon_reference"] * (1 + 1e-9)
+    # one more resume: the release stays as it is
+    rc = subprocess.run([sys.executable, "tune.py", "--resume", str(out)], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300).returncode
+    assert rc == 0 and _snapshot(out / "release") == release_seen

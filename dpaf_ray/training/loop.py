@@ -140,6 +140,10 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
     if replay_charged and collective.rank == 0:  # identical replays of what the journal charged (see above)
         charged_through = max(charged_through, charged_iterations(ledger) - charged_iterations(initial_ledger))
     executed = PrivacyLedger(list(ledger.entries))  # what had run (or been charged) before this attempt
+    if replay_charged:  # the journal also holds the charged window this attempt replays: count up to `start`
+        executed = PrivacyLedger(list(initial_ledger.entries) if initial_ledger else [])
+        for i in range(start):
+            executed.charge_poisson_gaussian(*plan.schedule.release_at(i))
 
     window = max(1, cfg.checkpoint_every)
     t0 = time.time()

@@ -247,11 +247,30 @@ def _kill_driver(phase: str, detail: str = "") -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _driver_kill_hook(phase: str, at: int) -> Callable[[int], None] | None:
-    """A `before_iteration` hook that kills the driver before iteration `at` (fault tests only)."""
+def _driver_kill_hook(phase: str, at: int, label: str) -> Callable[[int], None] | None:
+    """A `before_iteration` hook that kills the driver before iteration `at` (fault tests only); the
+    marker records `label:at`."""
     if not os.environ.get(KILL_DRIVER_ENV):
         return None
-    return lambda t: _kill_driver(phase, str(t)) if t == at else None
+    return lambda t: _kill_driver(phase, f"{label}:{t}") if t == at else None
+
+
+def _wait_until_tune_records(trial_id: str, experiment: str | None, timeout: float = 60.0) -> None:
+    """Before a trial touches data, wait (a while) until Tune's experiment state on disk lists it: a trial
+    that a dead driver had started but Tune never recorded would be replaced by a new one on resume, and
+    its folder would then count as a run beyond K (finish_search refuses that; this makes it rare).
+    Local storage only; elsewhere the refusal alone holds."""
+    if not experiment or not Path(experiment).is_dir():
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for state in Path(experiment).glob("experiment_state*.json"):
+            try:
+                if trial_id in state.read_text():
+                    return
+            except OSError:
+                pass
+        time.sleep(0.5)
 
 
 def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) -> None:
@@ -292,6 +311,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     trial_dir = Path(static["trials_dir"]) / trial_name
     if not trial_dir.exists() and list(Path(static["trials_dir"]).glob("*/trial.json")):
         _kill_driver("between_trials")  # fault tests: after one trial finished, before this one starts
+    _wait_until_tune_records(trial_id, static.get("tune_experiment"))
     trial_dir.mkdir(parents=True, exist_ok=True)  # first: every trial that started has a folder (a run)
     if (trial_dir / "trial.json").exists():  # finished before the driver died: nothing to redo
         done = json.loads((trial_dir / "trial.json").read_text())
@@ -336,7 +356,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
                             float(saved["noise_factor"]), f"{saved['how']}; restarted with its first attempt's plan")
         P, T = plan.schedule.prefix_iterations, int(saved["iterations"]) - plan.schedule.prefix_iterations
     fit = TrialFit(plan.iterations, plan.noise_factor)
-    kill_hook = _driver_kill_hook("mid_trial", at=min(plan.iterations - 1, cfg.checkpoint_every + 1))
+    kill_hook = _driver_kill_hook("mid_trial", min(plan.iterations - 1, cfg.checkpoint_every + 1), trial_name)
     if ss.num_workers == 0:
         from ..distributed.ray_train import console_line
 
@@ -494,6 +514,9 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
         progress(f"plan: WARNING: {w}")
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Tune writes its experiment state (which trials exist) at most this often: every step, so that a trial is
+    # on disk before it touches data (`_wait_until_tune_records`) and a resume restarts it instead of a new one.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     if os.environ.get(KILL_DRIVER_ENV):  # fault tests: the trials' processes learn whom to kill
         os.environ[DRIVER_PID_ENV] = str(os.getpid())
     from ..distributed.ray_train import ensure_ray
@@ -502,7 +525,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
         ensure_ray(address)  # the cluster's head must offer the `trial_slot` resource (see clusters/)
     else:
         ensure_ray(None, resources={"trial_slot": ss.max_concurrent_trials}, include_dashboard=True)
-    static = {**state, "trials_dir": str(trials_dir),
+    static = {**state, "trials_dir": str(trials_dir), "tune_experiment": str(Path(storage) / name),
               "train_storage": storage_path or str(trials_dir / "ray_train")}
     # The trial itself only waits on its Train workers: it holds a `trial_slot`, not a CPU,
     # so a trial plus its workers never deadlock on a small machine (DESIGN §9).
