@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import ConfigError, TrainConfig
-from ..privacy.ledger import Gaussian, PrivacyLedger
+from ..privacy.ledger import Gaussian, PrivacyConfigError, PrivacyLedger
 from ..privacy.randomness import RunSecret
 from ..privacy.report import data_assumptions, privacy_report
 from ..privacy.subsample import SUBSAMPLED_ACCOUNTING, composed_privacy
@@ -45,17 +45,12 @@ from ..privacy.tuning import (
 from .search_space import SearchSpace
 
 STATE_FILE = "search_state.json"
-# Knobs whose single-run default a search replaces: the reference is planned before any data is seen,
-# so the classifier phase is off unless the space fixes or searches it (a single run's default turns
-# it on where its planned noise is small enough, which would change the trials' shape).
-SEARCH_DEFAULTS: dict[str, Any] = {"classifier_steps": 0}
 
 
 def trial_knobs(ss: SearchSpace, sampled: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The fixed knobs with `sampled` on top, and SEARCH_DEFAULTS wherever the space leaves one open
-    (absent or null): one rule for the reference, every trial and the checks before Ray starts."""
-    knobs = {**ss.fixed, **(sampled or {})}
-    return {**knobs, **{k: v for k, v in SEARCH_DEFAULTS.items() if knobs.get(k) is None}}
+    """The fixed knobs with `sampled` on top. Whatever the space leaves open keeps `train`'s default, so
+    the planner resolves it (the DP label-classifier phase included) as it would for a single run."""
+    return {**ss.fixed, **(sampled or {})}
 
 
 def validation_fraction(ss: SearchSpace) -> float:
@@ -76,24 +71,15 @@ def reference_batch_size(ss: SearchSpace) -> int:
     return max(sizes) if sizes else int(ss.fixed.get("batch_size", TrainConfig.batch_size))
 
 
-def reference_classifier_steps(ss: SearchSpace) -> int:
+def reference_classifier_steps(ss: SearchSpace) -> int | None:
     """The planned trial's classifier phase: reference.classifier_steps, else the longest the space
     can draw, so that a trial drawn with the phase fits under the reference without extra noise
-    (one drawn without it fits with slack)."""
+    (one drawn without it fits with slack); None where the space does not search it (the fixed value,
+    or the planner's default tiers, as for a single run)."""
     if ss.reference_classifier_steps is not None:
         return ss.reference_classifier_steps
     steps = [int(v) for p in ss.params if p.name == "classifier_steps" for v in p.extremes()]
-    return max(steps) if steps else int(trial_knobs(ss)["classifier_steps"])
-
-
-def reference_config(ss: SearchSpace) -> TrainConfig:
-    """The planned trial: the fixed knobs and the measured defaults, at the reference batch size
-    and classifier phase."""
-    cfg = TrainConfig.from_dict({**trial_knobs(ss), "batch_size": reference_batch_size(ss),
-                                 "classifier_steps": reference_classifier_steps(ss), "dataset": ss.dataset,
-                                 "data_root": ss.data_root, "num_classes": ss.num_classes, "epsilon": ss.epsilon,
-                                 "delta": ss.delta, "time_budget_minutes": ss.time_budget_minutes})
-    return dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))
+    return max(steps) if steps else None
 
 
 def epoch_matched_iterations(iterations: int, reference_batch: int, batch_size: int) -> int:
@@ -103,25 +89,80 @@ def epoch_matched_iterations(iterations: int, reference_batch: int, batch_size: 
     return max(1, round(iterations * reference_batch / batch_size))
 
 
-def trial_iterations(ss: SearchSpace, cfg: TrainConfig, shape: tuple[int, int, int], num_classes: int,
-                     n_train: float, device: str = "cpu") -> tuple[int, str]:
-    """T of a trial, planned like a single run: trial.iterations (at the reference batch size;
-    a trial with another batch runs the same number of epochs), else a speed probe against
-    trial.time_budget_minutes (on generated data: no privacy cost), else the resolution's default."""
-    from ..training.plan import default_iterations, iterations_wanted
-    from ..training.probe import seconds_per_iteration
+def trial_config(ss: SearchSpace, sampled: dict[str, Any] | None, epsilon: float, delta: float,
+                 seed: int | None = None, iterations: int | None = None) -> TrainConfig:
+    """A trial's run as `python -m dpaf_ray train` would take it: the fixed and sampled knobs at the trial's
+    budget, with the search's compute as train's flags (trial.iterations as --iterations, at the reference
+    batch and as many epochs at another; trial.time_budget_minutes as --time-budget-minutes); a space that
+    sets neither gets train's default T and default classifier phase."""
+    knobs = trial_knobs(ss, sampled)
+    batch = int(knobs.get("batch_size") or TrainConfig.batch_size)
+    if iterations is None and ss.trial_iterations is not None:
+        iterations = epoch_matched_iterations(ss.trial_iterations, reference_batch_size(ss), batch)
+    cfg = TrainConfig.from_dict({**knobs, "dataset": ss.dataset, "data_root": ss.data_root,
+                                 "num_classes": ss.num_classes, "epsilon": epsilon, "delta": delta, "seed": seed,
+                                 "iterations": iterations, "time_budget_minutes": ss.time_budget_minutes})
+    return dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))  # as clamp_group
 
-    ref_b = reference_batch_size(ss)
-    if ss.time_budget_minutes is not None and ss.trial_iterations is None:
-        speed = seconds_per_iteration(cfg, shape, num_classes, n_train, device)
-        timed = dataclasses.replace(cfg, iterations=None, epochs=None, time_budget_minutes=ss.time_budget_minutes)
-        return iterations_wanted(timed, cfg.sampling_rate(n_train), shape[1], speed)
-    base, how = ((ss.trial_iterations, "trial.iterations") if ss.trial_iterations is not None
-                 else (default_iterations(shape[1]), f"the default for {shape[1]}×{shape[2]}"))
-    if cfg.batch_size == ref_b:
-        return base, how
-    return (epoch_matched_iterations(base, ref_b, cfg.batch_size),
-            f"{how} at B={ref_b}, as many epochs at B={cfg.batch_size}")
+
+def reference_config(ss: SearchSpace) -> TrainConfig:
+    """The planned trial's run configuration before the planner: the fixed knobs at the reference batch size
+    and classifier phase, at the search's budget."""
+    sampled: dict[str, Any] = {"batch_size": reference_batch_size(ss)}
+    steps = reference_classifier_steps(ss)
+    if steps is not None:
+        sampled["classifier_steps"] = steps
+    return trial_config(ss, sampled, *ss.search_target())
+
+
+def plan_trial(ss: SearchSpace, sampled: dict[str, Any] | None, epsilon_trial: float, delta: float, n_train: float,
+               image_size: int, seconds_per_iteration: float | None = None, seed: int | None = None,
+               iterations: int | None = None) -> Any:
+    """A trial's training, planned by `train`'s planner (`training.plan.plan_training`: its T rules, phase
+    tiers and release knobs) at the trial's budget ε_trial and the public N: one planner for both paths."""
+    return plan_run(trial_config(ss, sampled, epsilon_trial, delta, seed, iterations), n_train, image_size,
+                    seconds_per_iteration)
+
+
+def plan_run(cfg: TrainConfig, n_train: float, image_size: int, seconds_per_iteration: float | None = None) -> Any:
+    """`plan_training`, except for a drawn σ with a given T: `train` would refuse it past the budget; in a
+    search it is a point of the noise split, scaled with the other σ to lie under the reference
+    (`under_reference`), as it always was."""
+    from ..training.plan import TrainingPlan, plan_training, schedule_for
+
+    if cfg.explicit_noise and cfg.iterations is not None:
+        sigma_agg, sigma_sgd = cfg.base_sigmas()
+        cfg = dataclasses.replace(cfg, sigma_agg=sigma_agg if cfg.model == "dpaf" else cfg.sigma_agg,
+                                  sigma_sgd=sigma_sgd, classifier_steps=cfg.classifier_steps or 0)
+        return TrainingPlan(cfg, schedule_for(cfg, n_train), cfg.prefix_iterations + cfg.iterations, float("nan"),
+                            1.0, "--iterations; noise as drawn", seconds_per_iteration)
+    return plan_training(cfg, n_train, image_size, seconds_per_iteration)
+
+
+def under_reference(plan: Any, score_noise: float | None, reference: Reference, n_train: float) -> Any:
+    """The plan with its noise multipliers scaled together to the least with which its iterations and its
+    noisy score lie under the reference at every order (fit_trial). A trial shaped like the reference keeps
+    its planned noise up to the calibration's tolerance (≈ 0.1 %); another shape gets what fits."""
+    from ..training.plan import TrainingPlan, schedule_for
+
+    factor = fit_trial(plan.schedule, plan.iterations, score_noise, reference).noise_factor
+    cfg = plan.config
+    cfg = dataclasses.replace(cfg, sigma_agg=cfg.sigma_agg * factor if cfg.model == "dpaf" else cfg.sigma_agg,
+                              sigma_sgd=cfg.sigma_sgd * factor)
+    return TrainingPlan(cfg, schedule_for(cfg, n_train), plan.iterations, float("nan"), plan.noise_factor * factor,
+                        f"{plan.how}; noise ×{factor:.4g} to lie under the reference", plan.seconds_per_iteration)
+
+
+def training_epsilon(reference: Reference, delta: float) -> float:
+    """ε_trial: what the reference's training alone spends, on the planner's orders. A single run planned at
+    ε_trial in the reference's shape is the reference's training, and with its noisy score the reference."""
+    return PrivacyLedger(list(reference.schedule.entries(reference.iterations))).epsilon(delta)
+
+
+def _plan_shape(plan: Any) -> str:
+    """Everything of a plan but its noise level: what the reference is shaped from."""
+    cfg = dataclasses.replace(plan.config, sigma_agg=None, sigma_sgd=None, epsilon=1.0, seed=None)
+    return json.dumps([cfg.to_dict(), plan.iterations], sort_keys=True, default=str)
 
 
 def search_records(ss: SearchSpace, n_records: float) -> float:
@@ -135,25 +176,52 @@ def search_train_records(ss: SearchSpace, n_records: float) -> float:
     return (1 - validation_fraction(ss)) * search_records(ss, n_records)
 
 
+def plan_reference(ss: SearchSpace, n_train: float, image_size: int, seconds_per_iteration: float | None = None,
+                   rounds: int = 8) -> tuple[Any, Reference, float]:
+    """The planned trial, its reference and ε_trial, as a fixed point: the reference is shaped like `train`'s
+    plan of the reference knobs at ε_trial, and ε_trial is what that reference's training spends. The plan's
+    shape (T, classifier tier) depends on ε only through public rules, so a few rounds settle it; where the
+    tiers would alternate, the last reference stands (every trial is fitted under it, so the bound holds)."""
+    target_eps, target_delta = ss.search_target()
+    score_noise = None if ss.public_validation else ss.score_noise
+    shape_k = distribution_shape(ss.trials_distribution, ss.tnb_shape)
+    cfg = reference_config(ss)
+    eps_trial, seen, ref_plan, reference = target_eps, None, None, None
+    for _ in range(rounds):
+        try:
+            plan = plan_run(dataclasses.replace(cfg, epsilon=eps_trial), n_train, image_size, seconds_per_iteration)
+        except ConfigError as err:
+            raise PrivacyConfigError(
+                f"the budget ε={target_eps:g} is too small for a search with {ss.expected_trials:g} expected trials: "
+                f"a trial at ε_trial={eps_trial:.3g} cannot be planned ({err}); raise --epsilon, lower "
+                "--expected-trials, or plan shorter trials (trial.iterations)") from err
+        if _plan_shape(plan) == seen:
+            break
+        reference = calibrate_reference(target_eps, target_delta, plan.schedule, plan.iterations, score_noise,
+                                        ss.search, ss.expected_trials, shape_k)
+        eps_trial, seen, ref_plan = training_epsilon(reference, target_delta), _plan_shape(plan), plan
+    return ref_plan, reference, eps_trial
+
+
 def plan_search(ss: SearchSpace, n_records: int, shape: tuple[int, int, int], num_classes: int) -> dict[str, Any]:
     """K, the reference and the sampler's seed; data-independent given the public N, shape and K classes."""
-    from ..training.plan import schedule_for
+    from ..training.probe import seconds_per_iteration
 
     shape_k = distribution_shape(ss.trials_distribution, ss.tnb_shape)
-    score_noise = None if ss.public_validation else ss.score_noise
     cfg = reference_config(ss)
     n_train = search_train_records(ss, n_records)
     cfg.validate(n_train)
-    T, how = trial_iterations(ss, cfg, shape, num_classes, n_train)
-    schedule = schedule_for(cfg, n_train)  # T GAN iterations after any classifier phase, as in a single run
-    target_eps, target_delta = ss.search_target()  # (ε, δ), or (ε_s, δ_s) on a subsample
-    reference = calibrate_reference(target_eps, target_delta, schedule, schedule.prefix_iterations + T, score_noise,
-                                    ss.search, ss.expected_trials, shape_k)
+    speed = None
+    if cfg.iterations is None and cfg.time_budget_minutes is not None:  # generated data: no privacy cost
+        speed = seconds_per_iteration(cfg, shape, num_classes, n_train)
+    ref_plan, reference, eps_trial = plan_reference(ss, n_train, shape[1], speed)
     if ss.search == "random":
         k = sample_num_trials(ss.expected_trials, shape_k)  # cryptographic; never re-drawn
     else:
         k = int(ss.expected_trials)
-    return {"num_trials": k, "shape": shape_k, "reference": reference.to_json(), "reference_iterations_from": how,
+    return {"num_trials": k, "shape": shape_k, "reference": reference.to_json(), "reference_iterations_from": ref_plan.how,
+            "epsilon_trial": eps_trial, "reference_plan": {k2: v for k2, v in ref_plan.config.to_dict().items()
+                                                           if k2 not in ("seed", "data_root", "extra_fixed_releases")},
             "sampler_seed": secrets.randbits(31), "created": time.time(), "search_space": ss.to_dict(),
             "n_records": n_records, "image_shape": list(shape), "num_classes": num_classes}
 
@@ -327,11 +395,9 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     if saved is None and journal.load() is not None:
         raise RuntimeError(f"{trial_dir} holds charges but no {TRIAL_PLAN_FILE}: an attempt that cannot be replayed "
                            "identically; the trial counts as a run that failed")
+    epsilon_trial = float(static.get("epsilon_trial") or training_epsilon(reference, target_delta))
     cfg = (TrainConfig.from_dict(saved["config"]) if saved is not None else
-           TrainConfig.from_dict({**trial_knobs(ss, sampled), "dataset": ss.dataset, "data_root": ss.data_root,
-                                  "epsilon": target_eps, "delta": target_delta, "num_classes": ss.num_classes,
-                                  "seed": secrets.randbits(31), "time_budget_minutes": ss.time_budget_minutes}))
-    cfg = dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))  # as clamp_group
+           trial_config(ss, sampled, epsilon_trial, target_delta, seed=secrets.randbits(31)))
     subsample = None
     if ss.subsample_fraction is not None:  # only the subsample (validation side included), from the search secret
         from ..data.splits import SUBSAMPLE_LABEL, Subsample
@@ -340,21 +406,23 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     data = load_training_data(cfg, split_key, subsample)
     score_noise = None if ss.public_validation else ss.score_noise
     cfg.validate(data.expected_train)
-    if saved is None:
-        T, how = trial_iterations(ss, cfg, data.shape, data.num_classes, data.expected_train)
-        P = schedule_for(cfg, data.expected_train).prefix_iterations  # T GAN iterations after the classifier phase
-        fit = fit_trial(schedule_for(cfg, data.expected_train), P + T, score_noise, reference)
-        base_agg, base_sgd = cfg.base_sigmas()  # as sampled, or the noise split at σ_sgd = 1
-        cfg = dataclasses.replace(cfg, iterations=T, sigma_agg=base_agg * fit.noise_factor,
-                                  sigma_sgd=base_sgd * fit.noise_factor)
+    if saved is None:  # train's planner at ε_trial (one planner), then the least noise under the reference
+        speed = None
+        if cfg.iterations is None and cfg.time_budget_minutes is not None:
+            from ..training.probe import seconds_per_iteration
+
+            speed = seconds_per_iteration(cfg, data.shape, data.num_classes, data.expected_train)
+        planned = plan_trial(ss, sampled, epsilon_trial, target_delta, data.expected_train, data.shape[1], speed,
+                             cfg.seed)
+        plan = under_reference(planned, score_noise, reference, data.expected_train)
+        cfg = plan.config
         cfg.validate(data.expected_train)
-        plan = TrainingPlan(cfg, schedule_for(cfg, data.expected_train), P + T, float("nan"), fit.noise_factor,
-                            f"{how}; noise fitted under the reference")
         write_trial_plan(trial_dir, plan)  # before the first charge: a restart replays exactly this plan
     else:
         plan = TrainingPlan(cfg, schedule_for(cfg, data.expected_train), int(saved["iterations"]), float("nan"),
                             float(saved["noise_factor"]), f"{saved['how']}; restarted with its first attempt's plan")
-        P, T = plan.schedule.prefix_iterations, int(saved["iterations"]) - plan.schedule.prefix_iterations
+    P = plan.schedule.prefix_iterations  # T GAN iterations after any classifier phase
+    T = plan.iterations - P
     fit = TrialFit(plan.iterations, plan.noise_factor)
     kill_hook = _driver_kill_hook("mid_trial", min(plan.iterations - 1, cfg.checkpoint_every + 1), trial_name)
     if ss.num_workers == 0:
@@ -579,8 +647,8 @@ def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
     subsample its final run on all records can be planned at ε_f; the error names the YAML key."""
     from ..config import ConfigError
     from ..privacy.ledger import PrivacyConfigError
-    from ..training.plan import MAX_NOISE_MULTIPLIER, plan_training, schedule_for
-    from .search_space import SearchSpaceError, clamp_group
+    from ..training.plan import MAX_NOISE_MULTIPLIER, plan_training
+    from .search_space import SearchSpaceError
 
     reference = reference_from(state)
     budget = ss.subsample_budget()
@@ -590,32 +658,33 @@ def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
     schedule_knobs = {"batch_size", "sgd_every", "noise_split", "sigma_agg", "sigma_sgd", "model",
                       "classifier_steps", "classifier_batch", "classifier_noise"}
     cases = [("fixed", {})] + [(f"params.{p.name}", {p.name: v}) for p in ss.params for v in p.extremes()]
+    _, target_delta = ss.search_target()
+    epsilon_trial = float(state.get("epsilon_trial") or training_epsilon(reference, target_delta))
     for key, knobs in cases:
-        cfg = TrainConfig.from_dict(clamp_group({**trial_knobs(ss, knobs), "dataset": ss.dataset,
-                                                 "epsilon": ss.epsilon, "delta": ss.delta}))
+        cfg = trial_config(ss, knobs, epsilon_trial, target_delta)
         if cfg.batch_size > n_train:
             raise SearchSpaceError(f"{ss.path}: `{key}`: batch size {cfg.batch_size} exceeds the {n_train:g} expected "
                                    f"training records (q = B/N > 1); lower it")
         if key != "fixed" and not set(knobs) & schedule_knobs:
             continue
-        schedule = schedule_for(cfg, n_train)
-        T = reference.gan_iterations
-        if ss.trial_iterations is not None or ss.time_budget_minutes is None:  # as many epochs as the reference
-            T = epoch_matched_iterations(T, reference_batch_size(ss), cfg.batch_size)
+        if cfg.iterations is None and cfg.time_budget_minutes is not None:  # no speed probe before Ray starts:
+            cfg = dataclasses.replace(cfg, iterations=epoch_matched_iterations(  # the reference's epochs
+                reference.gan_iterations, reference_batch_size(ss), cfg.batch_size))
         try:
-            fit = fit_trial(schedule, schedule.prefix_iterations + T, score_noise, reference)
-        except PrivacyConfigError as err:
+            plan = under_reference(plan_trial(ss, knobs, epsilon_trial, target_delta, n_train,
+                                              state["image_shape"][1], iterations=cfg.iterations),
+                                   score_noise, reference, n_train)
+        except (ConfigError, PrivacyConfigError) as err:
             raise SearchSpaceError(f"{ss.path}: `{key}`: {knobs or 'the fixed knobs'} cannot run under the "
                                    f"reference ({err})") from err
-        sigma = schedule.cycle[0] * fit.noise_factor
+        sigma = plan.schedule.cycle[0]
         if sigma > MAX_NOISE_MULTIPLIER:
             raise SearchSpaceError(f"{ss.path}: `{key}`: {knobs} needs σ_eff={sigma:.3g} to fit under the reference, "
                                    f"beyond the limit {MAX_NOISE_MULTIPLIER:g}; narrow the range, raise the budget or "
                                    "lower the expected number of trials")
         if final_eps is not None:  # the final run these knobs would get must be plannable: checked before any spend
-            base_agg, base_sgd = cfg.base_sigmas()
-            final = final_config(ss, {**cfg.to_dict(), "iterations": T, "sigma_agg": base_agg * fit.noise_factor,
-                                      "sigma_sgd": base_sgd * fit.noise_factor}, final_eps, budget.final_delta)
+            final = final_config(ss, {**plan.config.to_dict(), "time_budget_minutes": None},  # no probe here
+                                 final_eps, budget.final_delta)
             try:
                 plan_training(final, state["n_records"], state["image_shape"][1])
             except (ConfigError, PrivacyConfigError) as err:
