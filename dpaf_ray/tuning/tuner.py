@@ -365,7 +365,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     from ..training.outputs import label_balance_warning, write_artefacts
     from ..training.plan import TrainingPlan, schedule_for
     from .resources import synthesise_and_fit, trial_device
-    from .scoring import score_trial
+    from .scoring import SCORE_CLASSIFIER_SEED, score_trial
 
     if search_secret is None:
         raise RuntimeError("a trial needs the search secret (pass it with tune.with_parameters)")
@@ -451,7 +451,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     ledger = result.ledger
     generator = result.trainer.released_generator().eval()
     # Synthetic set and scoring classifier on the training device (a worker's share, for Ray Train).
-    synthetic, classifier = synthesise_and_fit(generator, ss)
+    synthetic, classifier = synthesise_and_fit(generator, ss, SCORE_CLASSIFIER_SEED)  # common random numbers
     write_artefacts(trial_dir, generator, ss.num_synthetic, synthetic=synthetic)
     if ss.public_validation:
         validation, expected = load_dataset(ss.public_validation, "test", ss.data_root), None
