@@ -718,6 +718,7 @@ class TrialCheckpointSink:
         from ..training.checkpoint import write_checkpoint_dir
 
         write_checkpoint_dir(self.dir, state)
+        os.chmod(self.dir, 0o700)  # secret-bearing (DESIGN rule 18)
         os.chmod(self.dir / "state.pt", 0o600)
 
     def report(self, metrics: dict[str, Any]) -> None:
