@@ -123,7 +123,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     train_loop(plan, shard, len(train), int(idx[0]) if len(idx) else 0, collective,
                RayTrainCheckpointSink(rank, config.get("report_defaults")), _prefixed(config.get("name")) if rank == 0 else None, device,
                before_iteration=hook, secret=secret, journal=WriteAheadLedger(config.get("ledger_path")),
-               initial_ledger=PrivacyLedger.from_json(initial) if initial else None)
+               initial_ledger=PrivacyLedger.from_json(initial) if initial else None,
+               replay_charged=bool(config.get("replay_charged")))
 
 
 def _prefixed(name: str | None) -> Callable[[str], None]:
@@ -160,7 +161,8 @@ def fit_with_ray_train(plan: TrainingPlan, data: PrivateData, num_workers: int, 
                        name: str | None = None,
                        max_failures: int = 2, cpus_per_worker: float = 1.0, threads_per_worker: int | None = None,
                        storage_path: str | None = None, report_defaults: dict[str, Any] | None = None,
-                       gpus_per_worker: float = 1.0, subsample: Subsample | None = None) -> TrainResult:
+                       gpus_per_worker: float = 1.0, subsample: Subsample | None = None,
+                       replay_charged: bool = False) -> TrainResult:
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -176,7 +178,8 @@ def fit_with_ray_train(plan: TrainingPlan, data: PrivateData, num_workers: int, 
         train_loop_config={"plan": plan, "secret": secret, "split_key": split_key, "subsample": subsample, "name": name, "threads": threads, "use_gpu": use_gpu,
                            "report_defaults": report_defaults,
                            "ledger_path": str(ledger_path) if ledger_path is not None else None,
-                           "initial_ledger": initial_ledger.to_json() if initial_ledger is not None else None},
+                           "initial_ledger": initial_ledger.to_json() if initial_ledger is not None else None,
+                           "replay_charged": replay_charged},
         # Every collective works on the training device's tensors, and a CPU tensor still finds gloo.
         torch_config=TorchConfig(backend=torch_backend(use_gpu, gpus_per_worker)),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,

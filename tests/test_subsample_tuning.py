@@ -591,15 +591,20 @@ def test_the_search_drivers_state_does_not_change_what_its_final_run_trains(tmp_
 
 
 @pytest.mark.parametrize("fixed", [{}, {"classifier_steps": None}])
-def test_a_search_leaves_the_classifier_phase_off_unless_the_space_asks(fixed):
-    """A single run's default phase depends on its own plan; a search plans its reference before the
-    data, so an open or null `classifier_steps` means no phase in the reference and in every trial."""
+def test_a_trial_gets_the_classifier_phase_train_would_plan_with_the_same_flags(fixed):
+    """One planner (issue #35): an open or null `classifier_steps` is resolved as `train` resolves it. This
+    space sets trial.iterations, which `train` takes as --iterations, where the default phase stays off; a
+    drawn or fixed number of steps is kept."""
     import dataclasses
 
-    from dpaf_ray.tuning.tuner import reference_config, trial_knobs
+    from dpaf_ray.tuning.tuner import reference_config, trial_config
 
     ss = load_search_space(ROOT / "search_spaces" / "fashion-mnist-cpu.yaml")
     ss = dataclasses.replace(ss, fixed={**ss.fixed, **fixed})
-    assert reference_config(ss).classifier_steps == 0
-    assert trial_knobs(ss)["classifier_steps"] == 0
-    assert trial_knobs(ss, {"classifier_steps": 300})["classifier_steps"] == 300
+    assert reference_config(ss).classifier_steps is None  # the planner decides, as for a single run
+    cfg = trial_config(ss, {}, 5.0, 1e-5)
+    assert cfg.classifier_steps is None and cfg.iterations == ss.trial_iterations
+    from dpaf_ray.training.plan import plan_training
+
+    assert plan_training(cfg, 0.9 * N, 28).schedule.prefix == ()
+    assert trial_config(ss, {"classifier_steps": 300}, 5.0, 1e-5).classifier_steps == 300

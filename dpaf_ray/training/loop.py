@@ -100,12 +100,19 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
                progress: Progress | None = print, device: str = "cpu",
                before_iteration: Callable[[int], None] | None = None, *,
                secret: RunSecret | None = None, journal: WriteAheadLedger | None = None,
-               initial_ledger: PrivacyLedger | None = None) -> TrainResult:
+               initial_ledger: PrivacyLedger | None = None, replay_charged: bool = False) -> TrainResult:
     """Train for `plan.iterations` iterations on this rank's `shard` of `n_total` training records.
 
     `secret` drives every private draw (default: `secret_for(plan.config)`); `journal` is the
     write-ahead ledger file (rank 0 writes it); `initial_ledger` is spend carried forward from
     an earlier attempt. A checkpoint found in `sink` is resumed, with its own secret.
+
+    `replay_charged`: the caller restarts an attempt with every public input identical to the one
+    that charged `journal` (the same plan, public seed, secret and data; a search's trial,
+    `tuning.tuner.run_trial`). Iteration t's draws are keyed by (secret, t) and (seed, t), and the
+    model state comes from a checkpoint of the same run, so re-running an iteration the journal
+    already charged adds the same noise to the same sums: it releases nothing new and is not
+    charged again (DESIGN rule 17). Without it, re-executed iterations are charged again.
     """
     cfg, T = plan.config, plan.iterations
     collective = collective or LocalCollective()
@@ -130,7 +137,13 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
         charged_through = start  # re-executed iterations are charged again
         if progress:
             progress(f"resumed at iteration {start}/{T} with ε={ledger.epsilon(cfg.delta):.3f} already charged")
+    if replay_charged and collective.rank == 0:  # identical replays of what the journal charged (see above)
+        charged_through = max(charged_through, charged_iterations(ledger) - charged_iterations(initial_ledger))
     executed = PrivacyLedger(list(ledger.entries))  # what had run (or been charged) before this attempt
+    if replay_charged:  # the journal also holds the charged window this attempt replays: count up to `start`
+        executed = PrivacyLedger(list(initial_ledger.entries) if initial_ledger else [])
+        for i in range(start):
+            executed.charge_poisson_gaussian(*plan.schedule.release_at(i))
 
     window = max(1, cfg.checkpoint_every)
     t0 = time.time()
@@ -186,6 +199,14 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
     if sink is not None:
         save(sink, trainer, ledger, history, t, plan, secret)
     return TrainResult(trainer, ledger, plan, t, stopped_early, time.time() - t0, history)
+
+
+def charged_iterations(ledger: PrivacyLedger | None) -> int:
+    """Iterations a ledger charges: one Poisson-sampled Gaussian per iteration (classifier phase included);
+    a score or another fixed release is a plain Gaussian and does not count."""
+    from ..privacy.ledger import PoissonGaussian
+
+    return sum(e.count for e in ledger.entries if isinstance(e, PoissonGaussian)) if ledger is not None else 0
 
 
 def _losses(history: dict[str, list[float]], classifier_phase: bool) -> str:

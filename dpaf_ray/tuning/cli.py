@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"interrupted — {charged}finished trials are kept in {out / 'trials'} and nothing was released. "
                   f"Continue with: python tune.py --resume {out}", file=sys.stderr)
             return 130
-        print(f"release written to {release}")
+        print(f"release: {release}")
     except (ConfigError, DataError, PrivacyConfigError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,6 +20,13 @@ from ..privacy.ledger import PrivacyLedger
 from ..privacy.randomness import RunSecret
 
 
+# Common random numbers (DESIGN §6): every trial's scoring classifier starts from the same public initialisation
+# and reads its synthetic set in the same order (`train_classifier(seed=...)`), and every trial's synthetic set
+# is drawn with the same public codes (`training.outputs.SYNTHETIC_SEED`), so two trials' scores differ by
+# their generators, not by the scorer's own randomness. Public: it touches no private data.
+SCORE_CLASSIFIER_SEED = 0
+
+
 @dataclass(frozen=True)
 class Score:
     value: float  # noisy accuracy (private) or accuracy (public)
@@ -29,7 +36,8 @@ class Score:
 
 
 def score_trial(synthetic: ImageDataset, validation: ImageDataset, ledger: PrivacyLedger,
-                noise_multiplier: float | None, epochs: int, max_steps: int | None, seed: int = 0, *,
+                noise_multiplier: float | None, epochs: int, max_steps: int | None,
+                seed: int = SCORE_CLASSIFIER_SEED, *,
                 expected_validation: float | None = None, secret: RunSecret | None = None,
                 commit: Callable[[PrivacyLedger], None] | None = None, device: str = "cpu",
                 model: nn.Module | None = None) -> Score:

@@ -21,17 +21,20 @@ import json
 import math
 import os
 import secrets
+import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import TrainConfig
-from ..privacy.ledger import PrivacyLedger
+from ..config import ConfigError, TrainConfig
+from ..privacy.ledger import Gaussian, PrivacyConfigError, PrivacyLedger
 from ..privacy.randomness import RunSecret
 from ..privacy.report import data_assumptions, privacy_report
 from ..privacy.subsample import SUBSAMPLED_ACCOUNTING, composed_privacy
 from ..privacy.tuning import (
     Reference,
+    TrialFit,
     calibrate_reference,
     check_trial_under_reference,
     distribution_shape,
@@ -42,17 +45,12 @@ from ..privacy.tuning import (
 from .search_space import SearchSpace
 
 STATE_FILE = "search_state.json"
-# Knobs whose single-run default a search replaces: the reference is planned before any data is seen,
-# so the classifier phase is off unless the space fixes or searches it (a single run's default turns
-# it on where its planned noise is small enough, which would change the trials' shape).
-SEARCH_DEFAULTS: dict[str, Any] = {"classifier_steps": 0}
 
 
 def trial_knobs(ss: SearchSpace, sampled: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The fixed knobs with `sampled` on top, and SEARCH_DEFAULTS wherever the space leaves one open
-    (absent or null): one rule for the reference, every trial and the checks before Ray starts."""
-    knobs = {**ss.fixed, **(sampled or {})}
-    return {**knobs, **{k: v for k, v in SEARCH_DEFAULTS.items() if knobs.get(k) is None}}
+    """The fixed knobs with `sampled` on top. Whatever the space leaves open keeps `train`'s default, so
+    the planner resolves it (the DP label-classifier phase included) as it would for a single run."""
+    return {**ss.fixed, **(sampled or {})}
 
 
 def validation_fraction(ss: SearchSpace) -> float:
@@ -73,24 +71,15 @@ def reference_batch_size(ss: SearchSpace) -> int:
     return max(sizes) if sizes else int(ss.fixed.get("batch_size", TrainConfig.batch_size))
 
 
-def reference_classifier_steps(ss: SearchSpace) -> int:
+def reference_classifier_steps(ss: SearchSpace) -> int | None:
     """The planned trial's classifier phase: reference.classifier_steps, else the longest the space
     can draw, so that a trial drawn with the phase fits under the reference without extra noise
-    (one drawn without it fits with slack)."""
+    (one drawn without it fits with slack); None where the space does not search it (the fixed value,
+    or the planner's default tiers, as for a single run)."""
     if ss.reference_classifier_steps is not None:
         return ss.reference_classifier_steps
     steps = [int(v) for p in ss.params if p.name == "classifier_steps" for v in p.extremes()]
-    return max(steps) if steps else int(trial_knobs(ss)["classifier_steps"])
-
-
-def reference_config(ss: SearchSpace) -> TrainConfig:
-    """The planned trial: the fixed knobs and the measured defaults, at the reference batch size
-    and classifier phase."""
-    cfg = TrainConfig.from_dict({**trial_knobs(ss), "batch_size": reference_batch_size(ss),
-                                 "classifier_steps": reference_classifier_steps(ss), "dataset": ss.dataset,
-                                 "data_root": ss.data_root, "num_classes": ss.num_classes, "epsilon": ss.epsilon,
-                                 "delta": ss.delta, "time_budget_minutes": ss.time_budget_minutes})
-    return dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))
+    return max(steps) if steps else None
 
 
 def epoch_matched_iterations(iterations: int, reference_batch: int, batch_size: int) -> int:
@@ -100,25 +89,80 @@ def epoch_matched_iterations(iterations: int, reference_batch: int, batch_size: 
     return max(1, round(iterations * reference_batch / batch_size))
 
 
-def trial_iterations(ss: SearchSpace, cfg: TrainConfig, shape: tuple[int, int, int], num_classes: int,
-                     n_train: float, device: str = "cpu") -> tuple[int, str]:
-    """T of a trial, planned like a single run: trial.iterations (at the reference batch size;
-    a trial with another batch runs the same number of epochs), else a speed probe against
-    trial.time_budget_minutes (on generated data: no privacy cost), else the resolution's default."""
-    from ..training.plan import default_iterations, iterations_wanted
-    from ..training.probe import seconds_per_iteration
+def trial_config(ss: SearchSpace, sampled: dict[str, Any] | None, epsilon: float, delta: float,
+                 seed: int | None = None, iterations: int | None = None) -> TrainConfig:
+    """A trial's run as `python -m dpaf_ray train` would take it: the fixed and sampled knobs at the trial's
+    budget, with the search's compute as train's flags (trial.iterations as --iterations, at the reference
+    batch and as many epochs at another; trial.time_budget_minutes as --time-budget-minutes); a space that
+    sets neither gets train's default T and default classifier phase."""
+    knobs = trial_knobs(ss, sampled)
+    batch = int(knobs.get("batch_size") or TrainConfig.batch_size)
+    if iterations is None and ss.trial_iterations is not None:
+        iterations = epoch_matched_iterations(ss.trial_iterations, reference_batch_size(ss), batch)
+    cfg = TrainConfig.from_dict({**knobs, "dataset": ss.dataset, "data_root": ss.data_root,
+                                 "num_classes": ss.num_classes, "epsilon": epsilon, "delta": delta, "seed": seed,
+                                 "iterations": iterations, "time_budget_minutes": ss.time_budget_minutes})
+    return dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))  # as clamp_group
 
-    ref_b = reference_batch_size(ss)
-    if ss.time_budget_minutes is not None and ss.trial_iterations is None:
-        speed = seconds_per_iteration(cfg, shape, num_classes, n_train, device)
-        timed = dataclasses.replace(cfg, iterations=None, epochs=None, time_budget_minutes=ss.time_budget_minutes)
-        return iterations_wanted(timed, cfg.sampling_rate(n_train), shape[1], speed)
-    base, how = ((ss.trial_iterations, "trial.iterations") if ss.trial_iterations is not None
-                 else (default_iterations(shape[1]), f"the default for {shape[1]}×{shape[2]}"))
-    if cfg.batch_size == ref_b:
-        return base, how
-    return (epoch_matched_iterations(base, ref_b, cfg.batch_size),
-            f"{how} at B={ref_b}, as many epochs at B={cfg.batch_size}")
+
+def reference_config(ss: SearchSpace) -> TrainConfig:
+    """The planned trial's run configuration before the planner: the fixed knobs at the reference batch size
+    and classifier phase, at the search's budget."""
+    sampled: dict[str, Any] = {"batch_size": reference_batch_size(ss)}
+    steps = reference_classifier_steps(ss)
+    if steps is not None:
+        sampled["classifier_steps"] = steps
+    return trial_config(ss, sampled, *ss.search_target())
+
+
+def plan_trial(ss: SearchSpace, sampled: dict[str, Any] | None, epsilon_trial: float, delta: float, n_train: float,
+               image_size: int, seconds_per_iteration: float | None = None, seed: int | None = None,
+               iterations: int | None = None) -> Any:
+    """A trial's training, planned by `train`'s planner (`training.plan.plan_training`: its T rules, phase
+    tiers and release knobs) at the trial's budget ε_trial and the public N: one planner for both paths."""
+    return plan_run(trial_config(ss, sampled, epsilon_trial, delta, seed, iterations), n_train, image_size,
+                    seconds_per_iteration)
+
+
+def plan_run(cfg: TrainConfig, n_train: float, image_size: int, seconds_per_iteration: float | None = None) -> Any:
+    """`plan_training`, except for a drawn σ with a given T: `train` would refuse it past the budget; in a
+    search it is a point of the noise split, scaled with the other σ to lie under the reference
+    (`under_reference`), as it always was."""
+    from ..training.plan import TrainingPlan, plan_training, schedule_for
+
+    if cfg.explicit_noise and cfg.iterations is not None:
+        sigma_agg, sigma_sgd = cfg.base_sigmas()
+        cfg = dataclasses.replace(cfg, sigma_agg=sigma_agg if cfg.model == "dpaf" else cfg.sigma_agg,
+                                  sigma_sgd=sigma_sgd, classifier_steps=cfg.classifier_steps or 0)
+        return TrainingPlan(cfg, schedule_for(cfg, n_train), cfg.prefix_iterations + cfg.iterations, float("nan"),
+                            1.0, "--iterations; noise as drawn", seconds_per_iteration)
+    return plan_training(cfg, n_train, image_size, seconds_per_iteration)
+
+
+def under_reference(plan: Any, score_noise: float | None, reference: Reference, n_train: float) -> Any:
+    """The plan with its noise multipliers scaled together to the least with which its iterations and its
+    noisy score lie under the reference at every order (fit_trial). A trial shaped like the reference keeps
+    its planned noise up to the calibration's tolerance (≈ 0.1 %); another shape gets what fits."""
+    from ..training.plan import TrainingPlan, schedule_for
+
+    factor = fit_trial(plan.schedule, plan.iterations, score_noise, reference).noise_factor
+    cfg = plan.config
+    cfg = dataclasses.replace(cfg, sigma_agg=cfg.sigma_agg * factor if cfg.model == "dpaf" else cfg.sigma_agg,
+                              sigma_sgd=cfg.sigma_sgd * factor)
+    return TrainingPlan(cfg, schedule_for(cfg, n_train), plan.iterations, float("nan"), plan.noise_factor * factor,
+                        f"{plan.how}; noise ×{factor:.4g} to lie under the reference", plan.seconds_per_iteration)
+
+
+def training_epsilon(reference: Reference, delta: float) -> float:
+    """ε_trial: what the reference's training alone spends, on the planner's orders. A single run planned at
+    ε_trial in the reference's shape is the reference's training, and with its noisy score the reference."""
+    return PrivacyLedger(list(reference.schedule.entries(reference.iterations))).epsilon(delta)
+
+
+def _plan_shape(plan: Any) -> str:
+    """Everything of a plan but its noise level: what the reference is shaped from."""
+    cfg = dataclasses.replace(plan.config, sigma_agg=None, sigma_sgd=None, epsilon=1.0, seed=None)
+    return json.dumps([cfg.to_dict(), plan.iterations], sort_keys=True, default=str)
 
 
 def search_records(ss: SearchSpace, n_records: float) -> float:
@@ -132,25 +176,52 @@ def search_train_records(ss: SearchSpace, n_records: float) -> float:
     return (1 - validation_fraction(ss)) * search_records(ss, n_records)
 
 
+def plan_reference(ss: SearchSpace, n_train: float, image_size: int, seconds_per_iteration: float | None = None,
+                   rounds: int = 8) -> tuple[Any, Reference, float]:
+    """The planned trial, its reference and ε_trial, as a fixed point: the reference is shaped like `train`'s
+    plan of the reference knobs at ε_trial, and ε_trial is what that reference's training spends. The plan's
+    shape (T, classifier tier) depends on ε only through public rules, so a few rounds settle it; where the
+    tiers would alternate, the last reference stands (every trial is fitted under it, so the bound holds)."""
+    target_eps, target_delta = ss.search_target()
+    score_noise = None if ss.public_validation else ss.score_noise
+    shape_k = distribution_shape(ss.trials_distribution, ss.tnb_shape)
+    cfg = reference_config(ss)
+    eps_trial, seen, ref_plan, reference = target_eps, None, None, None
+    for _ in range(rounds):
+        try:
+            plan = plan_run(dataclasses.replace(cfg, epsilon=eps_trial), n_train, image_size, seconds_per_iteration)
+        except ConfigError as err:
+            raise PrivacyConfigError(
+                f"the budget ε={target_eps:g} is too small for a search with {ss.expected_trials:g} expected trials: "
+                f"a trial at ε_trial={eps_trial:.3g} cannot be planned ({err}); raise --epsilon, lower "
+                "--expected-trials, or plan shorter trials (trial.iterations)") from err
+        if _plan_shape(plan) == seen:
+            break
+        reference = calibrate_reference(target_eps, target_delta, plan.schedule, plan.iterations, score_noise,
+                                        ss.search, ss.expected_trials, shape_k)
+        eps_trial, seen, ref_plan = training_epsilon(reference, target_delta), _plan_shape(plan), plan
+    return ref_plan, reference, eps_trial
+
+
 def plan_search(ss: SearchSpace, n_records: int, shape: tuple[int, int, int], num_classes: int) -> dict[str, Any]:
     """K, the reference and the sampler's seed; data-independent given the public N, shape and K classes."""
-    from ..training.plan import schedule_for
+    from ..training.probe import seconds_per_iteration
 
     shape_k = distribution_shape(ss.trials_distribution, ss.tnb_shape)
-    score_noise = None if ss.public_validation else ss.score_noise
     cfg = reference_config(ss)
     n_train = search_train_records(ss, n_records)
     cfg.validate(n_train)
-    T, how = trial_iterations(ss, cfg, shape, num_classes, n_train)
-    schedule = schedule_for(cfg, n_train)  # T GAN iterations after any classifier phase, as in a single run
-    target_eps, target_delta = ss.search_target()  # (ε, δ), or (ε_s, δ_s) on a subsample
-    reference = calibrate_reference(target_eps, target_delta, schedule, schedule.prefix_iterations + T, score_noise,
-                                    ss.search, ss.expected_trials, shape_k)
+    speed = None
+    if cfg.iterations is None and cfg.time_budget_minutes is not None:  # generated data: no privacy cost
+        speed = seconds_per_iteration(cfg, shape, num_classes, n_train)
+    ref_plan, reference, eps_trial = plan_reference(ss, n_train, shape[1], speed)
     if ss.search == "random":
         k = sample_num_trials(ss.expected_trials, shape_k)  # cryptographic; never re-drawn
     else:
         k = int(ss.expected_trials)
-    return {"num_trials": k, "shape": shape_k, "reference": reference.to_json(), "reference_iterations_from": how,
+    return {"num_trials": k, "shape": shape_k, "reference": reference.to_json(), "reference_iterations_from": ref_plan.how,
+            "epsilon_trial": eps_trial, "reference_plan": {k2: v for k2, v in ref_plan.config.to_dict().items()
+                                                           if k2 not in ("seed", "data_root", "extra_fixed_releases")},
             "sampler_seed": secrets.randbits(31), "created": time.time(), "search_space": ss.to_dict(),
             "n_records": n_records, "image_shape": list(shape), "num_classes": num_classes}
 
@@ -207,12 +278,84 @@ def search_privacy_report(ss: SearchSpace, state: dict[str, Any], best_knobs: di
 
 
 # --- one trial ---------------------------------------------------------------------------------
+TRIAL_PLAN_FILE = "plan.json"  # TRIAL/plan.json: the first attempt's plan, which a restart replays
+
+
+def write_trial_plan(trial_dir: Path, plan: Any) -> None:
+    """Every public input of the trial's training (configuration with the public seed, T, noise), on disk
+    before its first charge."""
+    _atomic_json(trial_dir / TRIAL_PLAN_FILE, {"config": plan.config.to_dict(), "iterations": plan.iterations,
+                                               "noise_factor": plan.noise_factor, "how": plan.how})
+
+
+def read_trial_plan(trial_dir: Path) -> dict[str, Any] | None:
+    path = trial_dir / TRIAL_PLAN_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# Fault tests only: "PHASE[,PHASE…]:MARKER_DIR" SIGKILLs the driver once at each phase (before_trials,
+# mid_trial, between_trials, finish_search, writing_release); MARKER_DIR/PHASE records that it fired.
+KILL_DRIVER_ENV = "DPAF_TEST_KILL_DRIVER_AT"
+DRIVER_PID_ENV = "DPAF_TEST_DRIVER_PID"  # set by the driver, inherited by the Ray processes it starts
+FAULT_PHASES = ("before_trials", "mid_trial", "between_trials", "finish_search", "writing_release")
+
+
+def _kill_driver(phase: str, detail: str = "") -> None:
+    spec = os.environ.get(KILL_DRIVER_ENV)
+    if not spec:
+        return
+    phases, marker_dir = spec.rsplit(":", 1)
+    marker = Path(marker_dir) / phase
+    if phase not in phases.split(",") or marker.exists():
+        return
+    marker.write_text(detail)
+    driver = int(os.environ.get(DRIVER_PID_ENV, os.getpid()))
+    os.kill(driver, signal.SIGKILL)
+    if driver != os.getpid():  # a trial's process dies with its driver, as on a lost head node
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _driver_kill_hook(phase: str, at: int, label: str) -> Callable[[int], None] | None:
+    """A `before_iteration` hook that kills the driver before iteration `at` (fault tests only); the
+    marker records `label:at`."""
+    if not os.environ.get(KILL_DRIVER_ENV):
+        return None
+    return lambda t: _kill_driver(phase, f"{label}:{t}") if t == at else None
+
+
+def _wait_until_tune_records(trial_id: str, experiment: str | None, timeout: float = 60.0) -> None:
+    """Before a trial touches data, wait (a while) until Tune's experiment state on disk lists it: a trial
+    that a dead driver had started but Tune never recorded would be replaced by a new one on resume, and
+    its folder would then count as a run beyond K (finish_search refuses that; this makes it rare).
+    Local storage only; elsewhere the refusal alone holds."""
+    if not experiment or not Path(experiment).is_dir():
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for state in Path(experiment).glob("experiment_state*.json"):
+            try:
+                if trial_id in state.read_text():
+                    return
+            except OSError:
+                pass
+        time.sleep(0.5)
+
+
 def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) -> None:
     """A Tune function trainable: fit T under the reference, train, score, report.
 
     Its private randomness comes from the search secret: the split (one for all trials) and
-    the trial's own secret, a child keyed by the trial id. A trial that Tune restarts from
-    scratch therefore repeats the same releases exactly, and reveals nothing new."""
+    the trial's own secret, a child keyed by the trial id.
+
+    A trial that Tune restarts (a resumed search continues the trials a dead driver left running)
+    keeps every public input of its first attempt: the plan (public seed, T, noise) is written to
+    TRIAL/plan.json before anything is charged and read back on restart, and training continues from
+    the trial's last checkpoint. Every draw of iteration t is keyed by (trial secret, t) or (seed, t),
+    so an iteration the write-ahead journal already charged is replayed with the same noise on the
+    same sums: it releases nothing new and is not charged again (`train_loop(replay_charged=True)`),
+    and the trial's ledger stays the one mechanism fitted under the reference (DESIGN rule 17). A
+    fresh secret per attempt would instead need every attempt's charge under the one reference,
+    leaving a restarted trial only what its first attempt had not spent."""
     import ray.tune
     from ray.tune import Checkpoint
 
@@ -222,7 +365,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     from ..release import label_balance_warning, write_artefacts
     from ..training.plan import TrainingPlan, schedule_for
     from .resources import synthesise_and_fit, trial_device
-    from .scoring import score_trial
+    from .scoring import SCORE_CLASSIFIER_SEED, score_trial
 
     if search_secret is None:
         raise RuntimeError("a trial needs the search secret (pass it with tune.with_parameters)")
@@ -233,13 +376,28 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     sampled = {k: v for k, v in config.items() if k != "_static"}
     context = ray.tune.get_context()
     trial_name, trial_id = context.get_trial_name(), context.get_trial_id()
+    trial_dir = Path(static["trials_dir"]) / trial_name
+    if not trial_dir.exists() and list(Path(static["trials_dir"]).glob("*/trial.json")):
+        _kill_driver("between_trials")  # fault tests: after one trial finished, before this one starts
+    _wait_until_tune_records(trial_id, static.get("tune_experiment"))
+    trial_dir.mkdir(parents=True, exist_ok=True)  # first: every trial that started has a folder (a run)
+    if (trial_dir / "trial.json").exists():  # finished before the driver died: nothing to redo
+        done = json.loads((trial_dir / "trial.json").read_text())
+        ray.tune.report({"score": done["score"], "epsilon_trial": done["epsilon_trial"],
+                         "iterations": done["iterations"], "noise_factor": done["noise_factor"]},
+                        checkpoint=Checkpoint.from_directory(str(trial_dir)))
+        return
     trial_secret = search_secret.child(f"trial/{trial_id}")
     split_key = search_secret.child(SPLIT_LABEL)
     target_eps, target_delta = ss.search_target()  # (ε, δ), or (ε_s, δ_s) on a subsample
-    cfg = TrainConfig.from_dict({**trial_knobs(ss, sampled), "dataset": ss.dataset, "data_root": ss.data_root,
-                                 "epsilon": target_eps, "delta": target_delta, "num_classes": ss.num_classes,
-                                 "seed": secrets.randbits(31), "time_budget_minutes": ss.time_budget_minutes})
-    cfg = dataclasses.replace(cfg, group_size=min(cfg.group_size, cfg.batch_size))  # as clamp_group
+    journal = WriteAheadLedger(trial_dir / "ledger.json")
+    saved = read_trial_plan(trial_dir)
+    if saved is None and journal.load() is not None:
+        raise RuntimeError(f"{trial_dir} holds charges but no {TRIAL_PLAN_FILE}: an attempt that cannot be replayed "
+                           "identically; the trial counts as a run that failed")
+    epsilon_trial = float(static.get("epsilon_trial") or training_epsilon(reference, target_delta))
+    cfg = (TrainConfig.from_dict(saved["config"]) if saved is not None else
+           trial_config(ss, sampled, epsilon_trial, target_delta, seed=secrets.randbits(31)))
     subsample = None
     if ss.subsample_fraction is not None:  # only the subsample (validation side included), from the search secret
         from ..data.splits import SUBSAMPLE_LABEL, Subsample
@@ -248,24 +406,32 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     data = load_training_data(cfg, split_key, subsample)
     score_noise = None if ss.public_validation else ss.score_noise
     cfg.validate(data.expected_train)
-    T, how = trial_iterations(ss, cfg, data.shape, data.num_classes, data.expected_train)
-    P = schedule_for(cfg, data.expected_train).prefix_iterations  # T GAN iterations after the classifier phase
-    fit = fit_trial(schedule_for(cfg, data.expected_train), P + T, score_noise, reference)
-    base_agg, base_sgd = cfg.base_sigmas()  # as sampled, or the noise split at σ_sgd = 1
-    cfg = dataclasses.replace(cfg, iterations=T, sigma_agg=base_agg * fit.noise_factor,
-                              sigma_sgd=base_sgd * fit.noise_factor)
-    cfg.validate(data.expected_train)
-    plan = TrainingPlan(cfg, schedule_for(cfg, data.expected_train), P + T, float("nan"), fit.noise_factor,
-                        f"{how}; noise fitted under the reference")
-    trial_dir = Path(static["trials_dir"]) / trial_name
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    journal = WriteAheadLedger(trial_dir / "ledger.json")
+    if saved is None:  # train's planner at ε_trial (one planner), then the least noise under the reference
+        speed = None
+        if cfg.iterations is None and cfg.time_budget_minutes is not None:
+            from ..training.probe import seconds_per_iteration
+
+            speed = seconds_per_iteration(cfg, data.shape, data.num_classes, data.expected_train)
+        planned = plan_trial(ss, sampled, epsilon_trial, target_delta, data.expected_train, data.shape[1], speed,
+                             cfg.seed)
+        plan = under_reference(planned, score_noise, reference, data.expected_train)
+        cfg = plan.config
+        cfg.validate(data.expected_train)
+        write_trial_plan(trial_dir, plan)  # before the first charge: a restart replays exactly this plan
+    else:
+        plan = TrainingPlan(cfg, schedule_for(cfg, data.expected_train), int(saved["iterations"]), float("nan"),
+                            float(saved["noise_factor"]), f"{saved['how']}; restarted with its first attempt's plan")
+    P = plan.schedule.prefix_iterations  # T GAN iterations after any classifier phase
+    T = plan.iterations - P
+    fit = TrialFit(plan.iterations, plan.noise_factor)
+    kill_hook = _driver_kill_hook("mid_trial", min(plan.iterations - 1, cfg.checkpoint_every + 1), trial_name)
     if ss.num_workers == 0:
         from ..ray_train import console_line
 
-        result = train_loop(plan, data.train, len(data.train), sink=TrialProgressSink(),
+        result = train_loop(plan, data.train, len(data.train), sink=TrialCheckpointSink(trial_dir),
                             progress=lambda m: console_line(f"{trial_name}: {m}"), secret=trial_secret,
-                            journal=journal, device=trial_device(ss))  # the GPU share the trial holds, when use_gpu
+                            journal=journal, device=trial_device(ss),  # the GPU share the trial holds, when use_gpu
+                            before_iteration=kill_hook, replay_charged=True)
     else:
         from ..ray_train import fit_with_ray_train
 
@@ -274,11 +440,18 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
                                     name=f"{trial_name}-train", max_failures=0,
                                     cpus_per_worker=ss.cpus_per_worker, gpus_per_worker=ss.gpus_per_worker,
                                     storage_path=static["train_storage"],
-                                    report_defaults={"score": float("nan")}, subsample=subsample)
+                                    report_defaults={"score": float("nan")}, subsample=subsample,
+                                    replay_charged=True)
+    if any(isinstance(e, Gaussian) for e in (journal.load() or result.ledger).entries):
+        # An earlier attempt charged the score and died before recording it. Its classifier need not be
+        # bit-identical to a new one (GPU), so the same score noise on a recount is no replay: fail the trial
+        # (a crashed trial counts as a run) rather than release a second noisy count.
+        raise RuntimeError(f"{trial_name}: an earlier attempt already charged and computed the noisy score but "
+                           "never recorded it; the trial counts as a run that failed")
     ledger = result.ledger
     generator = result.trainer.released_generator().eval()
     # Synthetic set and scoring classifier on the training device (a worker's share, for Ray Train).
-    synthetic, classifier = synthesise_and_fit(generator, ss)
+    synthetic, classifier = synthesise_and_fit(generator, ss, SCORE_CLASSIFIER_SEED)  # common random numbers
     write_artefacts(trial_dir, generator, ss.num_synthetic, synthetic=synthetic)
     if ss.public_validation:
         validation, expected = load_dataset(ss.public_validation, "test", ss.data_root), None
@@ -345,6 +518,10 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     from ..data import check_image_shape, load_dataset
     from .resources import check_search_hardware, trial_resources
 
+    out = out.absolute()
+    if resume and (out / RELEASE_DIR).exists():  # a release is never rewritten (DESIGN rule 17)
+        progress(released_message(out))
+        return out / RELEASE_DIR
     # Before anything is written or charged: the search fits this machine or the cluster
     # (max_concurrent_trials × workers × GPU share), so no trial waits for resources forever.
     check_search_hardware(ss, address)
@@ -352,18 +529,22 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
         from ..run import resolve_device
 
         resolve_device(True, 0)  # the final run trains in this process: it needs a GPU here, before anything is charged
-    out = out.absolute()
     trials_dir = out / "trials"
     state_path = trials_dir / STATE_FILE
+    storage = storage_path or str(trials_dir / "ray_tune")
+    name = "search"
     if resume:
         if not state_path.exists():
             raise FileNotFoundError(f"--resume {out}: no {STATE_FILE} there; start a new search with --out")
         state = json.loads(state_path.read_text())
         secret = load_search_secret(out)
+        if state["num_trials"] and not (Path(storage) / name).exists():
+            check_no_trials_beside_fresh_tuner(out, Path(storage) / name)
         progress(f"resuming the search in {out}")
     else:
         if state_path.exists():
             raise FileExistsError(f"{out} already holds a search; use --resume {out} or another --out")
+        check_no_earlier_search(out)
         ds = load_dataset(ss.dataset, "train", ss.data_root, num_classes=ss.num_classes)
         check_image_shape(ds)
         state = plan_search(ss, len(ds), ds.shape, ds.num_classes)
@@ -401,13 +582,18 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
         progress(f"plan: WARNING: {w}")
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Tune writes its experiment state (which trials exist) at most this often: every step, so that a trial is
+    # on disk before it touches data (`_wait_until_tune_records`) and a resume restarts it instead of a new one.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    if os.environ.get(KILL_DRIVER_ENV):  # fault tests: the trials' processes learn whom to kill
+        os.environ[DRIVER_PID_ENV] = str(os.getpid())
     from ..ray_train import ensure_ray
 
     if address or os.environ.get("RAY_ADDRESS"):
         ensure_ray(address)  # the cluster's head must offer the `trial_slot` resource (see clusters/)
     else:
         ensure_ray(None, resources={"trial_slot": ss.max_concurrent_trials}, include_dashboard=True)
-    static = {**state, "trials_dir": str(trials_dir),
+    static = {**state, "trials_dir": str(trials_dir), "tune_experiment": str(Path(storage) / name),
               "train_storage": storage_path or str(trials_dir / "ray_train")}
     # The trial itself only waits on its Train workers: it holds a `trial_slot`, not a CPU,
     # so a trial plus its workers never deadlock on a small machine (docs/design.md §9).
@@ -422,8 +608,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     # through the trial config, which Tune writes to params.json.
     trainable = tune.with_resources(tune.with_parameters(_trainable_with_static(static), search_secret=secret),
                                     resources)
-    storage = storage_path or str(trials_dir / "ray_tune")
-    name = "search"
+    _kill_driver("before_trials")  # fault tests: charged and planned, no trial started
     if k == 0:
         progress("the drawn number of trials is 0 (Poisson): nothing is trained; the release holds only the report")
         results = None
@@ -432,6 +617,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
         results = tuner.fit()
     else:
+        check_no_trials_beside_fresh_tuner(out, Path(storage) / name)  # again, at the last moment
         space = {p.name: p.optuna_distribution() for p in ss.params}
         sampler = (optuna.samplers.RandomSampler(seed=state["sampler_seed"]) if ss.search == "random"
                    else optuna.samplers.TPESampler(seed=state["sampler_seed"]))
@@ -461,8 +647,7 @@ def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
     subsample its final run on all records can be planned at ε_f; the error names the YAML key."""
     from ..config import ConfigError
     from ..privacy.ledger import PrivacyConfigError
-    from ..training.plan import MAX_NOISE_MULTIPLIER, plan_training, schedule_for
-    from .search_space import clamp_group
+    from ..training.plan import MAX_NOISE_MULTIPLIER, plan_training
     from .search_space_error import SearchSpaceError
 
     reference = reference_from(state)
@@ -473,32 +658,33 @@ def check_space_fits(ss: SearchSpace, state: dict[str, Any]) -> None:
     schedule_knobs = {"batch_size", "sgd_every", "noise_split", "sigma_agg", "sigma_sgd", "model",
                       "classifier_steps", "classifier_batch", "classifier_noise"}
     cases = [("fixed", {})] + [(f"params.{p.name}", {p.name: v}) for p in ss.params for v in p.extremes()]
+    _, target_delta = ss.search_target()
+    epsilon_trial = float(state.get("epsilon_trial") or training_epsilon(reference, target_delta))
     for key, knobs in cases:
-        cfg = TrainConfig.from_dict(clamp_group({**trial_knobs(ss, knobs), "dataset": ss.dataset,
-                                                 "epsilon": ss.epsilon, "delta": ss.delta}))
+        cfg = trial_config(ss, knobs, epsilon_trial, target_delta)
         if cfg.batch_size > n_train:
             raise SearchSpaceError(f"{ss.path}: `{key}`: batch size {cfg.batch_size} exceeds the {n_train:g} expected "
                                    f"training records (q = B/N > 1); lower it")
         if key != "fixed" and not set(knobs) & schedule_knobs:
             continue
-        schedule = schedule_for(cfg, n_train)
-        T = reference.gan_iterations
-        if ss.trial_iterations is not None or ss.time_budget_minutes is None:  # as many epochs as the reference
-            T = epoch_matched_iterations(T, reference_batch_size(ss), cfg.batch_size)
+        if cfg.iterations is None and cfg.time_budget_minutes is not None:  # no speed probe before Ray starts:
+            cfg = dataclasses.replace(cfg, iterations=epoch_matched_iterations(  # the reference's epochs
+                reference.gan_iterations, reference_batch_size(ss), cfg.batch_size))
         try:
-            fit = fit_trial(schedule, schedule.prefix_iterations + T, score_noise, reference)
-        except PrivacyConfigError as err:
+            plan = under_reference(plan_trial(ss, knobs, epsilon_trial, target_delta, n_train,
+                                              state["image_shape"][1], iterations=cfg.iterations),
+                                   score_noise, reference, n_train)
+        except (ConfigError, PrivacyConfigError) as err:
             raise SearchSpaceError(f"{ss.path}: `{key}`: {knobs or 'the fixed knobs'} cannot run under the "
                                    f"reference ({err})") from err
-        sigma = schedule.cycle[0] * fit.noise_factor
+        sigma = plan.schedule.cycle[0]
         if sigma > MAX_NOISE_MULTIPLIER:
             raise SearchSpaceError(f"{ss.path}: `{key}`: {knobs} needs σ_eff={sigma:.3g} to fit under the reference, "
                                    f"beyond the limit {MAX_NOISE_MULTIPLIER:g}; narrow the range, raise the budget or "
                                    "lower the expected number of trials")
         if final_eps is not None:  # the final run these knobs would get must be plannable: checked before any spend
-            base_agg, base_sgd = cfg.base_sigmas()
-            final = final_config(ss, {**cfg.to_dict(), "iterations": T, "sigma_agg": base_agg * fit.noise_factor,
-                                      "sigma_sgd": base_sgd * fit.noise_factor}, final_eps, budget.final_delta)
+            final = final_config(ss, {**plan.config.to_dict(), "time_budget_minutes": None},  # no probe here
+                                 final_eps, budget.final_delta)
             try:
                 plan_training(final, state["n_records"], state["image_shape"][1])
             except (ConfigError, PrivacyConfigError) as err:
@@ -516,15 +702,24 @@ def finished_trial_files(out: Path) -> list[Path]:
     return sorted((out / "trials").glob("*/trial.json"))
 
 
-class TrialProgressSink:
-    """An in-process trial's progress for Tune's table and the dashboard (no checkpoints: a trial
-    is never retried, and its ledger is journaled in its folder)."""
+class TrialCheckpointSink:
+    """An in-process trial's checkpoints (TRIAL/checkpoint/, private: they hold the trial secret), from
+    which a restarted trial continues, and its progress for Tune's table and the dashboard."""
 
-    def latest(self) -> None:
-        return None
+    def __init__(self, trial_dir: Path) -> None:
+        self.dir = Path(trial_dir) / "checkpoint"
+
+    def latest(self) -> dict[str, Any] | None:
+        from ..training.checkpoint import read_checkpoint_dir
+
+        return read_checkpoint_dir(self.dir)
 
     def save(self, state: dict[str, Any], metrics: dict[str, Any]) -> None:
-        pass
+        from ..training.checkpoint import write_checkpoint_dir
+
+        write_checkpoint_dir(self.dir, state)
+        os.chmod(self.dir, 0o700)  # secret-bearing (DESIGN rule 18)
+        os.chmod(self.dir / "state.pt", 0o600)
 
     def report(self, metrics: dict[str, Any]) -> None:
         import ray.tune
@@ -551,6 +746,86 @@ def _trainable_with_static(static: dict[str, Any]) -> Callable[..., None]:
     return dpaf_trial
 
 
+RELEASE_DIR = "release"
+NOT_TRIAL_DIRS = ("ray_tune", "ray_train")  # Tune's and Train's default storage, beside the trial folders
+
+
+class SearchRefused(ConfigError):
+    """A run directory a search cannot continue soundly as it stands; the message names the folder and the
+    operator's choices (exit code 2, and nothing already written is touched)."""
+
+
+def trial_folders(out: Path) -> list[Path]:
+    """Every trial that started: its folder in OUT/trials, made before it reads data or charges anything.
+    Counted from the disk, not from what Tune says: a Tune experiment can be lost or replaced."""
+    root = Path(out) / "trials"
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name not in NOT_TRIAL_DIRS) if root.exists() else []
+
+
+def released_message(out: Path) -> str:
+    """Where an existing release is and what it cost (from its own report)."""
+    report_path = Path(out) / RELEASE_DIR / "privacy_report.json"
+    try:
+        report = json.loads(report_path.read_text())
+        cost = f"ε={report['epsilon']:.3f} at δ={report['delta']:g} (target ε={report['target_epsilon']:g})"
+    except (OSError, ValueError, KeyError) as err:
+        cost = f"its report could not be read ({err})"
+    return (f"the search in {out} is already released: {Path(out) / RELEASE_DIR}, {cost}. Nothing was run and the "
+            "release was not touched; a new search needs another --out")
+
+
+def check_no_earlier_search(out: Path) -> None:
+    """A new search never starts where an earlier one left trials or a charged ledger without its state."""
+    folders = trial_folders(out)
+    if folders or (Path(out) / "ledger.json").exists():
+        held = f"{len(folders)} trial folder(s) in {Path(out) / 'trials'}" if folders else "a charged ledger.json"
+        raise SearchRefused(f"{out} holds {held} of an earlier search but no trials/{STATE_FILE}: a new search there "
+                            "would mix its trials with them or overwrite what was charged; use another --out")
+
+
+def check_no_trials_beside_fresh_tuner(out: Path, tune_experiment: Path) -> None:
+    """A fresh Tuner runs K new trials: never beside trials already in OUT/trials, which the release
+    would then select among (more than the K the ledger charges)."""
+    folders = trial_folders(out)
+    if not folders:
+        return
+    listed = ", ".join(p.name for p in folders[:5]) + (", …" if len(folders) > 5 else "")
+    raise SearchRefused(
+        f"--resume {out}: Tune's experiment folder {tune_experiment} is missing (another --storage-path, or "
+        f"deleted), but {Path(out) / 'trials'} already holds {len(folders)} trial folder(s) ({listed}). A fresh "
+        "Tuner would run the drawn number of trials again beside them and select among more than the ledger "
+        f"charges. Either resume with the --storage-path under which `{tune_experiment.name}/` lives, or delete "
+        f"those trial folders to run the search's trials afresh: {Path(out) / 'ledger.json'} stays as charged "
+        "(nothing already charged is refunded) and only the new trials are selected from")
+
+
+def check_selection_within_k(out: Path, k: int) -> None:
+    """The release selects among at most the K trials the ledger charged (finished or failed: every trial
+    folder is a run)."""
+    folders = trial_folders(out)
+    if len(folders) > k:
+        raise SearchRefused(
+            f"{Path(out) / 'trials'} holds {len(folders)} trial folders, more than the number of trials this "
+            f"search drew and charged (kept in trials/{STATE_FILE}): releasing the best of them would select "
+            "among more runs than the ledger covers, so nothing is released. Trial folders from another attempt "
+            "were added to this run directory; remove them (keep this search's own), then --resume")
+
+
+def _killable(artefacts: Path | Callable[[Path], Any]) -> Callable[[Path], None]:
+    """The release's artefacts written into release.tmp, with the fault tests' kill point after them."""
+    from ..release import ARTEFACT_FILES
+
+    def write(directory: Path) -> None:
+        if callable(artefacts):
+            artefacts(directory)
+        else:
+            for name in ARTEFACT_FILES:
+                shutil.copy2(Path(artefacts) / name, directory / name)
+        _kill_driver("writing_release")
+
+    return write
+
+
 def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: Any,
                   progress: Callable[[str], None]) -> Path:
     """Release the best finished trial with the search's report. With K ≥ 1 and no trial
@@ -560,6 +835,11 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
     from ..release import generate, label_balance_warning, write_artefacts
     from .results import load_trials, plot_trials
 
+    if (out / RELEASE_DIR).exists():
+        raise SearchRefused(f"{out / RELEASE_DIR} exists: a release is never rewritten (a second release would be "
+                            f"charged nowhere). {released_message(out)}")
+    check_selection_within_k(out, state["num_trials"])
+    _kill_driver("finish_search")  # fault tests
     trials = load_trials(out)
     finished = [t for t in trials if t.status == "finished"]
     best_trial = max(finished, key=lambda t: t.score) if finished else None
@@ -574,7 +854,7 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
                  if state["num_trials"] else "K = 0 trials were drawn: nothing was trained"}
     if ss.subsample_fraction is None:
         report = search_privacy_report(ss, state, best["knobs"] if best else None)
-        release = write_release(out, best_trial.path if best_trial else None, score, report)
+        release = write_release(out, _killable(best_trial.path) if best_trial else None, score, report)
     else:  # the best knobs trained once on all records; that generator is released
         final = run_final(ss, state, out, best["knobs"], progress) if best else None
         report = subsampled_privacy_report(ss, state, best["knobs"] if best else None, final)
@@ -583,7 +863,8 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
                              "ε); the released generator is the final run's, trained on all records, and is not scored")
         generator = final.trainer.released_generator().eval() if final else None
         synthetic = generate(generator, ss.num_synthetic) if final else None
-        release = write_release(out, (lambda d: write_artefacts(d, generator, ss.num_synthetic, synthetic=synthetic))
+        release = write_release(out, _killable(lambda d: write_artefacts(d, generator, ss.num_synthetic,
+                                                                        synthetic=synthetic))
                                 if final else None, score, report)
         if final:  # the released set is the final run's, not the best trial's
             warning = label_balance_warning(generator, synthetic)

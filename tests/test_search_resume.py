@@ -1,0 +1,322 @@
+"""A resumed search never selects from more than the K it drew, never rewrites a release, and
+completes an interrupted trial with the noise of its first attempt (DESIGN rules 16–17, issue #35).
+
+Fast tests call the refusals on prepared run directories (no Ray) and replay an interrupted
+training run in-process; the slow test SIGKILLs `python tune.py` at each phase of a search and
+resumes it until it releases.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dpaf_ray.config import TrainConfig
+from dpaf_ray.privacy.ledger import PrivacyLedger, rdp_curve
+from dpaf_ray.privacy.randomness import RunSecret
+from dpaf_ray.privacy.tuning import Reference
+from dpaf_ray.release import RELEASE_FILES
+from dpaf_ray.training.loop import WriteAheadLedger, charged_iterations, train_loop
+from dpaf_ray.training.plan import plan_training
+from dpaf_ray.tuning import cli
+from dpaf_ray.tuning.search_space import load_search_space
+from dpaf_ray.tuning.tuner import (
+    FAULT_PHASES,
+    KILL_DRIVER_ENV,
+    SearchRefused,
+    _atomic_json,
+    check_no_trials_beside_fresh_tuner,
+    check_selection_within_k,
+    finish_search,
+    plan_search,
+    run_search,
+    save_search_secret,
+    search_ledger,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "search_spaces" / "tiny.yaml"
+
+
+# ------------------------------------------------------------------ prepared run directories
+
+
+def _search_dir(tmp_path: Path, k: int = 2) -> tuple[object, dict, Path]:
+    """A search as `run_search` leaves it after planning: state (with K = k), secret, charged ledger."""
+    ss = load_search_space(TINY)
+    state = plan_search(ss, 5000, (1, 28, 28), 10)
+    state["num_trials"] = k
+    out = tmp_path / "run"
+    (out / "trials").mkdir(parents=True)
+    save_search_secret(out, RunSecret.fresh())
+    search_ledger(ss, state).save(out / "ledger.json")
+    _atomic_json(out / "trials" / "search_state.json", state)
+    return ss, state, out
+
+
+def _trial_folder(out: Path, name: str) -> Path:
+    d = out / "trials" / name
+    d.mkdir(parents=True)
+    (d / "trial.json").write_text(json.dumps({"trial": name, "score": 0.5, "knobs": {}}))
+    return d
+
+
+def _release(out: Path) -> dict[str, tuple[bytes, int]]:
+    rel = out / "release"
+    rel.mkdir()
+    for name in RELEASE_FILES:
+        (rel / name).write_text(name)
+    (rel / "privacy_report.json").write_text(json.dumps({"epsilon": 3.25, "delta": 1e-5, "target_epsilon": 10.0}))
+    return _snapshot(rel)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def test_resume_of_a_released_search_says_where_and_what_it_cost_and_touches_nothing(tmp_path, capsys):
+    ss, _, out = _search_dir(tmp_path)
+    before = _release(out)
+    ledger = (out / "ledger.json").read_bytes()
+    lines: list[str] = []
+    assert run_search(ss, out, resume=True, progress=lines.append) == (out / "release").absolute()
+    assert str(out / "release") in lines[0] and "ε=3.250" in lines[0], lines
+    assert cli.main(["--resume", str(out)]) == 0
+    assert "already released" in capsys.readouterr().out
+    assert _snapshot(out / "release") == before and (out / "ledger.json").read_bytes() == ledger
+    assert not (out / "trials" / "ray_tune").exists()  # no search was started
+
+
+def test_finish_never_rewrites_an_existing_release(tmp_path):
+    ss, state, out = _search_dir(tmp_path, k=1)
+    _trial_folder(out, "dpaf_trial_a")
+    before = _release(out)
+    with pytest.raises(SearchRefused, match="never rewritten"):
+        finish_search(ss, state, out, None, print)
+    assert _snapshot(out / "release") == before
+
+
+def test_finish_refuses_to_select_among_more_trial_folders_than_k(tmp_path):
+    ss, state, out = _search_dir(tmp_path, k=1)
+    _trial_folder(out, "dpaf_trial_a")
+    (out / "trials" / "dpaf_trial_b").mkdir()  # a trial that started (and failed) counts as a run too
+    with pytest.raises(SearchRefused, match="more than the number of trials"):
+        finish_search(ss, state, out, None, print)
+    assert not (out / "release").exists() and not (out / "release.tmp").exists()
+    check_selection_within_k(out, 2)  # exactly K is fine
+    (out / "trials" / "ray_tune").mkdir()  # Tune's own storage is no trial
+    check_selection_within_k(out, 2)
+
+
+def test_resume_without_tunes_experiment_refuses_a_fresh_tuner_beside_existing_trials(tmp_path, capsys):
+    ss, _, out = _search_dir(tmp_path, k=2)
+    _trial_folder(out, "dpaf_trial_a")
+    ledger = (out / "ledger.json").read_bytes()
+    with pytest.raises(SearchRefused) as err:
+        run_search(ss, out, resume=True, progress=lambda m: None)
+    message = str(err.value)
+    assert "dpaf_trial_a" in message and str(out / "trials") in message
+    assert "--storage-path" in message and "delete" in message and "stays as charged" in message
+    assert cli.main(["--resume", str(out)]) == 2
+    assert "dpaf_trial_a" in capsys.readouterr().err
+    assert (out / "ledger.json").read_bytes() == ledger and not (out / "trials" / "ray_tune").exists()
+    # the operator deleted the old trials: a fresh Tuner may run the K trials (the ledger stays)
+    import shutil
+
+    shutil.rmtree(out / "trials" / "dpaf_trial_a")
+    check_no_trials_beside_fresh_tuner(out, out / "trials" / "ray_tune" / "search")
+
+
+def test_a_new_search_is_refused_where_an_earlier_one_left_trials_or_a_ledger(tmp_path):
+    ss, _, out = _search_dir(tmp_path)
+    (out / "trials" / "search_state.json").unlink()  # state lost, trials and ledger remain
+    _trial_folder(out, "dpaf_trial_a")
+    ledger = (out / "ledger.json").read_bytes()
+    with pytest.raises(SearchRefused, match="earlier search"):
+        run_search(ss, out, resume=False, progress=lambda m: None)
+    assert (out / "ledger.json").read_bytes() == ledger
+    assert not (out / "trials" / "search_state.json").exists()
+
+
+# --------------------------------------------------- an interrupted attempt, replayed exactly
+
+
+class MemorySink:
+    """Checkpoints kept in memory (as a trial's folder would keep them)."""
+
+    def __init__(self) -> None:
+        self.state = None
+
+    def latest(self):
+        return copy.deepcopy(self.state)
+
+    def save(self, state, metrics) -> None:
+        self.state = copy.deepcopy(state)
+
+    def report(self, metrics) -> None:
+        pass
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _params(result) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for m in result.trainer.modules().values() for p in m.parameters()])
+
+
+def _images(n: int = 200, classes: int = 3) -> "ImageDataset":
+    from dpaf_ray.data.dataset import ImageDataset
+
+    g = torch.Generator().manual_seed(0)
+    return ImageDataset(torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8),
+                        torch.randint(0, classes, (n,), generator=g), classes, "random")
+
+
+@pytest.mark.parametrize("crash_at", [2, 5])  # before the first checkpoint; mid-window after one
+def test_a_restarted_attempt_replays_the_same_noise_on_the_same_sums_and_charges_nothing_twice(tmp_path, crash_at):
+    """The attempt that resumes a trial (same plan, public seed and secret) ends exactly where an
+    uninterrupted run ends, bit for bit, and its ledger is the uninterrupted one: iterations the
+    journal charged are replays (identical releases), not new releases."""
+    torch.set_num_threads(1)
+    ds = _images()
+    cfg = TrainConfig(batch_size=32, group_size=16, seed=7, iterations=9, log_every=3, checkpoint_every=3,
+                      num_threads=1, epsilon=50, classifier_steps=0)
+    plan = plan_training(cfg, len(ds))
+    secret = RunSecret.fresh()
+    whole = train_loop(plan, ds, len(ds), sink=MemorySink(), progress=None, secret=secret,
+                       journal=WriteAheadLedger(tmp_path / "whole.json"))
+
+    def crash(t: int) -> None:
+        if t == crash_at:
+            raise Crash(t)
+
+    sink, journal = MemorySink(), WriteAheadLedger(tmp_path / "trial.json")
+    with pytest.raises(Crash):
+        train_loop(plan, ds, len(ds), sink=sink, progress=None, secret=secret, journal=journal,
+                   before_iteration=crash, replay_charged=True)
+    first = charged_iterations(journal.load())
+    assert first > crash_at  # write-ahead: the crashed window was charged before it ran
+    resumed = train_loop(plan, ds, len(ds), sink=sink, progress=None, secret=secret, journal=journal,
+                         replay_charged=True)
+    assert torch.equal(_params(resumed), _params(whole))  # the same releases, so the same model
+    assert resumed.ledger.entries == whole.ledger.entries == journal.load().entries
+    assert charged_iterations(journal.load()) == plan.iterations
+
+
+# ------------------------------------------------- SIGKILL the driver at each phase, then resume
+
+
+def _charged_within_reference(out: Path, state: dict) -> None:
+    """Every trial's journal (what it charged) lies under the reference at every order."""
+    ref = Reference.from_json(state["reference"])
+    ref_curve = rdp_curve(ref.entries(), ref.orders)
+    finite = np.isfinite(ref_curve)
+    for journal in (out / "trials").glob("*/ledger.json"):
+        curve = rdp_curve(PrivacyLedger.load(journal).entries, ref.orders)
+        assert not (finite & (curve > ref_curve * (1 + 1e-9) + 1e-12)).any(), journal
+
+
+def _kill_tagged(tag: str) -> None:
+    from test_tune_e2e import _tagged_pids
+
+    for _ in range(20):
+        pids = _tagged_pids(tag)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_sigkill_of_the_driver_at_every_phase_then_resume_releases_once_within_k(tmp_path):
+    """K = 2 in-process trials (TPE: a fixed K). The driver is SIGKILLed once at each phase — before the
+    first trial, mid-trial, between trials, inside finish_search, while writing release/ — and resumed each
+    time. After every run: the search's charge is on disk, each trial's journal lies under the reference and
+    covers every iteration it executed, at most K trial folders exist, and release/ is absent or whole and
+    never rewritten. At the end the interrupted trial has completed and the release is recomputable."""
+    import dp_accounting
+
+    from test_tune_e2e import _start, _tail, dp_event
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(search="tpe", expected_trials=2)
+    raw["trial"]["num_workers"] = 0  # in-process trials: no Train workers to start (CI time)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out, markers = tmp_path / "run", tmp_path / "markers"
+    markers.mkdir()
+    os.environ[KILL_DRIVER_ENV] = ",".join(FAULT_PHASES) + f":{markers}"
+    args = ["--search-space", str(space), "--out", str(out)]
+    release_seen = None
+    rc, log = None, None
+    try:
+        for run in range(len(FAULT_PHASES) + 2):
+            log, tag = tmp_path / f"run{run}.log", uuid.uuid4().hex
+            proc = _start(args, log, tag)
+            try:
+                rc = proc.wait(600)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(30)
+                _kill_tagged(tag)
+            state_path = out / "trials" / "search_state.json"
+            if state_path.exists():
+                state = json.loads(state_path.read_text())
+                ledger = PrivacyLedger.load(out / "ledger.json")  # charged before any trial
+                assert ledger.epsilon(raw["delta"]) <= raw["epsilon"]
+                folders = [p for p in (out / "trials").iterdir() if p.is_dir() and not p.name.startswith("ray_")]
+                assert len(folders) <= state["num_trials"] == 2, [p.name for p in folders]
+                _charged_within_reference(out, state)
+            mid = markers / "mid_trial"
+            if mid.exists():  # the killed trial's journal covers every iteration it executed
+                trial, t = mid.read_text().rsplit(":", 1)
+                assert charged_iterations(PrivacyLedger.load(out / "trials" / trial / "ledger.json")) >= int(t)
+            if (out / "release").exists():
+                assert sorted(p.name for p in (out / "release").iterdir()) == sorted(RELEASE_FILES)
+                snap = _snapshot(out / "release")
+                assert release_seen in (None, snap), "release/ was rewritten"
+                release_seen = snap
+            if rc == 0:
+                break
+            assert rc == -signal.SIGKILL, f"run {run}: exit {rc}\n{_tail(log)}"
+            args = ["--resume", str(out)]
+    finally:
+        os.environ.pop(KILL_DRIVER_ENV, None)
+    assert rc == 0, _tail(log)
+    assert sorted(p.name for p in markers.iterdir()) == sorted(FAULT_PHASES)
+    assert sorted(p.name for p in (out / "release").iterdir()) == sorted(RELEASE_FILES)
+    report = json.loads((out / "release" / "privacy_report.json").read_text())
+    acc = dp_accounting.rdp.RdpAccountant(list(report["orders"]))  # recomputed from the report alone
+    acc.compose(dp_accounting.ComposedDpEvent([dp_event(e) for e in report["events"]]))
+    assert acc.get_epsilon(raw["delta"]) == pytest.approx(report["epsilon"], rel=1e-9)
+    assert report["epsilon"] <= raw["epsilon"]
+    assert report["epsilon"] == pytest.approx(PrivacyLedger.load(out / "ledger.json").epsilon(raw["delta"]))
+    trials = sorted((out / "trials").glob("*/trial.json"))
+    folders = [p for p in (out / "trials").iterdir() if p.is_dir() and not p.name.startswith("ray_")]
+    assert len(trials) == len(folders) == 2, "every trial, the interrupted one included, completed"
+    for path in trials:
+        t = json.loads(path.read_text())
+        assert t["iterations"] == t["iterations_planned"]
+        assert t["epsilon_trial"] <= t["epsilon_reference"] * (1 + 1e-9)
+    # one more resume: the release stays as it is
+    rc = subprocess.run([sys.executable, "tune.py", "--resume", str(out)], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300).returncode
+    assert rc == 0 and _snapshot(out / "release") == release_seen
