@@ -14,7 +14,7 @@ from .audit.cli import add_audit_parser, run_audit
 from .evaluation.run import EvaluationError
 from .privacy.ledger import PrivacyConfigError
 
-_TYPES = {"data_root": str, "seed": int, "iterations": int, "max_iterations": int, "epochs": float,
+_TYPES = {"checkpoint_every": int, "data_root": str, "seed": int, "iterations": int, "max_iterations": int, "epochs": float,
           "time_budget_minutes": float, "num_threads": int, "num_classes": int, "sigma_agg": float,
           "sigma_sgd": float, "classifier_steps": int, "generator_width": int}
 _HIDDEN = {"extra_fixed_releases"}
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --num-workers: CPUs Ray reserves for each worker (default 1)")
     t.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     t.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left in --out")
+    t.add_argument("--force", action="store_true",
+                   help="train a plan the pre-flight refuses as measured not to learn (its budget is spent anyway)")
 
     e = sub.add_parser("evaluate", help="downstream accuracy, FID and diversity of a trained generator "
                        "(a benchmark on real data: its results are not private and never enter release/)",
@@ -124,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = config_from_args(args)
             run_train(cfg, args.out, args.num_synthetic, args.num_workers, args.use_gpu, args.address,
                       resume=not args.no_resume,
-                      gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
+                      gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                      force=args.force)
         elif args.command == "evaluate":
             from .devices import device_for
             from .evaluation.run import evaluate_run
