@@ -108,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="results file (default: RUN_DIR/evaluation/evaluation-<time>.json)")
     e.add_argument("--use-gpu", action="store_true", help="generate, train the CNNs and extract features on CUDA")
 
-    pr = sub.add_parser("privacy", help="recompute ε from a privacy_report.json")
-    pr.add_argument("report")
-    pr.add_argument("--delta", type=float, default=None)
+    pr = sub.add_parser("privacy", help="recompute ε from a privacy_report.json (a readable summary; --json for JSON)")
+    pr.add_argument("report", help="a privacy_report.json, or a release/ or run folder holding one")
+    pr.add_argument("--delta", type=float, default=None, help="δ to convert at (default: the report's)")
+    pr.add_argument("--json", action="store_true", help="print the recomputed values as one JSON object")
     rs = sub.add_parser("results", help="the trials of a finished search, for the operator (never published)")
     rs.add_argument("run_dir", help="the --out of tune.py")
     add_audit_parser(sub)
@@ -148,13 +149,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "audit":
             return run_audit(args)
         elif args.command == "privacy":
-            from .privacy.report import recompute
+            from .privacy.report import recompute, summary
 
-            report: dict[str, Any] = json.loads(Path(args.report).read_text())
+            path = Path(args.report)
+            if path.is_dir():
+                path = path / "release" / "privacy_report.json" if (path / "release").is_dir() \
+                    else path / "privacy_report.json"
+            report: dict[str, Any] = json.loads(path.read_text())
             result = recompute(report, args.delta)
             if not result["private"]:
                 print(result["warning"], file=sys.stderr)
-            print(json.dumps(result))
+            print(json.dumps(result) if args.json else summary(report, result))
     except (ConfigError, DataError, PrivacyConfigError, EvaluationError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -165,22 +170,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def interrupted_message(args: argparse.Namespace, err: KeyboardInterrupt) -> str:
-    """One line after Ctrl-C: what was kept, what was charged, how to resume."""
+    """After Ctrl-C: what the ledger holds and why, what was kept, and how to continue."""
     from .training.loop import TrainingInterrupted
 
     if args.command == "train":
         out = Path(args.out)
         where = f"at iteration {err.iteration}/{err.total} " if isinstance(err, TrainingInterrupted) else ""
-        ledger = out / "ledger.json"
-        charged = ""
-        if ledger.exists():
-            from .privacy.ledger import PrivacyLedger
+        ledger_path = out / "ledger.json"
+        checkpoint = (out / "checkpoint" / "state.pt").exists()
+        if not ledger_path.exists():
+            return (f"interrupted {where}— nothing was charged (no {ledger_path}) and nothing released; "
+                    "rerunning the same command starts afresh")
+        from .privacy.ledger import PrivacyLedger
 
-            charged = f"ε={PrivacyLedger.load(ledger).epsilon(args.delta):.3f} of {args.epsilon:g} charged ({ledger}); "
-        kept = ("no checkpoint yet" if not (out / "checkpoint" / "state.pt").exists()
-                else f"the checkpoint in {out / 'checkpoint'} is kept")
-        return (f"interrupted {where}— {charged}{kept}; nothing was released. Resume with the same command "
-                f"(same --out {out}): it continues the ledger instead of starting from zero")
+        ledger = PrivacyLedger.load(ledger_path)
+        charged = sum(getattr(e, "count", 0) for e in ledger.entries)
+        eps = ledger.epsilon(args.delta)
+        ran = f"{err.iteration} ran, " if isinstance(err, TrainingInterrupted) else ""
+        why = (f"the ledger {ledger_path} holds ε={eps:.3f} of {args.epsilon:g} for {charged} charged iterations "
+               f"({ran}the rest is the open write-ahead window, charged before it runs). It is a large share because "
+               "(ε, δ) converted from RDP grows fastest over the first iterations and slowly after")
+        if checkpoint:
+            how = (f"the checkpoint in {out / 'checkpoint'} is kept: rerunning the same command (same --out) continues "
+                   "it at the same noise, and the whole run spends the budget once")
+        else:
+            how = ("no checkpoint yet: rerunning the same command (same --out) counts this charge against the budget and "
+                   "plans the rest, at nearly the same noise")
+        return f"interrupted {where}— {why}. Nothing was released; {how}"
     if args.command == "evaluate":
         return "interrupted — evaluate wrote nothing (it costs no privacy: it reads no private ledger)"
     return "interrupted"

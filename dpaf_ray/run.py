@@ -158,8 +158,10 @@ def train_private(cfg: TrainConfig, out: str | Path, num_workers: int = 0, use_g
     if preflight and state is None and not (carried is not None and carried.entries):
         check_plan(plan, data.expected_train, data.num_classes, data.shape[1], data.validation_fraction)
     if num_workers > 0:  # the cluster can hold the workers (GPU shares included), before anything is written
+        from .auth_token import protect_auth_token
         from .distributed.ray_train import check_resources, ensure_ray
 
+        protect_auth_token(address)  # before Ray can write ~/.ray/auth_token with the umask
         ensure_ray(address)
         check_resources(num_workers, use_gpu, cpus_per_worker, gpus_per_worker)
     out.mkdir(parents=True, exist_ok=True)

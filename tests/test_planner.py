@@ -233,7 +233,7 @@ def test_a_slow_iteration_is_planned_for_and_the_run_ends_in_time(tmp_path, monk
     t0 = time.time()
     metrics = run_train(TrainConfig(epsilon=2, seed=0, batch_size=32, group_size=16, feature_channels=4,
                                     num_threads=1, time_budget_minutes=0.5, checkpoint_every=20, log_every=20),
-                        tmp_path / "r", num_synthetic=50, progress=None)
+                        tmp_path / "r", num_synthetic=50, progress=None, force=True)  # a short T on purpose
     took = time.time() - t0
     assert not metrics["stopped_early"] and metrics["iterations_executed"] == metrics["iterations_planned"]
     assert 10 <= metrics["iterations_executed"] <= 150  # ≈ (27 s − 15 s) / (0.1 s + the step itself), fewer when busy
@@ -256,7 +256,7 @@ def test_a_machine_slower_than_probed_stops_at_a_boundary_and_reports_what_it_sp
     monkeypatch.setattr(run, "seconds_per_iteration", probe_then_slow)
     metrics = run.run_train(TrainConfig(epsilon=2, seed=0, batch_size=32, group_size=16, feature_channels=4,
                                         num_threads=1, time_budget_minutes=0.4, checkpoint_every=10, log_every=10),
-                            tmp_path / "r", num_synthetic=50, progress=None)
+                            tmp_path / "r", num_synthetic=50, progress=None, force=True)
     assert metrics["stopped_early"] and metrics["iterations_executed"] < metrics["iterations_planned"]
     assert metrics["iterations_executed"] % 10 == 0
     report = json.loads((tmp_path / "r" / "release" / "privacy_report.json").read_text())

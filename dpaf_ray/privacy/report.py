@@ -77,6 +77,28 @@ def recompute(report: dict[str, Any], delta: float | None = None) -> dict[str, A
     return out
 
 
+def summary(report: dict[str, Any], result: dict[str, Any]) -> str:
+    """`recompute`'s result as a few lines a person reads (`python -m dpaf_ray privacy`; --json for the dict)."""
+    eps, delta = result["epsilon"], result["delta"]
+    lines = [f"ε = {eps:.4g} at δ = {delta:g}, recomputed from the report's events alone"]
+    reported, target = result.get("reported_epsilon"), report.get("target_epsilon")
+    if isinstance(reported, (int, float)):
+        agree = "agrees" if math.isclose(reported, eps, rel_tol=1e-6, abs_tol=1e-9) else "DIFFERS"
+        lines.append(f"the report states ε = {reported:.4g} ({agree})"
+                     + (f"; the budget was ε = {target:g}" if isinstance(target, (int, float)) else ""))
+    if "composition" in result:
+        lines.append(f"composition: {result['composition']}")
+    assumptions = report.get("assumptions") or {}
+    for key in ("data_set_size_public", "num_classes_public", "neighbouring_relation", "accountant"):
+        if key in assumptions:
+            lines.append(f"{key.replace('_', ' ')}: {assumptions[key]}")
+    for key in ("iterations_executed", "model"):
+        if key in report:
+            lines.append(f"{key.replace('_', ' ')}: {report[key]}")
+    lines.append("private: yes" if result.get("private") else f"private: NO — {result.get('warning', NOT_PRIVATE)}")
+    return "\n".join(lines)
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, float) and math.isinf(o):
         return "inf"

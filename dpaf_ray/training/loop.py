@@ -178,7 +178,7 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
                     charged = ledger.epsilon(cfg.delta)
                     progress(f"iter {t}/{T} | ε executed {eps:.3f}, charged {charged:.3f} of {cfg.epsilon:g} "
                              f"(δ={cfg.delta:g}) | {_losses(history, t <= trainer.prefix_iterations)} | "
-                             f"{rate:.1f} it/s | {_fmt(left)} left")
+                             f"{_speed(rate)} | {_fmt(left)} left")
                 if sink is not None and _report_now(t, cfg):
                     sink.report({"iteration": t, "epsilon": eps, "loss_d": history["loss_d"][-1],
                                  "loss_g": history["loss_g"][-1]})
@@ -238,6 +238,13 @@ def _out_of_time(cfg: TrainConfig, t0: float, done: int, window: int, collective
     stop = elapsed + per_iter * window > cfg.time_budget_minutes * 60
     flag = all_reduce_many(collective, [torch.tensor([1.0 if stop else 0.0], device=device)])[0]
     return bool(flag.item() > 0)
+
+
+def _speed(iterations_per_second: float) -> str:
+    """'3.2 it/s', or for slow runs '4.7 s/it' (a rate below 0.05 it/s would print as 0.0 it/s)."""
+    if iterations_per_second >= 1:
+        return f"{iterations_per_second:.1f} it/s"
+    return f"{1 / max(iterations_per_second, 1e-9):.1f} s/it"
 
 
 def _fmt(seconds: float) -> str:

@@ -88,8 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
         if ss.epsilon <= 0:
             raise PrivacyConfigError(f"--epsilon must be > 0, got {ss.epsilon}")
+        from ..auth_token import protect_auth_token
         from .tuner import SearchFailed, SearchInterrupted, run_search
 
+        protect_auth_token(args.address)  # before Ray can write ~/.ray/auth_token with the umask
         try:
             release = run_search(ss, out, resume=bool(args.resume), address=args.address,
                                  storage_path=args.storage_path)
