@@ -46,6 +46,7 @@ def _digest(d: Path) -> dict[str, tuple[str, int]]:
     return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in sorted(d.iterdir())}
 
 
+@pytest.mark.smoke
 def test_rerunning_a_finished_out_reports_the_release_and_touches_nothing(tmp_path, images):
     out = tmp_path / "run"
     cmd = ["train", "--dataset", str(images), "--epsilon", "10", "--iterations", "3", "--out", str(out), "--force",
@@ -65,6 +66,7 @@ def test_rerunning_a_finished_out_reports_the_release_and_touches_nothing(tmp_pa
     assert _digest(out / "release") == release and (out / "ledger.json").read_bytes() == ledger
 
 
+@pytest.mark.smoke
 def test_a_plan_that_cannot_learn_is_refused_before_anything_is_charged(tmp_path, images):
     """36 records at ε = 1: DPAGG's noise drowns the class means. Exit 2, the fixes in numbers,
     no ledger (nothing charged) and nothing written."""
@@ -87,6 +89,7 @@ def test_a_time_budget_too_short_to_train_is_refused_with_the_minutes_that_would
     assert not (out / "ledger.json").exists()
 
 
+@pytest.mark.smoke
 def test_default_windows_are_short_at_the_start_and_a_small_share_of_T():
     for T in (20, 100, 900, 2000):
         ends, t = [], 0

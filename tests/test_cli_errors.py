@@ -101,6 +101,7 @@ def test_missing_dataset_message_says_how_to_fix(tmp_path, capsys):
     assert "mnist-5k" in err or "image folder" in err  # lists what would work
 
 
+@pytest.mark.smoke
 def test_module_entry_point_exit_status_is_2(tmp_path):
     """The real `python -m dpaf_ray` process, not just `main()`'s return value."""
     import subprocess
@@ -114,6 +115,7 @@ def test_module_entry_point_exit_status_is_2(tmp_path):
     assert not (out / "release").exists() and not (out / "config.json").exists()
 
 
+@pytest.mark.smoke
 def test_a_one_class_data_set_gets_its_own_error(tmp_path, capsys):
     data = _image_folder(tmp_path / "data", 28, classes=1)
     out = tmp_path / "o"
