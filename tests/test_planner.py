@@ -287,3 +287,33 @@ def test_a_classifier_phase_too_noisy_to_teach_is_warned_about_not_refused():
     for eps in (1.0, 10.0):  # the measured-good plans stay silent
         good = plan_training(TrainConfig.from_dict({**phase, "dataset": "fashion-mnist", "epsilon": eps}), 54_000)
         assert good.warnings == [], good.warnings
+
+
+@pytest.mark.parametrize("dataset,n,epsilon", [("fashion-mnist", 60_000, 10), ("fashion-mnist", 60_000, 1),
+                                               ("fashion-mnist", 60_000, 0.2), ("mnist-5k", 5_000, 10)])
+def test_the_preflight_passes_the_known_good_default_plans(dataset, n, epsilon):
+    from dpaf_ray.training.preflight import preflight
+
+    plan = plan_training(TrainConfig(dataset=dataset, epsilon=epsilon), 0.9 * n, 28)
+    preflight(plan, 0.9 * n, 10, 28, 0.1)  # raises PreflightError where it would refuse
+
+
+def test_the_preflight_refuses_mnist_5k_at_epsilon_1_and_names_fixes_that_pass():
+    """Measured to release 11–16 % (bench/results/epsilon_curve_mnist-5k.md); every fix it names passes."""
+    import re
+
+    from dpaf_ray.training.preflight import PreflightError, preflight
+
+    n = 0.9 * 5000
+    with pytest.raises(PreflightError) as refused:
+        preflight(plan_training(TrainConfig(epsilon=1), n, 28), n, 10, 28, 0.1)
+    msg = str(refused.value)
+    eps = float(re.search(r"--epsilon ([0-9.]+)", msg).group(1))
+    records = int(re.search(r"≥ ([0-9,]+) records", msg).group(1).replace(",", ""))
+    assert 1 < eps < 10 and 5000 < records
+    preflight(plan_training(TrainConfig(epsilon=eps, iterations=900, classifier_steps=0), n, 28), n, 10, 28, 0.1)
+    preflight(plan_training(TrainConfig(epsilon=1, iterations=900, classifier_steps=0), 0.9 * records, 28),
+              0.9 * records, 10, 28, 0.1)
+    if m := re.search(r"--iterations ([0-9]+)", msg):
+        T = int(m.group(1))
+        preflight(plan_training(TrainConfig(epsilon=1, iterations=T, classifier_steps=0), n, 28), n, 10, 28, 0.1)
