@@ -292,7 +292,8 @@ def interrupted_message(args: argparse.Namespace, err: KeyboardInterrupt) -> str
         charged = sum(getattr(e, "count", 0) for e in ledger.entries)
         eps = ledger.epsilon(args.delta)
         ran = f"{err.iteration} ran, " if isinstance(err, TrainingInterrupted) else ""
-        why = (f"the ledger {ledger_path} holds ε={eps:.3f} of {args.epsilon:g} for {charged} charged iterations "
+        why = (f"the ledger {ledger_path} holds ε={eps:.3f} of {args.epsilon:g} for {charged} charged "
+               f"iteration{'s' if charged != 1 else ''} "
                f"({ran}the rest is the open write-ahead window, charged before it runs). It is a large share because "
                "(ε, δ) converted from RDP grows fastest over the first iterations and slowly after")
         if checkpoint:
