@@ -78,14 +78,17 @@ def test_a_plan_that_cannot_learn_is_refused_before_anything_is_charged(tmp_path
     assert not (out / "ledger.json").exists() and not (out / "release").exists()
 
 
-def test_a_time_budget_too_short_to_train_is_refused_with_the_minutes_that_would_do(tmp_path, images, monkeypatch):
+def test_a_time_budget_too_short_to_train_is_refused_with_the_minutes_that_would_do(tmp_path, images, monkeypatch,
+                                                                                     capsys):
     from dpaf_ray import run
 
     monkeypatch.setattr(run, "seconds_per_iteration", lambda *a, **k: 0.5)  # a loaded machine
     out = tmp_path / "run"
     rc = cli.main(["train", "--dataset", str(images), "--epsilon", "1e6", "--time-budget-minutes", "2",
                    "--out", str(out), *SMALL])
-    assert rc == 2
+    err = capsys.readouterr().err
+    assert rc == 2 and "T = 186 iterations" in err, err  # (2 min · 0.9 − 15 s) / 0.5 s
+    assert "--time-budget-minutes 4" in err and "--iterations 400" in err  # (400 · 0.5 s + 15 s) / 0.9 → 4 min
     assert not (out / "ledger.json").exists()
 
 
