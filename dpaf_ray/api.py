@@ -94,10 +94,12 @@ class Run:
 def train(dataset: str = "mnist-5k", epsilon: float = 10.0, delta: float = 1e-5, out: str | Path | None = None, *,
           num_workers: int = 0, use_gpu: bool = False, address: str | None = None, num_synthetic: int = 10_000,
           resume: bool = True, progress: Progress = print, cpus_per_worker: float = 1.0,
-          gpus_per_worker: float = 1.0, **knobs: Any) -> Run:
+          gpus_per_worker: float = 1.0, force: bool = False, **knobs: Any) -> Run:
     """Train one private generator; `knobs` are `TrainConfig` fields (iterations, epochs,
     time_budget_minutes, noise_split, batch_size, seed, ...). Writes OUT/release/.
-    `cpus_per_worker`/`gpus_per_worker`: what Ray reserves per worker when `num_workers` > 0."""
+    `cpus_per_worker`/`gpus_per_worker`: what Ray reserves per worker when `num_workers` > 0.
+    A plan measured not to learn is refused before anything is charged (`force=True` trains it anyway);
+    a finished OUT is returned as it is, never retrained."""
     from .run import run_train
 
     unknown = sorted(set(knobs) - {f.name for f in dataclasses.fields(TrainConfig)})
@@ -108,7 +110,7 @@ def train(dataset: str = "mnist-5k", epsilon: float = 10.0, delta: float = 1e-5,
     cfg = TrainConfig(dataset=dataset, epsilon=epsilon, delta=delta, **knobs)
     out = Path(out) if out is not None else _default_out("train")
     run_train(cfg, out, num_synthetic, num_workers, use_gpu, address, resume=resume, progress=progress,
-              gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
+              gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, force=force)
     return Run.load(out)
 
 

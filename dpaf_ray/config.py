@@ -128,7 +128,9 @@ class TrainConfig:
     max_iterations: int | None = None  # cap on T; with explicit σs a capped run gets less noise to spend the budget
     time_budget_minutes: float | None = None  # plans T from a speed probe on generated data; also a stop guard
     grad_engine: str = "functorch"
-    checkpoint_every: int = 500
+    # iterations per write-ahead window (each charged on disk before it runs, then checkpointed); None: short
+    # windows, 1, 2, 4, ... up to WINDOW_SHARE of T (training.loop.window_end), so an interruption holds little
+    checkpoint_every: int | None = None
     log_every: int = 50
     num_threads: int | None = None
     extra_fixed_releases: list[dict[str, Any]] = field(default_factory=list)
@@ -151,8 +153,10 @@ class TrainConfig:
             bad("validation_fraction", f"must lie in [0, 1), got {self.validation_fraction}")
         if self.pixel_rff_features < 2 or self.pixel_rff_features % 2:
             bad("pixel_rff_features", f"must be an even integer >= 2 (cos and sin pairs), got {self.pixel_rff_features}")
+        if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
+            bad("checkpoint_every", f"must be an integer >= 1 (or unset for short windows), got {self.checkpoint_every}")
         for name in ("batch_size", "group_size", "sgd_every", "d_steps_per_g", "g_steps", "feature_channels", "z_dim",
-                     "checkpoint_every", "log_every"):
+                     "log_every"):
             if int(getattr(self, name)) < 1:
                 bad(name, f"must be an integer >= 1, got {getattr(self, name)}")
         for name in ("clip_agg", "clip_sgd", "kappa", "lr_d", "lr_g", "noise_split"):

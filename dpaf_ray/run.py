@@ -28,10 +28,11 @@ from .privacy.ledger import PrivacyLedger
 from .privacy.randomness import RunSecret
 from .privacy.report import data_assumptions, privacy_report
 from .ray_resources import check_cpu_share, check_gpu_fraction
-from .release import generate, label_balance_warning, write_artefacts, write_release
+from .release import RELEASE_DIR, generate, label_balance_warning, write_artefacts, write_release
 from .training.checkpoint import LocalCheckpointSink
 from .training.loop import TrainResult, WriteAheadLedger, secret_for, train_loop
 from .training.plan import TrainingPlan, plan_training
+from .training.preflight import preflight as check_plan
 from .training.probe import seconds_per_iteration
 
 LEDGER_FILE = "ledger.json"
@@ -81,12 +82,23 @@ def probe_device(use_gpu: bool, num_workers: int) -> str:
 def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, num_workers: int = 0,
               use_gpu: bool = False, address: str | None = None, resume: bool = True,
               progress: Callable[[str], None] | None = print, gpus_per_worker: float = 1.0,
-              cpus_per_worker: float = 1.0) -> dict[str, Any]:
-    """`gpus_per_worker`: each Ray Train worker's share of a GPU (< 1: workers share one);
+              cpus_per_worker: float = 1.0, force: bool = False) -> dict[str, Any]:
+    """`force`: train a plan the pre-flight refuses (`training.preflight`) anyway.
+    `gpus_per_worker`: each Ray Train worker's share of a GPU (< 1: workers share one);
     `cpus_per_worker`: the CPUs Ray reserves per worker, checked and requested with one value.
-    Both are validated here, the one boundary the CLI and the Python API share."""
+    Both are validated here, the one boundary the CLI and the Python API share.
+
+    A finished OUT is final (docs/design.md rule 17): its release is reported, never rewritten."""
+    finished = finished_run(Path(out))
+    if finished is not None:
+        if not resume:
+            raise ConfigError(f"--no-resume: {Path(out) / 'release'} already holds a finished release, which is never "
+                              "rewritten; train into a new --out")
+        if progress:
+            progress(finished_message(Path(out), finished))
+        return finished
     result, data = train_private(cfg, out, num_workers, use_gpu, address, resume, progress, gpus_per_worker,
-                                 cpus_per_worker)
+                                 cpus_per_worker, preflight=not force)
     metrics = finish_run(Path(out), result, data, num_synthetic, num_workers)
     if progress and "warning" in metrics:
         progress(f"WARNING: {metrics['warning']}")
@@ -96,12 +108,37 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
     return metrics
 
 
+def finished_run(out: Path) -> dict[str, Any] | None:
+    """The metrics of a run whose release is written (what it cost from its ledger), or None."""
+    report_path = out / RELEASE_DIR / "privacy_report.json"
+    if not report_path.is_file():
+        return None
+    report = json.loads(report_path.read_text())
+    metrics_path = out / "metrics.json"
+    metrics: dict[str, Any] = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    ledger_path = out / LEDGER_FILE
+    delta = float(report["delta"])
+    epsilon = PrivacyLedger.load(ledger_path).epsilon(delta) if ledger_path.is_file() else float(report["epsilon"])
+    return {**metrics, "epsilon": epsilon, "delta": delta, "target_epsilon": report.get("target_epsilon"),
+            "finished": True}
+
+
+def finished_message(out: Path, finished: dict[str, Any]) -> str:
+    target = finished.get("target_epsilon")
+    of = f" of {target:g}" if isinstance(target, (int, float)) else ""
+    return (f"{out} is a finished run: its release is {out / RELEASE_DIR} and it cost ε={finished['epsilon']:.3f}{of} "
+            f"(δ={finished['delta']:g}, from {out / LEDGER_FILE}). Nothing was trained, charged or rewritten; "
+            "a new run needs a new --out")
+
+
 def train_private(cfg: TrainConfig, out: str | Path, num_workers: int = 0, use_gpu: bool = False,
                   address: str | None = None, resume: bool = True, progress: Callable[[str], None] | None = print,
-                  gpus_per_worker: float = 1.0, cpus_per_worker: float = 1.0) -> tuple[TrainResult, PrivateData]:
+                  gpus_per_worker: float = 1.0, cpus_per_worker: float = 1.0,
+                  preflight: bool = False) -> tuple[TrainResult, PrivateData]:
     """Plan and train one run in OUT (ledger, checkpoints, config.json), without writing a release:
     `run_train` releases it on its own; a subsampled search's final run is released with the
-    search's report instead (`tuning.tuner`)."""
+    search's report instead (`tuning.tuner`). `preflight`: refuse a fresh plan measured not to
+    learn before anything is charged (a resumed one was checked, and charged, before)."""
     gpus_per_worker = check_gpu_fraction(gpus_per_worker, "--gpus-per-worker")
     cpus_per_worker = check_cpu_share(cpus_per_worker, "--cpus-per-worker")
     out = Path(out)
@@ -117,9 +154,13 @@ def train_private(cfg: TrainConfig, out: str | Path, num_workers: int = 0, use_g
     device = resolve_device(use_gpu, num_workers)
     cfg, data, plan, secret = prepare(cfg, secret, carried,  # every check before anything is written
                                       probe_device(use_gpu, num_workers))
+    if preflight and state is None and not (carried is not None and carried.entries):
+        check_plan(plan, data.expected_train, data.num_classes, data.shape[1], data.validation_fraction)
     if num_workers > 0:  # the cluster can hold the workers (GPU shares included), before anything is written
+        from .auth_token import protect_auth_token
         from .ray_train import check_resources, ensure_ray
 
+        protect_auth_token(address)  # before Ray can write ~/.ray/auth_token with the umask
         ensure_ray(address)
         check_resources(num_workers, use_gpu, cpus_per_worker, gpus_per_worker)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,10 +16,11 @@ from dpaf_ray.tuning import cli as tune_cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.smoke
 def test_train_load_sample_and_recompute_round_trip(tmp_path):
     run = dpaf_ray.train("mnist-5k", epsilon=2.0, delta=1e-5, out=tmp_path / "run", iterations=6, seed=3,
                          batch_size=32, group_size=16, feature_channels=4, num_threads=1, checkpoint_every=3,
-                         log_every=3, num_synthetic=50, progress=None)
+                         log_every=3, num_synthetic=50, progress=None, force=True)  # tiny on purpose
     assert isinstance(run, dpaf_ray.Run)
     assert 0.99 * 2.0 <= run.epsilon <= 2.0 and run.delta == 1e-5  # the planner spends the budget in 6 it.
     assert run.metrics["iterations_executed"] == 6

@@ -101,6 +101,7 @@ def test_missing_dataset_message_says_how_to_fix(tmp_path, capsys):
     assert "mnist-5k" in err or "image folder" in err  # lists what would work
 
 
+@pytest.mark.smoke
 def test_module_entry_point_exit_status_is_2(tmp_path):
     """The real `python -m dpaf_ray` process, not just `main()`'s return value."""
     import subprocess
@@ -112,3 +113,48 @@ def test_module_entry_point_exit_status_is_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "--delta" in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "release").exists() and not (out / "config.json").exists()
+
+
+@pytest.mark.smoke
+def test_a_one_class_data_set_gets_its_own_error(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data", 28, classes=1)
+    out = tmp_path / "o"
+    rc = cli.main(["train", "--out", str(out), "--dataset", str(data), "--iterations", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "at least 2" in err and "--batch-size" not in err, err
+    assert not (out / "ledger.json").exists()
+
+
+def test_train_help_teaches_in_groups_and_help_all_lists_the_rest():
+    """`train --help`: the common options in about 60 lines, in groups; `--help-all`: every option,
+    each with a description; `--dataset` names the formats a newcomer's images may come in."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    short = subprocess.run([sys.executable, "-m", "dpaf_ray", "train", "--help"], capture_output=True, text=True,
+                           timeout=120, cwd=repo)
+    full = subprocess.run([sys.executable, "-m", "dpaf_ray", "train", "--help-all"], capture_output=True, text=True,
+                          timeout=120, cwd=repo)
+    assert short.returncode == 0 and full.returncode == 0
+    assert len(short.stdout.splitlines()) <= 70, len(short.stdout.splitlines())
+    for group in ("budget:", "data:", "compute:", "model:"):
+        assert group in short.stdout
+    assert "advanced:" in full.stdout and "--sgd-every" in full.stdout and "--sgd-every" not in short.stdout
+    import re
+
+    text = re.sub(r"-\s+", "-", " ".join(short.stdout.split()))  # undo argparse's line wrapping
+    for word in ("mnist-5k", "fashion-mnist", "IDX", "sub-folder per class", "Parquet"):
+        assert word in text, word
+    parser = cli.build_parser(full=True)
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("train"))
+    undocumented = [a.option_strings[0] for a in train._actions if a.option_strings and not (a.help or "").strip()]
+    assert undocumented == []
+    # a hidden option is still accepted
+    assert cli.build_parser().parse_args(["train", "--out", "x", "--sgd-every", "1"]).sgd_every == 1
+
+
+def test_a_slow_run_shows_seconds_per_iteration_not_zero_it_per_second():
+    from dpaf_ray.training.loop import _speed
+
+    assert _speed(0.02) == "50.0 s/it" and _speed(3.0) == "3.0 it/s"

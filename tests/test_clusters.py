@@ -792,3 +792,84 @@ def test_submit_tune_py(local_head: LocalHead):
                             "--address", local_head.url], timeout=120)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert "dpaf_trial[dpaf_trial_" in shown.stdout and "printed twice" in shown.stdout, shown.stdout
+
+
+# ---------------------------------------------------------------- secure defaults, true docs (issue #38)
+
+
+def _fake_dashboard(train_status: int):
+    """A stand-in dashboard on a free loopback port: one job with a progress line and a trial actor;
+    the Train V2 runs endpoint answers `train_status`."""
+    import http.server
+    import threading
+
+    sid = "tune-abc"
+    log = "dpaf_trial_0a1b2c3d: iter 10/20 | ε executed 1.234\n"
+    bodies = {
+        "/api/jobs/": [{"submission_id": sid, "status": "SUCCEEDED", "start_time": 1, "entrypoint": "python tune.py"}],
+        f"/api/jobs/{sid}/logs": {"logs": log},
+        "/api/v0/actors": {"data": {"result": {"result": [{"repr_name": "dpaf_trial[dpaf_trial_0a1b2c3d]",
+                                                          "state": "DEAD", "class_name": "ImplicitFunc"}]}}},
+        "/api/v0/tasks": {"data": {"result": {"result": []}}},
+        "/api/train/v2/runs/v1": {"train_runs": [{"name": "dpaf_trial_0a1b2c3d-train"}]},
+    }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            path = self.path.split("?")[0]
+            status = train_status if path == "/api/train/v2/runs/v1" else (200 if path in bodies else 404)
+            body = json.dumps(bodies.get(path, {})).encode() if status == 200 else b"Train state data is not available"
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}"
+
+
+@pytest.mark.parametrize("train_status", [200, 500])
+def test_check_dashboard_fails_when_an_endpoint_answers_an_http_error(train_status: int):
+    server, url = _fake_dashboard(train_status)
+    try:
+        r = subprocess.run([sys.executable, str(LOCAL / "check_dashboard.py"), "--address", url],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "RAY_AUTH_TOKEN": "t"})
+    finally:
+        server.shutdown()
+    if train_status == 200:
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "dashboard check: ok" in r.stdout
+    else:
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "500" in r.stdout and "dashboard check: ok" not in r.stdout
+
+
+def test_the_docs_name_the_train_v2_runs_endpoint_ray_serves():
+    """Ray 2.60's dashboard (dashboard/modules/train/train_head.py) serves Train V2 runs at
+    /api/train/v2/runs/v1; /api/train/v2/runs is Train V1's and answers 500 for V2 runs."""
+    operations = (REPO / "docs" / "operations.md").read_text()  # the dashboard is documented there
+    assert "/api/train/v2/runs/v1" in operations and "/api/train/v2/runs`" not in operations
+    import ray.dashboard.modules.train.train_head as train_head
+
+    assert '@routes.get("/api/train/v2/runs/v1")' in Path(train_head.__file__).read_text()
+
+
+def test_the_ray_auth_token_written_before_a_local_cluster_is_owner_only(tmp_path, monkeypatch):
+    from dpaf_ray.auth_token import protect_auth_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    path = protect_auth_token(None)
+    assert path == tmp_path / ".ray" / "auth_token"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert re.fullmatch(r"[0-9a-f]{64}", path.read_text())  # Ray's own format (secrets.token_hex(32))
+    path.chmod(0o644)  # as Ray 2.60 writes it with a 022 umask
+    token = path.read_text()
+    assert protect_auth_token(None) == path and path.stat().st_mode & 0o777 == 0o600 and path.read_text() == token
+    # connecting to a cluster that is not ours: no token is created for it
+    path.unlink()
+    assert protect_auth_token("ray://10.0.0.1:10001") is None and not path.exists()

@@ -296,3 +296,16 @@ def test_evaluate_rgb_32(no_network):
     assert 0.0 <= result["real_data_accuracy"] <= 1.0
     assert math.isfinite(result["fid_domain"]) and result["fid_domain"] >= 0.0
     assert result["diversity_ratio"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_the_downstream_cnn_reports_each_epoch_so_evaluate_can_show_time_left():
+    from dpaf_ray.evaluation.report import evaluate as evaluate_synthetic
+
+    seen = []
+    train_classifier(quadrant_dataset(64), epochs=3, seed=0, on_epoch=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    lines: list[str] = []
+    data = quadrant_dataset(64)
+    evaluate_synthetic(data, data, data, epochs=2, diversity_per_class=4, max_fid_records=64, progress=lines.append)
+    epochs = [ln for ln in lines if "epoch" in ln and "left" in ln]
+    assert len(epochs) == 4 and "epoch 2/2" in epochs[1], lines

@@ -312,9 +312,12 @@ def test_privacy_report_lets_anyone_recompute_epsilon(cli_run, capsys):
     assert eps == pytest.approx(acc2.get_epsilon(report["delta"]), rel=0.05)
     # 3) the `privacy` sub-command agrees
     capsys.readouterr()
-    assert cli.main(["privacy", str(cli_run / "release" / "privacy_report.json")]) == 0
+    assert cli.main(["privacy", str(cli_run / "release" / "privacy_report.json"), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["epsilon"] == pytest.approx(eps, rel=1e-12)
+    assert cli.main(["privacy", str(cli_run)]) == 0  # a readable summary, from the run folder too
+    readable = capsys.readouterr().out
+    assert f"ε = {eps:.4g} at δ = 1e-05" in readable and "(agrees)" in readable and "private: yes" in readable
     # the metrics and the checkpoint's ledger say the same
     metrics = json.loads((cli_run / "metrics.json").read_text())
     assert metrics["epsilon"] == pytest.approx(eps, rel=1e-12) and metrics["iterations_executed"] == 20

@@ -233,7 +233,7 @@ def test_a_slow_iteration_is_planned_for_and_the_run_ends_in_time(tmp_path, monk
     t0 = time.time()
     metrics = run_train(TrainConfig(epsilon=2, seed=0, batch_size=32, group_size=16, feature_channels=4,
                                     num_threads=1, time_budget_minutes=0.5, checkpoint_every=20, log_every=20),
-                        tmp_path / "r", num_synthetic=50, progress=None)
+                        tmp_path / "r", num_synthetic=50, progress=None, force=True)  # a short T on purpose
     took = time.time() - t0
     assert not metrics["stopped_early"] and metrics["iterations_executed"] == metrics["iterations_planned"]
     assert 10 <= metrics["iterations_executed"] <= 150  # ≈ (27 s − 15 s) / (0.1 s + the step itself), fewer when busy
@@ -256,7 +256,7 @@ def test_a_machine_slower_than_probed_stops_at_a_boundary_and_reports_what_it_sp
     monkeypatch.setattr(run, "seconds_per_iteration", probe_then_slow)
     metrics = run.run_train(TrainConfig(epsilon=2, seed=0, batch_size=32, group_size=16, feature_channels=4,
                                         num_threads=1, time_budget_minutes=0.4, checkpoint_every=10, log_every=10),
-                            tmp_path / "r", num_synthetic=50, progress=None)
+                            tmp_path / "r", num_synthetic=50, progress=None, force=True)
     assert metrics["stopped_early"] and metrics["iterations_executed"] < metrics["iterations_planned"]
     assert metrics["iterations_executed"] % 10 == 0
     report = json.loads((tmp_path / "r" / "release" / "privacy_report.json").read_text())
@@ -287,3 +287,33 @@ def test_a_classifier_phase_too_noisy_to_teach_is_warned_about_not_refused():
     for eps in (1.0, 10.0):  # the measured-good plans stay silent
         good = plan_training(TrainConfig.from_dict({**phase, "dataset": "fashion-mnist", "epsilon": eps}), 54_000)
         assert good.warnings == [], good.warnings
+
+
+@pytest.mark.parametrize("dataset,n,epsilon", [("fashion-mnist", 60_000, 10), ("fashion-mnist", 60_000, 1),
+                                               ("fashion-mnist", 60_000, 0.2), ("mnist-5k", 5_000, 10)])
+def test_the_preflight_passes_the_known_good_default_plans(dataset, n, epsilon):
+    from dpaf_ray.training.preflight import preflight
+
+    plan = plan_training(TrainConfig(dataset=dataset, epsilon=epsilon), 0.9 * n, 28)
+    preflight(plan, 0.9 * n, 10, 28, 0.1)  # raises PreflightError where it would refuse
+
+
+def test_the_preflight_refuses_mnist_5k_at_epsilon_1_and_names_fixes_that_pass():
+    """Measured to release 11–16 % (bench/results/epsilon_curve_mnist-5k.md); every fix it names passes."""
+    import re
+
+    from dpaf_ray.training.preflight import PreflightError, preflight
+
+    n = 0.9 * 5000
+    with pytest.raises(PreflightError) as refused:
+        preflight(plan_training(TrainConfig(epsilon=1), n, 28), n, 10, 28, 0.1)
+    msg = str(refused.value)
+    eps = float(re.search(r"--epsilon ([0-9.]+)", msg).group(1))
+    records = int(re.search(r"≥ ([0-9,]+) records", msg).group(1).replace(",", ""))
+    assert 1 < eps < 10 and 5000 < records
+    preflight(plan_training(TrainConfig(epsilon=eps, iterations=900, classifier_steps=0), n, 28), n, 10, 28, 0.1)
+    preflight(plan_training(TrainConfig(epsilon=1, iterations=900, classifier_steps=0), 0.9 * records, 28),
+              0.9 * records, 10, 28, 0.1)
+    if m := re.search(r"--iterations ([0-9]+)", msg):
+        T = int(m.group(1))
+        preflight(plan_training(TrainConfig(epsilon=1, iterations=T, classifier_steps=0), n, 28), n, 10, 28, 0.1)

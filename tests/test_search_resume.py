@@ -1,5 +1,5 @@
 """A resumed search never selects from more than the K it drew, never rewrites a release, and
-completes an interrupted trial with the noise of its first attempt (DESIGN rules 16–17, issue #35).
+completes an interrupted trial with the noise of its first attempt (docs/design.md rules 16–17, issue #35).
 
 Fast tests call the refusals on prepared run directories (no Ray) and replay an interrupted
 training run in-process; the slow test SIGKILLs `python tune.py` at each phase of a search and

@@ -1,4 +1,4 @@
-"""One planner for trials and single runs (DESIGN §6, issue #35): a trial is `train`'s plan at the trial's
+"""One planner for trials and single runs (docs/design.md §6, issue #35): a trial is `train`'s plan at the trial's
 budget ε_trial and the public N, and the search's reference is shaped from that plan."""
 from __future__ import annotations
 

@@ -9,9 +9,10 @@ the Actors page and Train's state API read the same endpoints. It checks that
 
 * the job's log (Jobs page) has per-trial progress lines with ε executed, each printed once;
 * every trial named in those lines has an actor whose repr is `dpaf_trial[<trial>]` (Actors page);
-* the failed tasks are the normal ones (Tune's `_QueueActor.get*` polling), listing any others.
+* the failed tasks are the normal ones (Tune's `_QueueActor.get*` polling), listing any others;
+* the Train runs endpoint (`/api/train/v2/runs/v1`) answers.
 
-It reads only; exit 1 when a check fails. Standard library only, so it runs outside the venv too.
+It reads only; exit 1 when a check fails or an endpoint answers an HTTP error. Standard library only, so it runs outside the venv too.
 The token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 PROGRESS = re.compile(r"(dpaf_trial_[0-9a-f]+)(?:-train)?: iter (\d+)/(\d+) \| ε executed ([0-9.]+)")
 ACTOR = re.compile(r"^dpaf_trial\[(dpaf_trial_[0-9a-f]+)\]$")
 NORMAL_FAILED_TASKS = ("_QueueActor.get", "_QueueActor.get_nowait")
+TRAIN_RUNS = "/api/train/v2/runs/v1"  # Train V2 runs in Ray 2.60
 
 
 def _token() -> str | None:
@@ -124,12 +126,15 @@ def check(dash: Dashboard, job: str | None) -> list[str]:
     if other and chosen.get("status") == "SUCCEEDED":
         problems.append(f"failed tasks other than Tune's queue polling in a job that succeeded: {other}")
 
+    # Ray 2.60 serves Train V2 runs (what TorchTrainer builds by default) at /api/train/v2/runs/v1;
+    # /api/train/v2/runs is the Train V1 API and answers 500 for them (dashboard/modules/train/train_head.py).
     try:
-        runs = dash.get("/api/train/v2/runs")
-        names = [r.get("name") for r in (runs.get("train_runs") or runs.get("runs") or [])] if isinstance(runs, dict) else []
-        print(f"Train runs (state API only, no dashboard page): {len(names)} " + (f"e.g. {names[0]}" if names else ""))
-    except SystemExit as e:  # older heads or state tracking off: informative only
-        print(f"Train runs: not available ({e})")
+        runs = dash.get(TRAIN_RUNS)
+        names = [r.get("name") for r in (runs.get("train_runs") or [])] if isinstance(runs, dict) else []
+        print(f"Train runs ({TRAIN_RUNS}): {len(names)} " + (f"e.g. {names[0]}" if names else ""))
+    except SystemExit as e:
+        problems.append(f"the Train runs endpoint failed: {e}; it needs RAY_TRAIN_ENABLE_STATE_TRACKING=1 where "
+                        "the trainer is built (clusters/runtime_env.yaml sets it)")
     return problems
 
 

@@ -118,6 +118,10 @@ def load_private_data(spec: str, root: str | None, fraction: float, split_key: "
     With `subsample`, only the Poisson subsample is kept and then split, so the validation side
     is part of the subsample too; N becomes the public expected size γ·N."""
     ds = load_dataset(spec, "train", root, num_classes=num_classes)
+    if ds.num_classes < 2:  # before any batch or group check, which would blame the wrong knob
+        raise DataError(f"{spec}: {ds.num_classes} class; a class-conditional generator needs at least 2. Put each "
+                        "class's images in its own sub-folder (sorted folder names give labels 0..K-1), or give a "
+                        "Parquet table with labels 0..K-1 and --num-classes K (K >= 2)")
     check_image_shape(ds)
     n_records: float = len(ds)
     if subsample is not None:

@@ -6,7 +6,7 @@ a benchmark only: test-split numbers never feed back into tuning (docs/design.md
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -52,12 +52,14 @@ def train_and_score(
     max_train_records: int | None = None,
     max_steps: int | None = None,
     device: str | torch.device = "cpu",
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, float]:
     """Train the fixed CNN on `train`, return (model, accuracy on `test`)."""
     check_compatible(train, test)
     train = cap_records(train, max_train_records, seed)
     model = train_classifier(
-        train, epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, device=device
+        train, epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, device=device,
+        on_epoch=on_epoch,
     )
     return model, accuracy(model, test)
 

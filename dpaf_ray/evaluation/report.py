@@ -61,16 +61,24 @@ def evaluate(
         if progress:
             progress(f"evaluate [{time.time() - t0:5.0f}s] {msg}")
 
+    def epochs_done(step: str) -> Callable[[int, int], None]:
+        started = time.time()
+
+        def report(done: int, total: int) -> None:
+            spent = time.time() - started
+            say(f"{step}: epoch {done}/{total} done, about {_minutes(spent / done * (total - done))} left for this CNN")
+        return report
+
     n_syn = len(synthetic) if max_train_records is None else min(len(synthetic), max_train_records)
     say(f"1/4 training the downstream CNN on {n_syn} synthetic images ({epochs} epochs)")
     _, downstream = train_and_score(
         synthetic, real_test, epochs=epochs, seed=seed, batch_size=batch_size,
-        max_train_records=max_train_records, device=device,
+        max_train_records=max_train_records, device=device, on_epoch=epochs_done("1/4 downstream CNN"),
     )
     say(f"2/4 downstream accuracy {downstream:.4f}; training the same CNN on real data (the reference)")
     real_model, real_acc = train_and_score(
         real_train, real_test, epochs=epochs, seed=seed, batch_size=batch_size,
-        max_train_records=max_train_records, device=device,
+        max_train_records=max_train_records, device=device, on_epoch=epochs_done("2/4 real-data CNN"),
     )
     say(f"3/4 real-data accuracy {real_acc:.4f}; FID")
     result: dict = {
@@ -97,3 +105,8 @@ def evaluate(
     result["within_class_distance_synthetic"] = syn_div["mean"]
     result["within_class_distance_real"] = real_div["mean"]
     return result
+
+
+def _minutes(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"

@@ -16,7 +16,7 @@ NOT_PRIVATE = ("NOT PRIVATE: this run used --reproducible-noise, so its noise ca
                "seed; do not publish it")
 
 
-# DESIGN rule 18: where the defaults come from, in every report (train and search).
+# docs/design.md rule 18: where the defaults come from, in every report (train and search).
 DEFAULTS_ASSUMPTION = ("the default hyperparameters (knobs, DP label-classifier phase tiers, T rules, release "
                        "knobs) were chosen on the public Fashion-MNIST and MNIST data sets without privacy; that "
                        "choice is transfer from public data, so a release of Fashion-MNIST or MNIST themselves "
@@ -83,6 +83,28 @@ def recompute(report: dict[str, Any], delta: float | None = None) -> dict[str, A
     if report.get("reproducible_noise"):
         out["warning"] = NOT_PRIVATE
     return out
+
+
+def summary(report: dict[str, Any], result: dict[str, Any]) -> str:
+    """`recompute`'s result as a few lines a person reads (`python -m dpaf_ray privacy`; --json for the dict)."""
+    eps, delta = result["epsilon"], result["delta"]
+    lines = [f"ε = {eps:.4g} at δ = {delta:g}, recomputed from the report's events alone"]
+    reported, target = result.get("reported_epsilon"), report.get("target_epsilon")
+    if isinstance(reported, (int, float)):
+        agree = "agrees" if math.isclose(reported, eps, rel_tol=1e-6, abs_tol=1e-9) else "DIFFERS"
+        lines.append(f"the report states ε = {reported:.4g} ({agree})"
+                     + (f"; the budget was ε = {target:g}" if isinstance(target, (int, float)) else ""))
+    if "composition" in result:
+        lines.append(f"composition: {result['composition']}")
+    assumptions = report.get("assumptions") or {}
+    for key in ("data_set_size_public", "num_classes_public", "neighbouring_relation", "accountant"):
+        if key in assumptions:
+            lines.append(f"{key.replace('_', ' ')}: {assumptions[key]}")
+    for key in ("iterations_executed", "model"):
+        if key in report:
+            lines.append(f"{key.replace('_', ' ')}: {report[key]}")
+    lines.append("private: yes" if result.get("private") else f"private: NO — {result.get('warning', NOT_PRIVATE)}")
+    return "\n".join(lines)
 
 
 def _json_default(o: Any) -> Any:

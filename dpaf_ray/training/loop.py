@@ -33,6 +33,9 @@ from .gan import GANTrainerBase
 from .plan import TrainingPlan
 
 Progress = Callable[[str], None]
+# The longest default write-ahead window, as a share of T: a run interrupted and never resumed holds
+# at most this much of its plan charged beyond what ran (the issue's 500-iteration default held all of T).
+WINDOW_SHARE = 0.05
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -112,7 +115,7 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
     `tuning.tuner.run_trial`). Iteration t's draws are keyed by (secret, t) and (seed, t), and the
     model state comes from a checkpoint of the same run, so re-running an iteration the journal
     already charged adds the same noise to the same sums: it releases nothing new and is not
-    charged again (DESIGN rule 17). Without it, re-executed iterations are charged again.
+    charged again (docs/design.md rule 17). Without it, re-executed iterations are charged again.
     """
     cfg, T = plan.config, plan.iterations
     collective = collective or LocalCollective()
@@ -145,20 +148,19 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
         for i in range(start):
             executed.charge_poisson_gaussian(*plan.schedule.release_at(i))
 
-    window = max(1, cfg.checkpoint_every)
     t0 = time.time()
     last_log_t, last_log_time = start, t0
     stopped_early = False
     stats: dict[str, float] = {}
-    t = start
+    t = end = start
     saved_at = start if state is not None else None
     try:
         while t < T:
-            if t % window == 0 or t == start:
-                if _out_of_time(cfg, t0, t - start, window, collective, trainer.device):
+            if t == start or t == end:
+                end = window_end(t, T, cfg.checkpoint_every)
+                if _out_of_time(cfg, t0, t - start, end - t, collective, trainer.device):
                     stopped_early = True  # nothing of the next window is charged or run
                     break
-                end = min(T, (t // window + 1) * window)
                 for i in range(max(t, charged_through), end):  # charge before anything is released
                     ledger.charge_poisson_gaussian(*plan.schedule.release_at(i))
                 charged_through = max(charged_through, end)
@@ -189,7 +191,7 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
                     charged = ledger.epsilon(cfg.delta)
                     progress(f"iter {t}/{T} | ε executed {eps:.3f}, charged {charged:.3f} of {cfg.epsilon:g} "
                              f"(δ={cfg.delta:g}) | {_losses(history, t <= trainer.prefix_iterations)} | "
-                             f"{rate:.1f} it/s | {_fmt(left)} left")
+                             f"{_speed(rate)} | {_fmt(left)} left")
                 if sink is not None and _report_now(t, cfg):
                     sink.report({"iteration": t, "epsilon": eps, "loss_d": history["loss_d"][-1],
                                  "loss_g": history["loss_g"][-1]})
@@ -207,6 +209,20 @@ def charged_iterations(ledger: PrivacyLedger | None) -> int:
     from ..privacy.ledger import PoissonGaussian
 
     return sum(e.count for e in ledger.entries if isinstance(e, PoissonGaussian)) if ledger is not None else 0
+
+
+def window_end(t: int, T: int, every: int | None) -> int:
+    """The end of the write-ahead window that starts at iteration t (docs/design.md rule 16).
+
+    `every` given (--checkpoint-every): windows end at its multiples. Unset: the window is as
+    long as the iterations before it, 1, 1, 2, 4, ..., up to WINDOW_SHARE of T; an interruption
+    then holds at most the iterations that ran plus one window, and one at iteration 0 one
+    iteration, where the RDP to (ε, δ) conversion grows fastest. Every window ends where the
+    uninterrupted run's would, also after a resume, which starts at a window's end."""
+    if every is not None:
+        return min(T, (t // every + 1) * every)
+    longest = max(1, int(WINDOW_SHARE * T))
+    return min(T, t + min(longest, max(1, t)))
 
 
 def _losses(history: dict[str, list[float]], classifier_phase: bool) -> str:
@@ -243,6 +259,13 @@ def _out_of_time(cfg: TrainConfig, t0: float, done: int, window: int, collective
     stop = elapsed + per_iter * window > cfg.time_budget_minutes * 60
     flag = all_reduce_many(collective, [torch.tensor([1.0 if stop else 0.0], device=device)])[0]
     return bool(flag.item() > 0)
+
+
+def _speed(iterations_per_second: float) -> str:
+    """'3.2 it/s', or for slow runs '4.7 s/it' (a rate below 0.05 it/s would print as 0.0 it/s)."""
+    if iterations_per_second >= 1:
+        return f"{iterations_per_second:.1f} it/s"
+    return f"{1 / max(iterations_per_second, 1e-9):.1f} s/it"
 
 
 def _fmt(seconds: float) -> str:

@@ -18,40 +18,57 @@ DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python tune.py", description="private DPAF hyperparameter search")
+    """Options in the groups a newcomer reads top-down; each one overrides the search-space YAML's value."""
+    p = argparse.ArgumentParser(prog="python tune.py", description="private DPAF hyperparameter search: the whole "
+                                "search (trials, their noisy scores, the choice) is charged to one (ε, δ)",
+                                epilog="Every option left out comes from the search-space file.",
+                                usage="python tune.py [--search-space YAML] [--epsilon E] [--dataset DATA] "
+                                      "[--out OUT] [options]",
+                                formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=34,
+                                                                                    width=110))
     p.add_argument("--search-space", default=None, help=f"YAML file (default: {DEFAULT_SPACE.name})")
-    p.add_argument("--dataset", default=None)
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--epsilon", type=float, default=None)
-    p.add_argument("--delta", type=float, default=None)
-    p.add_argument("--search", choices=["random", "tpe"], default=None)
-    p.add_argument("--expected-trials", type=float, default=None)
-    p.add_argument("--trials-distribution", choices=["tnb", "logarithmic", "geometric", "poisson"], default=None)
-    p.add_argument("--tnb-shape", type=float, default=None)
-    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers per trial")
-    p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
-                   help="train (and score) trials on CUDA; refused where no GPU is visible")
-    p.add_argument("--gpus-per-worker", type=float, default=None,
-                   help="GPU share of each Train worker (or in-process trial), e.g. 0.25: 4 side by side on one GPU")
-    p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs of each Train worker (or in-process trial)")
-    p.add_argument("--max-concurrent-trials", type=int, default=None, help="trials that run side by side")
-    p.add_argument("--num-classes", type=int, default=None, help="public class count (Parquet tables without it)")
-    p.add_argument("--num-threads", type=int, default=None,
-                   help="torch threads of each in-process trial and of a final run (fixed.num_threads)")
-    p.add_argument("--subsample-fraction", type=float, default=None,
-                   help="tune on a Poisson subsample: each record joins it with this probability γ (e.g. 0.2); the "
-                        "chosen knobs are then trained once on all records (subsample.fraction)")
-    p.add_argument("--subsample-epsilon-share", type=float, default=None,
-                   help="with --subsample-fraction: the part of ε the amplified search spends, e.g. 0.1 "
-                        "(subsample.epsilon_share); the final run gets the rest")
-    p.add_argument("--subsample-final-iterations", type=int, default=None,
-                   help="with --subsample-fraction: T of the final run on all records (default: a single run's)")
-    p.add_argument("--public-validation", default=None, help="score on this public data set (free) instead")
+    budget = p.add_argument_group("budget", "the privacy budget of the whole search")
+    budget.add_argument("--epsilon", type=float, default=None, help="ε of the whole search")
+    budget.add_argument("--delta", type=float, default=None, help="δ of the whole search (keep it below 1/N)")
+    data = p.add_argument_group("data", "your records (N and the class count are public facts)")
+    data.add_argument("--dataset", default=None, help="a data set name or path, as `python -m dpaf_ray train "
+                      "--help` lists (image folder with one sub-folder per class, Parquet table, ...)")
+    data.add_argument("--data-root", default=None, help="folder of the named data sets' files")
+    data.add_argument("--num-classes", type=int, default=None, help="public class count (Parquet tables without it)")
+    data.add_argument("--public-validation", default=None, help="score on this public data set (free) instead")
+    search = p.add_argument_group("search", "how many trials, and how they are drawn")
+    search.add_argument("--search", choices=["random", "tpe"], default=None,
+                        help="random, or Optuna's TPE sampler over the trials")
+    search.add_argument("--expected-trials", type=float, default=None,
+                        help="mean of the random number of trials K (its distribution is part of the guarantee)")
+    search.add_argument("--trials-distribution", choices=["tnb", "logarithmic", "geometric", "poisson"], default=None,
+                        help="the distribution K is drawn from (private selection, docs/design.md §6)")
+    search.add_argument("--tnb-shape", type=float, default=None, help="shape of the truncated negative binomial K")
+    search.add_argument("--subsample-fraction", type=float, default=None,
+                        help="tune on a Poisson subsample: each record joins it with this probability γ (e.g. 0.2); "
+                             "the chosen knobs are then trained once on all records (subsample.fraction)")
+    search.add_argument("--subsample-epsilon-share", type=float, default=None,
+                        help="with --subsample-fraction: the part of ε the amplified search spends, e.g. 0.1 "
+                             "(subsample.epsilon_share); the final run gets the rest")
+    search.add_argument("--subsample-final-iterations", type=int, default=None,
+                        help="with --subsample-fraction: T of the final run on all records (default: a single run's)")
+    compute = p.add_argument_group("compute", "where the trials run")
+    compute.add_argument("--num-workers", type=int, default=None, help="Ray Train workers per trial")
+    compute.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
+                         help="train (and score) trials on CUDA; refused where no GPU is visible")
+    compute.add_argument("--gpus-per-worker", type=float, default=None,
+                         help="GPU share of each Train worker (or in-process trial), e.g. 0.25: 4 side by side on one GPU")
+    compute.add_argument("--cpus-per-worker", type=float, default=None,
+                         help="CPUs of each Train worker (or in-process trial)")
+    compute.add_argument("--max-concurrent-trials", type=int, default=None, help="trials that run side by side")
+    compute.add_argument("--num-threads", type=int, default=None,
+                         help="torch threads of each in-process trial and of a final run (fixed.num_threads)")
+    compute.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    compute.add_argument("--storage-path", default=None, help="shared storage for Tune/Train (multi-node clusters)")
+    run = p.add_argument_group("run", "outputs and resuming")
+    run.add_argument("--out", default=None, help="run directory (default: runs/<timestamp>)")
+    run.add_argument("--resume", default=None, help="continue the search in this run directory")
     p.add_argument("--reproducible-noise", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--out", default=None, help="run directory (default: runs/<timestamp>)")
-    p.add_argument("--resume", default=None, help="continue the search in this run directory")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
-    p.add_argument("--storage-path", default=None, help="shared storage for Tune/Train (multi-node clusters)")
     return p
 
 
@@ -88,8 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
         if ss.epsilon <= 0:
             raise PrivacyConfigError(f"--epsilon must be > 0, got {ss.epsilon}")
+        from ..auth_token import protect_auth_token
         from .tuner import SearchFailed, SearchInterrupted, run_search
 
+        protect_auth_token(args.address)  # before Ray can write ~/.ray/auth_token with the umask
         try:
             release = run_search(ss, out, resume=bool(args.resume), address=args.address,
                                  storage_path=args.storage_path)

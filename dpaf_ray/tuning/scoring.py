@@ -20,7 +20,7 @@ from ..privacy.ledger import PrivacyLedger
 from ..privacy.randomness import RunSecret
 
 
-# Common random numbers (DESIGN §6): every trial's scoring classifier starts from the same public initialisation
+# Common random numbers (docs/design.md §6): every trial's scoring classifier starts from the same public initialisation
 # and reads its synthetic set in the same order (`train_classifier(seed=...)`), and every trial's synthetic set
 # is drawn with the same public codes (`training.outputs.SYNTHETIC_SEED`), so two trials' scores differ by
 # their generators, not by the scorer's own randomness. Public: it touches no private data.

@@ -353,7 +353,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     the trial's last checkpoint. Every draw of iteration t is keyed by (trial secret, t) or (seed, t),
     so an iteration the write-ahead journal already charged is replayed with the same noise on the
     same sums: it releases nothing new and is not charged again (`train_loop(replay_charged=True)`),
-    and the trial's ledger stays the one mechanism fitted under the reference (DESIGN rule 17). A
+    and the trial's ledger stays the one mechanism fitted under the reference (docs/design.md rule 17). A
     fresh secret per attempt would instead need every attempt's charge under the one reference,
     leaving a restarted trial only what its first attempt had not spent."""
     import ray.tune
@@ -519,7 +519,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     from .resources import check_search_hardware, trial_resources
 
     out = out.absolute()
-    if resume and (out / RELEASE_DIR).exists():  # a release is never rewritten (DESIGN rule 17)
+    if resume and (out / RELEASE_DIR).exists():  # a release is never rewritten (docs/design.md rule 17)
         progress(released_message(out))
         return out / RELEASE_DIR
     # Before anything is written or charged: the search fits this machine or the cluster
@@ -718,7 +718,7 @@ class TrialCheckpointSink:
         from ..training.checkpoint import write_checkpoint_dir
 
         write_checkpoint_dir(self.dir, state)
-        os.chmod(self.dir, 0o700)  # secret-bearing (DESIGN rule 18)
+        os.chmod(self.dir, 0o700)  # secret-bearing (docs/design.md rule 18)
         os.chmod(self.dir / "state.pt", 0o600)
 
     def report(self, metrics: dict[str, Any]) -> None:
