@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("data", {"data"}),
     ("models", {"models"}),
     ("training", {"training"}),
-    ("release", {"release", "ray_resources", "ray_train"}),
+    ("release", {"release", "ray_resources", "ray_train", "auth_token"}),
     ("run", {"run"}),
     ("search", {"tuning", "audit"}),
     ("benchmark", {"evaluation"}),
