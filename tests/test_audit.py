@@ -24,7 +24,7 @@ from dpaf_ray.audit.run_level import RunAuditSettings, audit_run
 from dpaf_ray.distributed.collectives import all_reduce_many
 from dpaf_ray.models import dpagg
 from dpaf_ray.privacy.calibration import IterationSchedule
-from dpaf_ray.privacy.randomness import RunSecret
+from dpaf_ray.privacy.randomness import KeyedStream, RunSecret
 from dpaf_ray.training import dpaf as dpaf_module
 from dpaf_ray.tuning import scoring
 
@@ -168,7 +168,7 @@ def _noise_on_every_rank(local_sums, noise_std, noise, collective):
     of the stream), so the ranks' outputs differ and together carry W independent releases."""
     total = sum(s.numel() for s in local_sums)
     summed = all_reduce_many(collective, list(local_sums))
-    noise.read(64 * ((total + 1) // 2) * collective.rank)  # skip what lower ranks draw: normal(n) reads 64⌈n/2⌉ bytes
+    noise.read(8 * KeyedStream.normal_words(total) * collective.rank)  # skip what lower ranks draw
     z = torch.from_numpy(noise.normal(total) * noise_std)
     out, i = [], 0
     for s in summed:
