@@ -145,6 +145,7 @@ class DrawAhead:
         self._pool: ThreadPoolExecutor | None = None
         self.hits = 0  # draws served from ahead, and draws made on demand (tests, benchmarks)
         self.misses = 0
+        self.wait_seconds = 0.0  # time the training thread spent waiting for draws made ahead (benchmarks)
         self.draw_seconds: float | None = None  # running means of one iteration's draws and of one step
         self.step_seconds: float | None = None
         self._last: tuple[int, float] | None = None
@@ -169,6 +170,7 @@ class DrawAhead:
         future = self._pending.pop(t, None)
         if future is not None:
             current = future.result()  # re-raises a failure of the background draw
+            self.wait_seconds += time.perf_counter() - now
         for k in [k for k in self._pending if k < t]:  # another iteration's draws (a restart): unused
             self._pending.pop(k).cancel()
         self._current = current
