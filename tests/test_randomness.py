@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import math
 
-import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes

@@ -18,7 +18,9 @@ two streams). AES-256-CTR rather than ChaCha20 (also in OpenSSL, also a PRF-base
 a 256-bit key): on every CPU a GPU host has (AES-NI, ARMv8 crypto) it is the faster of the two,
 4–8 GB/s per core against 3–6 for ChaCha20 on the development machine, its 128-bit counter never
 wraps, and OpenSSL's implementations on such CPUs are constant-time. SHAKE-256, used before,
-ran at ≈ 0.5 GB/s and held the GIL; OpenSSL's cipher calls are bulk C calls on buffers.
+ran at ≈ 0.5 GB/s and held the GIL; `update_into` releases it while OpenSSL runs (a Python thread
+keeps running during a long call: `bench/noise_throughput.py --gil`), so draws made ahead in a
+background thread do not stall the training thread.
 Expanding uniforms into Gaussians is vectorised torch in float64 (`gaussians_from_words`), on
 the device that needs the noise.
 
@@ -49,6 +51,9 @@ _ZERO_BLOCK = bytes(1 << 20)  # the plaintext whose encryption is the keystream
 _COUNTER_ZERO = bytes(16)
 _SLACK = 32  # room beyond the bytes asked for, which update_into may require
 NORMAL_BLOCK = 8192  # Gaussians per block: the layout of `normal` (and small enough to stay in cache)
+if not np.little_endian:  # pragma: no cover - words are read as little-endian int64 views
+    raise ImportError("privacy.randomness reads keystream words as little-endian integers; this CPU is big-endian")
+
 
 class RunSecret:
     """A run's (or a search's) secret key. Pickles for Ray transport and checkpoints only."""
@@ -148,8 +153,8 @@ class KeyedStream:
         done = 0
         while done < n:
             k = min(n - done, len(_ZERO_BLOCK))
-            written = self._cipher.update_into(memoryview(_ZERO_BLOCK)[:k], buf[done:])
-            assert written == k
+            if self._cipher.update_into(memoryview(_ZERO_BLOCK)[:k], buf[done:]) != k:  # pragma: no cover
+                raise RuntimeError("the cipher returned fewer keystream bytes than asked for")
             done += k
         self._offset += n
 
@@ -157,10 +162,7 @@ class KeyedStream:
         """The next n little-endian 64-bit words of the stream, as int64 (two's complement)."""
         buf = torch.empty(8 * n + _SLACK, dtype=torch.uint8)
         self._fill(memoryview(buf.numpy()), 8 * n)
-        out = buf[: 8 * n].view(torch.int64)
-        if not _LITTLE_ENDIAN:  # pragma: no cover - every supported platform is little-endian
-            out = out.byteswap()
-        return out
+        return buf[: 8 * n].view(torch.int64)
 
     # -- uniforms and Bernoulli draws -------------------------------------------------------
     def uniform_tensor(self, n: int) -> torch.Tensor:
@@ -218,9 +220,6 @@ class KeyedStream:
     def normal(self, n: int) -> np.ndarray:
         """n float64 standard normals (see the module docstring)."""
         return self.normal_float64(n).numpy()
-
-
-_LITTLE_ENDIAN = np.little_endian
 
 
 def uniforms_from_words(words: torch.Tensor) -> torch.Tensor:
