@@ -129,14 +129,13 @@ def describe(streams: list[tuple[str, int, list]]) -> str:
 
 def iteration_draws(repeats: int) -> None:
     from dpaf_ray.config import TrainConfig
-    from dpaf_ray.distributed.collectives import LocalCollective
     from dpaf_ray.run import prepare
     from dpaf_ray.training.loop import make_trainer
 
     secret = RunSecret.from_public_seed(0)
     cfg = TrainConfig(dataset="fashion-mnist", epsilon=10.0, seed=0, reproducible_noise=True)
     cfg, data, plan, secret = prepare(cfg, secret)
-    trainer = make_trainer(cfg, data.train, len(data.train), 0, LocalCollective(), "cpu", secret,
+    trainer = make_trainer(cfg, data.train, len(data.train), 0, None, "cpu", secret,
                            plan.schedule.sampling_rate, plan.schedule)
     trainer.draw_ahead.enabled = False  # record what the iteration itself asks for
     P = trainer.prefix_iterations

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from dpaf_ray.config import TrainConfig
-from dpaf_ray.distributed.collectives import LocalCollective
 from dpaf_ray.privacy.randomness import RunSecret
 from dpaf_ray.training import label_teacher
 from dpaf_ray.training.draw_ahead import DEPTH_ENV, DrawAhead, DrawPlan, default_max_depth
@@ -21,7 +20,7 @@ def _run(ahead: bool, iterations: int, max_depth: int = 1, depth: int | None = N
     data = load_dataset("mnist-5k", "train")
     cfg = TrainConfig(model="dpaf", batch_size=64, group_size=32, feature_channels=8, seed=0, classifier_steps=3,
                       classifier_batch=64, sgd_every=2).validate()
-    tr = make_trainer(cfg, data, len(data), 0, LocalCollective(), "cpu", RunSecret.from_public_seed(5))
+    tr = make_trainer(cfg, data, len(data), 0, None, "cpu", RunSecret.from_public_seed(5))
     tr.draw_ahead = DrawAhead(tr, ahead, max_depth=max_depth)
     if depth is not None:  # as if the draws took `depth` steps: `depth` iterations in flight
         tr.draw_ahead.depth = depth

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from dpaf_ray.config import TrainConfig
-from dpaf_ray.distributed.collectives import LocalCollective
 from dpaf_ray.privacy.randomness import RunSecret
 from dpaf_ray.training.label_teacher import record_loss
 from dpaf_ray.training.loop import make_trainer
@@ -18,7 +17,7 @@ def _trainer(engine: str):
     data = load_dataset("mnist-5k", "train")
     cfg = TrainConfig(model="dpaf", batch_size=64, group_size=32, feature_channels=8, seed=0, classifier_steps=2,
                       classifier_batch=64, grad_engine=engine).validate()
-    return make_trainer(cfg, data, len(data), 0, LocalCollective(), "cpu", RunSecret.from_public_seed(5)), data
+    return make_trainer(cfg, data, len(data), 0, None, "cpu", RunSecret.from_public_seed(5)), data
 
 
 def test_opacus_runs_the_classifier_phase_and_the_generator_steps_after_it():
