@@ -256,8 +256,11 @@ AUDIT_SCHEMA = {
 def test_audit_json_schema_and_verdict_line(tmp_path, capsys):
     jsonschema = pytest.importorskip("jsonschema")
     out = tmp_path / "audit-out"
+    # A fixed seed: at 20,000 trials a correct mechanism gets a VIOLATION by chance at most 5 % of the time
+    # (measured for dpagg_group_sums: 1 seed of 400 with the AES-256-CTR streams, seed 1; 0 of 400 with
+    # SHAKE-256; the same mean bound, 2.24), so this schema test uses a seed that is not that one.
     rc = run_audit(_parse(["--level", "release", "--out", str(out), "--trials", "20000", "--real-trials", "20",
-                           "--sigma", "1", "--delta", "1e-3", "--seed", "1"]))
+                           "--sigma", "1", "--delta", "1e-3", "--seed", "2"]))
     assert rc == 0
     doc = json.loads((out / "audit.json").read_text())
     jsonschema.validate(doc, AUDIT_SCHEMA)
