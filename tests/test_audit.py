@@ -24,7 +24,7 @@ from dpaf_ray.audit.run_level import RunAuditSettings, audit_run
 from dpaf_ray.collectives import all_reduce_many
 from dpaf_ray.models import dpagg
 from dpaf_ray.privacy.calibration import IterationSchedule
-from dpaf_ray.privacy.randomness import RunSecret
+from dpaf_ray.privacy.randomness import KeyedStream, RunSecret
 from dpaf_ray.training import dpaf as dpaf_module
 from dpaf_ray.tuning import scoring
 
@@ -168,7 +168,7 @@ def _noise_on_every_rank(local_sums, noise_std, noise, collective):
     of the stream), so the ranks' outputs differ and together carry W independent releases."""
     total = sum(s.numel() for s in local_sums)
     summed = all_reduce_many(collective, list(local_sums))
-    noise.read(64 * ((total + 1) // 2) * collective.rank)  # skip what lower ranks draw: normal(n) reads 64⌈n/2⌉ bytes
+    noise.read(8 * KeyedStream.normal_words(total) * collective.rank)  # skip what lower ranks draw
     z = torch.from_numpy(noise.normal(total) * noise_std)
     out, i = [], 0
     for s in summed:
@@ -256,8 +256,11 @@ AUDIT_SCHEMA = {
 def test_audit_json_schema_and_verdict_line(tmp_path, capsys):
     jsonschema = pytest.importorskip("jsonschema")
     out = tmp_path / "audit-out"
+    # A fixed seed: at 20,000 trials a correct mechanism gets a VIOLATION by chance at most 5 % of the time
+    # (measured for dpagg_group_sums: 1 seed of 400 with the AES-256-CTR streams, seed 1; 0 of 400 with
+    # SHAKE-256; the same mean bound, 2.24), so this schema test uses a seed that is not that one.
     rc = run_audit(_parse(["--level", "release", "--out", str(out), "--trials", "20000", "--real-trials", "20",
-                           "--sigma", "1", "--delta", "1e-3", "--seed", "1"]))
+                           "--sigma", "1", "--delta", "1e-3", "--seed", "2"]))
     assert rc == 0
     doc = json.loads((out / "audit.json").read_text())
     jsonschema.validate(doc, AUDIT_SCHEMA)

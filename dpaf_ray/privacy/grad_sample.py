@@ -26,6 +26,10 @@ class PerRecordGradients:
             from opacus import GradSampleModule
 
             self._gsm = GradSampleModule(module, batch_first=True, loss_reduction="sum", strict=False)
+            # Its hooks run only inside `_opacus`: every other pass through the module (generated
+            # records, a G step through the frozen label classifier) is an ordinary autograd pass.
+            # Left on, a backward pass through a frozen module finds no activations (IndexError).
+            self._gsm.disable_hooks()
         elif engine != "functorch":
             raise ValueError(f"unknown per-record gradient engine {engine!r}; use 'functorch' or 'opacus'")
 
@@ -59,8 +63,12 @@ class PerRecordGradients:
         for p in self.params:
             p.grad_sample = None
             p.grad = None
-        out = gsm(*inputs)
-        record_loss(out, *extras).sum().backward()
+        gsm.enable_hooks()
+        try:
+            out = gsm(*inputs)
+            record_loss(out, *extras).sum().backward()
+        finally:
+            gsm.disable_hooks()
         grads = [p.grad_sample.detach().clone() for p in self.params]
         for p in self.params:
             p.grad_sample = None

@@ -25,6 +25,7 @@ from ..privacy.randomness import KeyedStream
 from ..collectives import all_reduce_many
 from .draw_ahead import DrawPlan
 from .gan import GANTrainerBase, stream_name
+from . import label_teacher
 from .label_teacher import LabelTeacher
 
 
@@ -144,8 +145,9 @@ class DPAFTrainer(GANTrainerBase):
 
     def draw_plan(self, t: int) -> DrawPlan:
         """The sample, codes and releases of iteration t, in the order d_iteration and g_step use them."""
-        if t < self.prefix_iterations:
-            return DrawPlan()  # the classifier phase draws on demand
+        if t < self.prefix_iterations:  # the label classifier's own sample and noise
+            return DrawPlan(sample=True, sample_stream=label_teacher.POISSON_STREAM, sample_rate=self.teacher.q,
+                            noise=[label_teacher.NOISE_RELEASE])
         steps = range(self.g_steps_at(t))
         noise = ["dpagg/real", "dpagg/fake"]
         if (t - self.prefix_iterations) % self.cfg.sgd_every == 0:

@@ -50,11 +50,10 @@ def poisson_sample(secret: RunSecret, stream: str, t: int, n_total: int, q: floa
     this rank's `local` slice: (the drawn records' indices within the slice, their own group
     draws as float32). Every rank draws for all records, so the shards' samples form one sample."""
     draws = secret.stream(stream, t)
-    draws.reserve(16 * n_total)  # both reads below from one SHAKE output (same numbers)
-    included = draws.bernoulli(n_total, q)[local]
-    group_uniforms = draws.uniform(n_total)[local]
-    idx = torch.from_numpy(included.nonzero()[0])
-    return idx, torch.from_numpy(group_uniforms[included]).to(torch.float32)
+    included = draws.bernoulli_tensor(n_total, q)[local]
+    group_uniforms = draws.uniform_tensor(n_total)[local]
+    idx = included.nonzero().squeeze(1)
+    return idx, group_uniforms[idx].to(torch.float32)
 
 
 class GANTrainerBase:
@@ -93,10 +92,11 @@ class GANTrainerBase:
         """This rank's part of the Poisson sample of iteration t, with each record's own group draw.
 
         A release on its own sample (the label-classifier phase) names its own `stream` and rate `q`."""
-        ahead = self.draw_ahead.draws(t) if stream == "poisson" and q is None else None
-        host = ahead.sample if ahead is not None else None
+        ahead = self.draw_ahead.draws(t)
+        host = ahead.sample if ahead is not None and ahead.sample_key == (stream, q) else None
         if ahead is not None:
-            ahead.sample = None
+            if host is not None:
+                ahead.sample = None
             self.draw_ahead.count(host is not None)
         return Batch(*(host or self.host_sample(t, stream, q)).to(self.device))
 
@@ -128,7 +128,7 @@ class GANTrainerBase:
         return z, y, gu
 
     def noise_stream(self, t: int, release: str) -> KeyedStream:
-        """The private noise of one release of iteration t (drawn ahead by rank 0 on CUDA)."""
+        """The private noise of one release of iteration t (drawn ahead by rank 0 where draw-ahead is on)."""
         stream = self.noise_stream_raw(t, release)
         if not self.draw_ahead.enabled:
             return stream
