@@ -570,7 +570,7 @@ def test_a_search_release_repeats_its_best_trials_label_balance_warning(tmp_path
     _, released, _ = trained_release(tmp_path)
     ss = load_search_space("search_spaces/tiny.yaml")
     state = {**plan_search(ss, 5000, (1, 28, 28), 10), "n_records": 5000, "image_shape": [1, 28, 28],
-             "num_classes": 10}
+             "num_classes": 10, "num_trials": 2}  # the drawn K covers both trial folders below
     for name, warning in (("t0", None), ("t1", "class(es) [2] nearly empty")):
         trial = tmp_path / "out" / "trials" / name
         write_artefacts(trial, released, 30)

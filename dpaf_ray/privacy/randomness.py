@@ -19,7 +19,7 @@ a 256-bit key): on every CPU a GPU host has (AES-NI, ARMv8 crypto) it is the fas
 4–8 GB/s per core against 3–6 for ChaCha20 on the development machine, its 128-bit counter never
 wraps, and OpenSSL's implementations on such CPUs are constant-time. SHAKE-256, used before,
 ran at ≈ 0.5 GB/s and held the GIL; `update_into` releases it while OpenSSL runs (a Python thread
-keeps running during a long call: `bench/noise_throughput.py --gil`), so draws made ahead in a
+keeps running during a long call: the GIL check of `bench/noise_throughput.py`), so draws made ahead in a
 background thread do not stall the training thread.
 Expanding uniforms into Gaussians is vectorised torch in float64 (`gaussians_from_words`), on
 the device that needs the noise.
