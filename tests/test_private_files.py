@@ -59,16 +59,26 @@ def assert_secret_file(path: Path) -> None:
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700, path.parent
 
 
-def test_a_finished_train_run_exposes_nothing_but_its_release(tmp_path, open_umask):
+def test_a_finished_train_run_and_its_evaluation_expose_nothing_but_the_release(tmp_path, open_umask, monkeypatch):
+    import dpaf_ray.evaluation.run as evaluation_run
+
+    monkeypatch.setattr(evaluation_run, "evaluate", lambda *a, **k: {"real_data_accuracy": 0.5})  # the files only
+    evaluate_run = evaluation_run.evaluate_run
     out = tmp_path / "run"
     run = dpaf_ray.train("mnist-5k", epsilon=2.0, delta=1e-5, out=out, iterations=4, seed=3, batch_size=32,
                          group_size=16, feature_channels=4, num_threads=1, checkpoint_every=2, log_every=2,
                          num_synthetic=20, progress=None)
     assert (out / "release" / "privacy_report.json").exists() and run.metrics["iterations_executed"] == 4
+    written = evaluate_run(out, "mnist-5k", num_synthetic=20)["written_to"]  # noiseless real-data statistics
+    assert Path(written).parent == out / "evaluation"
+    elsewhere = evaluate_run(out, "mnist-5k", num_synthetic=20, out=tmp_path / "eval.json")["written_to"]
+    assert stat.S_IMODE(Path(elsewhere).stat().st_mode) == 0o600  # --out FILE: the operator's alone too
     assert {"checkpoint", "ledger.json", "config.json", "metrics.json"} <= {p.name for p in out.iterdir()}
     assert exposed(out) == []
     assert_secret_file(out / "checkpoint" / "state.pt")  # it holds the run secret
     assert not list(out.rglob("*.tmp"))
+    os.chmod(out, 0o711)  # the operator opens OUT so others can fetch release/: its secret folders stay closed
+    assert not [p for p in exposed(out) if p.split(" ")[0].split("/")[0] in ("checkpoint", "evaluation")]
 
 
 def test_a_prepared_search_exposes_nothing_and_its_secrets_are_0600(tmp_path, open_umask, monkeypatch):
