@@ -81,6 +81,27 @@ def test_a_finished_train_run_and_its_evaluation_expose_nothing_but_the_release(
     assert not [p for p in exposed(out) if p.split(" ")[0].split("/")[0] in ("checkpoint", "evaluation")]
 
 
+@pytest.mark.slow
+def test_a_ray_train_run_exposes_nothing_but_its_release(tmp_path, open_umask):
+    """Ray Train copies the secret-bearing checkpoints into OUT/ray_train with the umask: its folder holds."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        out = tmp_path / "run"
+        dpaf_ray.train("mnist-5k", epsilon=2.0, delta=1e-5, out=out, iterations=4, seed=3, batch_size=32,
+                       group_size=16, feature_channels=4, num_threads=1, checkpoint_every=2, log_every=2,
+                       num_synthetic=20, num_workers=1, progress=None)
+    finally:
+        ray.shutdown()
+    assert list((out / "ray_train").rglob("state.pt"))
+    assert exposed(out) == []
+    os.chmod(out, 0o711)  # OUT opened to share release/: Ray Train's storage stays closed
+    assert not [p for p in exposed(out) if p.startswith("ray_train")]
+
+
 def test_a_prepared_search_exposes_nothing_and_its_secrets_are_0600(tmp_path, open_umask, monkeypatch):
     """`run_search` up to the moment Ray would start: K, the secret and the charged ledger are on disk."""
     import dpaf_ray.ray_train
