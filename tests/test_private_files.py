@@ -163,3 +163,25 @@ def test_the_walk_sees_an_exposed_file_and_honours_a_closed_folder(tmp_path):
     os.chmod(out / "inner", 0o700)
     os.chmod(out, 0o711)
     assert exposed(out) == []  # a 0644 file in a 0700 folder is not readable by others; release/ is not walked
+
+
+def test_an_out_the_operator_cannot_lock_is_refused_with_exit_2_before_anything_is_written(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """E.g. another user's folder: chmod fails, and nothing is charged or written there."""
+    import dpaf_ray.run_dir
+    from dpaf_ray import cli
+
+    out = tmp_path / "theirs"
+    out.mkdir(mode=0o755)
+    os.chmod(out, 0o755)
+
+    def refuse(path, mode):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(dpaf_ray.run_dir.os, "chmod", refuse)
+    rc = cli.main(["train", "--dataset", "mnist-5k", "--epsilon", "2", "--iterations", "2", "--batch-size", "32",
+                   "--group-size", "16", "--num-threads", "1", "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "0700" in err and "--out" in err
+    assert list(out.iterdir()) == []
