@@ -29,6 +29,7 @@ from .devices import gpu_device
 from .privacy.ledger import PrivacyLedger
 from .privacy.randomness import RunSecret
 from .ray_resources import forwarded_env, torch_backend
+from .run_dir import private_dir
 from .training.checkpoint import RayTrainCheckpointSink, read_checkpoint_dir
 from .training.loop import TrainResult, WriteAheadLedger, make_trainer, train_loop
 from .training.plan import TrainingPlan
@@ -170,7 +171,8 @@ def fit_with_ray_train(plan: TrainingPlan, data: PrivateData, num_workers: int, 
     ensure_ray(address)
     check_resources(num_workers, use_gpu, cpus_per_worker, gpus_per_worker)
     threads = threads_per_worker or plan.config.num_threads or max(1, int(cpus_per_worker))
-    storage = storage_path or str(Path(out or tempfile.mkdtemp()).absolute() / "ray_train")
+    # Its checkpoints hold the run secret: the default storage is a 0700 folder (rule 18).
+    storage = storage_path or str(private_dir(Path(out or tempfile.mkdtemp()).absolute() / "ray_train"))
     run_name = name or f"dpaf-train-{int(time.time())}"
     env = {**{k: v for k, v in os.environ.items() if k == FAIL_AT_ENV}, **forwarded_env()}
     trainer = TorchTrainer(

@@ -29,6 +29,7 @@ from .privacy.randomness import RunSecret
 from .privacy.report import data_assumptions, privacy_report
 from .ray_resources import check_cpu_share, check_gpu_fraction
 from .release import RELEASE_DIR, generate, label_balance_warning, write_artefacts, write_release
+from .run_dir import own_run_dir
 from .training.checkpoint import LocalCheckpointSink
 from .training.loop import TrainResult, WriteAheadLedger, secret_for, train_loop
 from .training.plan import TrainingPlan, plan_training
@@ -163,7 +164,7 @@ def train_private(cfg: TrainConfig, out: str | Path, num_workers: int = 0, use_g
         protect_auth_token(address)  # before Ray can write ~/.ray/auth_token with the umask
         ensure_ray(address)
         check_resources(num_workers, use_gpu, cpus_per_worker, gpus_per_worker)
-    out.mkdir(parents=True, exist_ok=True)
+    own_run_dir(out)  # 0700: nothing in OUT is readable by others (rule 18)
     if progress:
         if carried is not None and carried.entries:
             progress(f"an earlier attempt in {out} already spent ε={carried.epsilon(cfg.delta):.3f}; "

@@ -269,6 +269,8 @@ def test_audit_json_schema_and_verdict_line(tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()
     assert len(line) == 1 and line[0].startswith("audit (release, δ=0.001): consistent")
     assert list(out.iterdir()) == [out / "audit.json"]  # nothing else written
+    # real-data statistics: the operator's alone (docs/design.md rule 18)
+    assert (out.stat().st_mode & 0o777, (out / "audit.json").stat().st_mode & 0o777) == (0o700, 0o600)
 
 
 def test_audit_exits_1_on_violation(tmp_path, monkeypatch, capsys):

@@ -5,7 +5,7 @@ is still an arrow: it only hides it). Only imports under `if TYPE_CHECKING:` are
 name a type for an annotation and never run. The layers, lowest first (a module may import its
 own layer and the layers below it):
 
-    ground       config, collectives, devices, pictures
+    ground       config, collectives, devices, pictures, run_dir (the operator's private folders and files)
     privacy      privacy/
     data         data/
     models       models/
@@ -27,7 +27,7 @@ PACKAGE = "dpaf_ray"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("ground", {"config", "collectives", "devices", "pictures"}),
+    ("ground", {"config", "collectives", "devices", "pictures", "run_dir"}),
     ("privacy", {"privacy"}),
     ("data", {"data"}),
     ("models", {"models"}),

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..run_dir import own_run_dir, write_private_text
 from .settings import MECHANISMS, ReleaseAuditSettings, RunAuditSettings
 
 AUDIT_FILE = "audit.json"
@@ -96,10 +97,10 @@ def run_audit(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     verdict = "VIOLATION" if any(e["verdict"] == "VIOLATION" for e in entries) else "consistent"
-    out.mkdir(parents=True, exist_ok=True)
+    own_run_dir(out)  # 0700: audit.json holds statistics of real data (rule 18)
     doc = {"level": args.level, "verdict": verdict, "settings": config, "seeded": args.seed is not None,
            "mechanisms": entries}
-    (out / AUDIT_FILE).write_text(json.dumps(doc, indent=1, default=str))
+    write_private_text(out / AUDIT_FILE, json.dumps(doc, indent=1, default=str))
     print(verdict_line(args.level, entries, out / AUDIT_FILE))
     return 1 if verdict == "VIOLATION" else 0
 

@@ -14,6 +14,7 @@ from typing import Any
 from ..data import load_dataset
 from ..models.generator import load_generator
 from ..release import RELEASE_DIR, generate, is_release_dir
+from ..run_dir import private_dir, write_private_text
 from .report import evaluate
 
 # Values computed from real data without noise: for the operator only.
@@ -68,7 +69,8 @@ def evaluate_run(run_dir: Path, test_data: str, train_data: str | None = None, d
                            "note": "fid_domain depends on these settings (the classifier's training data and "
                                    "epochs, the number of synthetic images); compare runs only at equal settings"}
     metrics["not_private"] = [k for k in NOT_PRIVATE if k in metrics]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=1))
+    if out is None:
+        private_dir(path.parent)  # RUN/evaluation: noiseless statistics of real data (rule 18)
+    write_private_text(path, json.dumps(metrics, indent=1))
     metrics["written_to"] = str(path)
     return metrics

@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import torch
 
+from ..run_dir import private_dir, private_file, write_private_text
+
 STATE_FILE = "state.pt"
 LEDGER_FILE = "ledger.json"
 
@@ -25,13 +27,11 @@ class CheckpointSink(Protocol):
 
 
 def write_checkpoint_dir(directory: Path, state: dict[str, Any]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(directory / STATE_FILE)
-    ltmp = directory / (LEDGER_FILE + ".tmp")
-    ltmp.write_text(json.dumps(state["ledger"], indent=1))
-    ltmp.replace(directory / LEDGER_FILE)
+    """The state holds the run secret: a 0700 folder, 0600 files, each replaced atomically (rule 18)."""
+    private_dir(directory)
+    with private_file(directory / STATE_FILE) as f:
+        torch.save(state, f)
+    write_private_text(directory / LEDGER_FILE, json.dumps(state["ledger"], indent=1))
 
 
 def read_checkpoint_dir(directory: Path) -> dict[str, Any] | None:

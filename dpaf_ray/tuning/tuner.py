@@ -490,12 +490,10 @@ SECRET_FILE = "search_secret.pt"  # OUT/checkpoint/: private, like every checkpo
 def save_search_secret(out: Path, secret: RunSecret) -> None:
     import torch
 
-    directory = out / "checkpoint"
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (SECRET_FILE + ".tmp")
-    torch.save(secret.to_checkpoint(), tmp)
-    os.chmod(tmp, 0o600)
-    tmp.replace(directory / SECRET_FILE)
+    from ..run_dir import private_dir, private_file
+
+    with private_file(private_dir(out / "checkpoint") / SECRET_FILE) as f:
+        torch.save(secret.to_checkpoint(), f)
 
 
 def load_search_secret(out: Path) -> RunSecret:
@@ -516,6 +514,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
     import optuna
 
     from ..data import check_image_shape, load_dataset
+    from ..run_dir import own_run_dir, private_dir
     from .resources import check_search_hardware, trial_resources
 
     out = out.absolute()
@@ -541,6 +540,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
         if state["num_trials"] and not (Path(storage) / name).exists():
             check_no_trials_beside_fresh_tuner(out, Path(storage) / name)
         progress(f"resuming the search in {out}")
+        private_dir(own_run_dir(out) / "trials")  # a search started before OUT was made private is tightened
     else:
         if state_path.exists():
             raise FileExistsError(f"{out} already holds a search; use --resume {out} or another --out")
@@ -551,7 +551,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
         check_space_fits(ss, state)  # every extreme of the space runs under the reference, before Ray starts
         del ds
         secret = RunSecret.fresh()
-        trials_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(own_run_dir(out) / "trials")  # 0700 (rule 18): K, every trial's generator and secrets
         save_search_secret(out, secret)
         search_ledger(ss, state).save(out / "ledger.json")  # the whole search's charge, before any trial
         _atomic_json(state_path, state)  # K is fixed before any trial runs
@@ -717,9 +717,7 @@ class TrialCheckpointSink:
     def save(self, state: dict[str, Any], metrics: dict[str, Any]) -> None:
         from ..training.checkpoint import write_checkpoint_dir
 
-        write_checkpoint_dir(self.dir, state)
-        os.chmod(self.dir, 0o700)  # secret-bearing (docs/design.md rule 18)
-        os.chmod(self.dir / "state.pt", 0o600)
+        write_checkpoint_dir(self.dir, state)  # secret-bearing: 0700 folder, 0600 files (rule 18)
 
     def report(self, metrics: dict[str, Any]) -> None:
         import ray.tune
