@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     root, workdir = a.root.expanduser(), a.workdir.expanduser()
     if REPO in [workdir, *workdir.resolve().parents]:
         p.error(f"--workdir {workdir} is inside the repository; runs' folders hold private checkpoints: put them outside")
-    table_sets = [s for s in all_sets if s in a.sets] if a.table_only else a.sets
+    n_train = {s: v["n_train"] for s, v in heldout_sets.read_manifest()["sets"].items()}
+    table_sets = sorted(a.sets, key=lambda s: (n_train.get(s, 0), s))  # smallest N first
     if not a.table_only:
         manifest = heldout_sets.read_manifest()
         for s in a.sets:  # the suite must be the frozen one before anything is measured on it
