@@ -70,7 +70,9 @@ def _run(cmd: list[str], log: Path) -> tuple[int, float]:
 def _shown(cmd: list[str], root: Path, workdir: Path) -> str:
     """The command as a reader reruns it: ROOT and WORK instead of this machine's paths."""
     text = " ".join(shlex.quote(c) for c in cmd)
-    return text.replace(str(root), "ROOT").replace(str(workdir), "WORK").replace(sys.executable, "python")
+    for path, name in sorted([(str(root), "ROOT"), (str(workdir), "WORK")], key=lambda p: -len(p[0])):
+        text = text.replace(path, name)  # the longer first: one may be a prefix of the other
+    return text.replace(sys.executable, "python")
 
 
 def run_release(job: Job, root: Path, workdir: Path) -> dict:
