@@ -168,7 +168,7 @@ def _plan_summary(r: dict) -> str:
     text = " ".join(r.get("plan", []))
     t = re.search(r"plan: T=(\d+)", text)
     phase = re.search(r"first a DP label classifier: (\d+) DP-SGD steps", text)
-    why = re.search(r"no DP label-classifier phase by default: ([^;|]*?)(?: plan:|$)", text)
+    why = re.search(r"no DP label-classifier phase by default: (.*?)\)?, q=", text)
     parts = [f"T = {t.group(1)}" if t else "T = ?"]
     if phase:
         parts.append(f"classifier phase {phase.group(1)} steps")
@@ -196,20 +196,22 @@ def write_table(results: Path, sets: list[str], epsilons: list[float]) -> Path:
     if missing:
         lines += ["**Partial table.** Cells without both runs: " + "; ".join(missing) + ".", ""]
     lines += ["| set | N train | ε | release acc | DP classifier acc | ratio | ε spent (release ledger / Opacus RDP) "
-              "| real-data CNN | release train + eval s (per seed) | DP classifier s | the release's plan |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| real-data CNN (evaluate's) | diversity | release train + eval s (per seed) | DP classifier s "
+              "| the release's plan |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in table:
         rel, dp = c["release"], c["dpsgd"]
         eps_rel = " / ".join(f"{r['epsilon_spent']:.3f}" for r in rel) or "–"
         eps_dp = " / ".join(f"{r['epsilon_spent']:.3f}" for r in dp) or "–"
         real = _mean_spread([r["real_data_accuracy"] for r in rel if r.get("real_data_accuracy") is not None])
+        div = " / ".join(f"{r['diversity_ratio']:.2f}" for r in rel if r.get("diversity_ratio") is not None) or "–"
         walls = " / ".join(f"{r['train_s']:.0f} + {r['eval_s']:.0f}" for r in rel) or "–"
         dwall = " / ".join(f"{r['wall_s']:.0f}" for r in dp) or "–"
         ratio = "–" if c["ratio"] is None else f"**{c['ratio']:.2f}**"
         plans = "; ".join(dict.fromkeys(_plan_summary(r) for r in rel)) or "–"
         lines.append(f"| {c['set']} | {manifest.get(c['set'], {}).get('n_train', '?')} | {c['epsilon']:g} | "
                      f"{_mean_spread([r['accuracy'] for r in rel])} | {_mean_spread([r['accuracy'] for r in dp])} | "
-                     f"{ratio} | {eps_rel} ; {eps_dp} | {real} | {walls} | {dwall} | {plans} |")
+                     f"{ratio} | {eps_rel} ; {eps_dp} | {real} | {div} | {walls} | {dwall} | {plans} |")
     lines += ["", "Commands (ROOT = the suite's root, `python bench/heldout_sets.py`; WORK = --workdir):", ""]
     shown = set()
     for r in rows:
