@@ -247,10 +247,11 @@ def write_plot(results: Path, sets: list[str], epsilons: list[float]) -> Path | 
             if c["ratio"] is not None:
                 xs.append(i + (j - (len(epsilons) - 1) / 2) * width)
                 ys.append(c["ratio"])
-        ax.bar(xs, ys, width, label=f"ε = {e:g}")
+        ax.bar(xs, ys, width, label=f"ε = {e:g}", color=f"C{j}")
     ax.axhline(GOAL, color="k", ls="--", lw=1, label=f"goal {GOAL}")
     ax.axhline(FLOOR, color="r", ls=":", lw=1, label=f"floor {FLOOR}")
     ax.set_xticks(range(len(sets)), sets, rotation=20)
+    ax.set_xlim(-0.5, len(sets) - 0.5)
     ax.set_ylabel("release / DP-SGD classifier accuracy")
     ax.set_ylim(0, 1.1)
     ax.set_title("Default release on the held-out suite (missing bars: not measured)")
