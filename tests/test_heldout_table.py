@@ -1,0 +1,35 @@
+"""bench/heldout.py's table: the ratio is release over DP classifier at the same set and ε, and a
+cell without both runs is named as missing instead of being left out silently."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+heldout = pytest.importorskip("heldout")
+
+
+def _write(results: Path, name: str, **fields) -> None:
+    (results / "runs").mkdir(parents=True, exist_ok=True)
+    (results / "runs" / f"{name}.json").write_text(json.dumps(fields))
+
+
+def test_ratio_and_missing_cells(tmp_path):
+    common = {"delta": 1e-5, "epsilon_spent": 9.99, "commands": []}
+    for seed, acc in [(0, 0.60), (1, 0.70)]:
+        _write(tmp_path, f"a_release_{seed}", set="glyphs-8k", kind="release", epsilon_target=10.0, seed=seed,
+               accuracy=acc, train_s=1, eval_s=1, plan=["plan: T=900 iterations (x)"], **common)
+    _write(tmp_path, "a_dpsgd", set="glyphs-8k", kind="dpsgd", epsilon_target=10.0, seed=0, accuracy=0.80,
+           wall_s=1, **common)
+    _write(tmp_path, "b_dpsgd", set="digits-28", kind="dpsgd", epsilon_target=1.0, seed=0, accuracy=0.5,
+           wall_s=1, **common)
+    cells = {(c["set"], c["epsilon"]): c for c in heldout.cells(heldout.load_results(tmp_path),
+                                                                  ["glyphs-8k", "digits-28"], [10.0, 1.0])}
+    assert cells[("glyphs-8k", 10.0)]["ratio"] == pytest.approx(0.65 / 0.80)
+    assert cells[("digits-28", 1.0)]["ratio"] is None
+    text = heldout.write_table(tmp_path, ["glyphs-8k", "digits-28"], [10.0, 1.0]).read_text()
+    assert "**0.81**" in text
+    assert "Partial table" in text and "digits-28 ε = 1 (release)" in text and "glyphs-8k ε = 1 (release, dpsgd)" in text
