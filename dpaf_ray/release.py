@@ -20,6 +20,7 @@ sample grid. All of it is post-processing of the released generator (no privacy 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -84,7 +85,7 @@ def generate(generator: ConditionalGenerator, n: int, seed: int = SYNTHETIC_SEED
     DP label classifier, some between two classes and labelled by it (`sample_synthetic`)."""
     x, labels = sample_synthetic(generator, n, seed=seed)
     images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return ImageDataset(images, labels, generator.num_classes, "synthetic")
+    return ImageDataset(images, labels, generator.num_classes, "synthetic", generator.class_names)
 
 
 def label_balance_warning(generator: ConditionalGenerator, synthetic: ImageDataset) -> str | None:
@@ -107,6 +108,8 @@ def label_balance_warning(generator: ConditionalGenerator, synthetic: ImageDatas
 def write_artefacts(directory: Path, generator: ConditionalGenerator, num_synthetic: int,
                     synthetic: ImageDataset | None = None) -> ImageDataset:
     """generator.pt, synthetic.parquet and samples.png in `directory`; returns the synthetic set.
+    The generator's class names, where the user gave them, go into all three (row labels of the grid,
+    the Parquet metadata `dpaf_ray.class_names`).
 
     The generator may sit on any device: it is saved from CPU copies, and `sample` feeds it inputs
     on its own device and returns CPU tensors. `synthetic`: the set, when it was generated
@@ -115,10 +118,13 @@ def write_artefacts(directory: Path, generator: ConditionalGenerator, num_synthe
     generator.save(directory / "generator.pt")
     if synthetic is None:
         synthetic = generate(generator, num_synthetic)
+    if synthetic.class_names != generator.class_names:  # the class names are the released G's (public facts)
+        synthetic = dataclasses.replace(synthetic, class_names=generator.class_names)
     write_parquet(synthetic, directory / "synthetic.parquet")
     labels = torch.arange(generator.num_classes).repeat_interleave(SAMPLES_PER_CLASS)
     grid, _ = generator.sample(labels=labels, seed=GRID_SEED)
-    save_sample_grid(grid, labels, generator.num_classes, directory / "samples.png", per_class=SAMPLES_PER_CLASS)
+    save_sample_grid(grid, labels, generator.num_classes, directory / "samples.png", per_class=SAMPLES_PER_CLASS,
+                     class_names=generator.class_names)
     return synthetic
 
 

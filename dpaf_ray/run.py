@@ -197,7 +197,7 @@ def finish_run(out: Path, result: TrainResult, data: PrivateData, num_synthetic:
     report = privacy_report(
         result.ledger, delta=cfg.delta, target_epsilon=cfg.epsilon, reproducible_noise=cfg.reproducible_noise,
         assumptions=data_assumptions(data.n_records, cfg.validation_fraction, data.num_classes, data.shape,
-                                     cfg.batch_size),
+                                     cfg.batch_size, class_names=data.train.class_names),
         extra={"iterations_executed": result.iterations_done, "sampling_rate": result.plan.schedule.sampling_rate,
                "model": cfg.model, "knobs": released_knobs(cfg)})
     score = {"score": None, "note": "a single training run is not scored; tune.py scores each trial on the "

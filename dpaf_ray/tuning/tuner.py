@@ -262,7 +262,8 @@ def search_privacy_report(ss: SearchSpace, state: dict[str, Any], best_knobs: di
     if ss.subsample_fraction is not None:
         raise ValueError("a subsampled search is reported by subsampled_privacy_report")
     fraction = validation_fraction(ss)
-    assumptions = data_assumptions(state["n_records"], fraction, state["num_classes"], tuple(state["image_shape"]))
+    assumptions = data_assumptions(state["n_records"], fraction, state["num_classes"], tuple(state["image_shape"]),
+                                   class_names=state.get("class_names"))
     assumptions["search"] = ("every trial's executed RDP curve lies under the reference at every order; the "
                              "number of trials K is drawn with a cryptographic RNG and kept private")
     reference = reference_from(state)
@@ -548,6 +549,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
         ds = load_dataset(ss.dataset, "train", ss.data_root, num_classes=ss.num_classes)
         check_image_shape(ds)
         state = plan_search(ss, len(ds), ds.shape, ds.num_classes)
+        state["class_names"] = None if ds.class_names is None else list(ds.class_names)  # public: the report's
         check_space_fits(ss, state)  # every extreme of the space runs under the reference, before Ray starts
         del ds
         secret = RunSecret.fresh()
@@ -935,7 +937,8 @@ def subsampled_privacy_report(ss: SearchSpace, state: dict[str, Any], best_knobs
     budget = ss.subsample_budget()
     fraction = validation_fraction(ss)
     n = state["n_records"]
-    assumptions = data_assumptions(n, fraction, state["num_classes"], tuple(state["image_shape"]))
+    assumptions = data_assumptions(n, fraction, state["num_classes"], tuple(state["image_shape"]),
+                                   class_names=state.get("class_names"))
     assumptions["validation_split"] = (f"inside the subsample, each record is held out for the trials' scores with "
                                        f"probability {fraction:g} by a keyed hash of its own pixels and label under "
                                        "the search secret; the final run holds nothing out (it is not scored)")
