@@ -30,7 +30,7 @@ from .privacy.report import data_assumptions, privacy_report
 from .ray_resources import check_cpu_share, check_gpu_fraction
 from .release import RELEASE_DIR, generate, label_balance_warning, write_artefacts, write_release
 from .training.checkpoint import LocalCheckpointSink
-from .training.loop import TrainResult, WriteAheadLedger, secret_for, train_loop
+from .training.loop import TrainResult, WriteAheadLedger, secret_for, time_cap_note, train_loop
 from .training.plan import TrainingPlan, plan_training
 from .training.preflight import preflight as check_plan
 from .training.probe import seconds_per_iteration
@@ -105,6 +105,9 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
     if progress:
         progress(f"done: {result.iterations_done} iterations, ε={metrics['epsilon']:.3f} (δ={result.plan.config.delta:g}); "
                  f"release in {Path(out) / 'release'}")
+        if result.stopped_early:
+            progress(f"WARNING: the released generator was {metrics['time_cap']}; ε={metrics['epsilon']:.3f} of "
+                     f"{result.plan.config.epsilon:g} is spent, the rest is not")
     return metrics
 
 
@@ -126,8 +129,9 @@ def finished_run(out: Path) -> dict[str, Any] | None:
 def finished_message(out: Path, finished: dict[str, Any]) -> str:
     target = finished.get("target_epsilon")
     of = f" of {target:g}" if isinstance(target, (int, float)) else ""
+    cut = f" Its generator was {finished['time_cap']}." if finished.get("time_cap") else ""
     return (f"{out} is a finished run: its release is {out / RELEASE_DIR} and it cost ε={finished['epsilon']:.3f}{of} "
-            f"(δ={finished['delta']:g}, from {out / LEDGER_FILE}). Nothing was trained, charged or rewritten; "
+            f"(δ={finished['delta']:g}, from {out / LEDGER_FILE}).{cut} Nothing was trained, charged or rewritten; "
             "a new run needs a new --out")
 
 
@@ -198,8 +202,10 @@ def finish_run(out: Path, result: TrainResult, data: PrivateData, num_synthetic:
         result.ledger, delta=cfg.delta, target_epsilon=cfg.epsilon, reproducible_noise=cfg.reproducible_noise,
         assumptions=data_assumptions(data.n_records, cfg.validation_fraction, data.num_classes, data.shape,
                                      cfg.batch_size, class_names=data.train.class_names),
-        extra={"iterations_executed": result.iterations_done, "sampling_rate": result.plan.schedule.sampling_rate,
-               "model": cfg.model, "knobs": released_knobs(cfg)})
+        extra={"iterations_executed": result.iterations_done, "iterations_planned": result.plan.iterations,
+               **({"time_cap": time_cap_note(result.iterations_done, result.plan.iterations, cfg.time_budget_minutes)}
+                  if result.stopped_early else {}),
+               "sampling_rate": result.plan.schedule.sampling_rate, "model": cfg.model, "knobs": released_knobs(cfg)})
     score = {"score": None, "note": "a single training run is not scored; tune.py scores each trial on the "
                                     "private validation split with noise, charged to the ledger"}
     synthetic = generate(generator, num_synthetic)
@@ -211,6 +217,8 @@ def finish_run(out: Path, result: TrainResult, data: PrivateData, num_synthetic:
         "iterations_executed": result.iterations_done,
         "iterations_planned": result.plan.iterations,
         "stopped_early": result.stopped_early,
+        **({"time_cap": time_cap_note(result.iterations_done, result.plan.iterations, cfg.time_budget_minutes)}
+           if result.stopped_early else {}),
         "train_seconds": result.seconds,
         "seconds_per_iteration": result.seconds / max(1, result.iterations_done),
         "num_synthetic": num_synthetic,

@@ -112,7 +112,7 @@ def summary(report: dict[str, Any], result: dict[str, Any]) -> str:
                 "accountant"):
         if key in assumptions:
             lines.append(f"{key.replace('_', ' ')}: {assumptions[key]}")
-    for key in ("iterations_executed", "model"):
+    for key in ("iterations_executed", "iterations_planned", "time_cap", "model"):
         if key in report:
             lines.append(f"{key.replace('_', ' ')}: {report[key]}")
     lines.append("private: yes" if result.get("private") else f"private: NO — {result.get('warning', NOT_PRIVATE)}")

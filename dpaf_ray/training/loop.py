@@ -160,6 +160,9 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
                 end = window_end(t, T, cfg.checkpoint_every)
                 if _out_of_time(cfg, t0, t - start, end - t, collective, trainer.device):
                     stopped_early = True  # nothing of the next window is charged or run
+                    if progress and collective.rank == 0:
+                        progress(f"STOPPED EARLY: {time_cap_note(t, T, cfg.time_budget_minutes)}; the ledger holds "
+                                 f"ε={ledger.epsilon(cfg.delta):.3f} of {cfg.epsilon:g}, for what ran")
                     break
                 for i in range(max(t, charged_through), end):  # charge before anything is released
                     ledger.charge_poisson_gaussian(*plan.schedule.release_at(i))
@@ -245,6 +248,13 @@ def save(sink: CheckpointSink, trainer: GANTrainerBase, ledger: PrivacyLedger, h
              "iteration": t, "secret": secret.to_checkpoint(), "config": plan.config.to_dict(),
              "planned_iterations": plan.iterations}
     sink.save(state, {"iteration": t, "epsilon": ledger.epsilon(plan.config.delta)})
+
+
+def time_cap_note(done: int, planned: int, minutes: float | None) -> str:
+    """What a run cut by its wall-clock cap did, in one phrase for the console, the release summary
+    and a search's trial records: the model trained on fewer iterations than planned."""
+    return (f"cut by the time cap (time budget {minutes:g} min) after {done} of {planned} planned iterations, "
+            "because the next write-ahead window would have overrun it; the model trained less than planned")
 
 
 def _out_of_time(cfg: TrainConfig, t0: float, done: int, window: int, collective: Collective,
