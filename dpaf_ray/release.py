@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +32,7 @@ import torch
 
 from .data.dataset import ImageDataset
 from .data.sources import write_parquet
+from .models.architecture import architecture_for
 from .models.generator import ConditionalGenerator
 from .pictures import save_sample_grid
 from .privacy.report import write_report
@@ -126,6 +129,25 @@ def write_artefacts(directory: Path, generator: ConditionalGenerator, num_synthe
     save_sample_grid(grid, labels, generator.num_classes, directory / "samples.png", per_class=SAMPLES_PER_CLASS,
                      class_names=generator.class_names)
     return synthetic
+
+
+def estimate_release_seconds(shape: tuple[int, int, int], num_classes: int, num_synthetic: int, z_dim: int = 64,
+                             width: int | None = None, sample: int = 200) -> float:
+    """Seconds that writing a release of `num_synthetic` images will take, so that a time budget can cover
+    it: an untrained generator of the same architecture (public, no data) writes the artefacts with `sample`
+    images into a temporary folder, and the per-image part (drawing, PNG encoding) is scaled up. A DP label
+    classifier's passes over the synthetic set are not included."""
+    m = max(1, min(sample, num_synthetic))
+    generator = ConditionalGenerator(architecture_for(shape), num_classes, z_dim, width=width)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        synthetic = generate(generator, m)
+        write_parquet(synthetic, Path(d) / "per_image.parquet")
+        per_image = (time.perf_counter() - t0) / m
+        t1 = time.perf_counter()
+        write_artefacts(Path(d) / "artefacts", generator, m, synthetic=synthetic)
+        whole = time.perf_counter() - t1
+    return whole + per_image * max(0, num_synthetic - m)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +29,8 @@ from .privacy.ledger import PrivacyLedger
 from .privacy.randomness import RunSecret
 from .privacy.report import data_assumptions, privacy_report
 from .ray_resources import check_cpu_share, check_gpu_fraction
-from .release import RELEASE_DIR, generate, label_balance_warning, write_artefacts, write_release
+from .release import (RELEASE_DIR, estimate_release_seconds, generate, label_balance_warning, write_artefacts,
+                      write_release)
 from .training.checkpoint import LocalCheckpointSink
 from .training.loop import TrainResult, WriteAheadLedger, secret_for, time_cap_note, train_loop
 from .training.plan import TrainingPlan, plan_training
@@ -46,8 +48,12 @@ def resolve_seed(cfg: TrainConfig) -> TrainConfig:
 
 
 def prepare(cfg: TrainConfig, secret: RunSecret | None = None, carried: PrivacyLedger | None = None,
-            device: str = "cpu") -> tuple[TrainConfig, PrivateData, TrainingPlan, RunSecret]:
-    """Every check before anything is written: configuration, data, budget, plan."""
+            device: str = "cpu", started: float | None = None,
+            num_synthetic: int = 0) -> tuple[TrainConfig, PrivateData, TrainingPlan, RunSecret]:
+    """Every check before anything is written: configuration, data, budget, plan.
+
+    `started` (time.monotonic() when the command began): a time budget then covers the whole command,
+    so the plan takes off what was spent before training and an estimate for writing the release."""
     cfg = resolve_seed(cfg.validate())
     secret = secret if secret is not None else secret_for(cfg)
     data = load_training_data(cfg, secret.child(SPLIT_LABEL))
@@ -59,7 +65,11 @@ def prepare(cfg: TrainConfig, secret: RunSecret | None = None, carried: PrivacyL
     if cfg.time_budget_minutes is not None and cfg.iterations is None and cfg.epochs is None:
         cfg.validate(data.expected_train)  # the probe needs a valid batch
         speed = seconds_per_iteration(cfg, data.shape, data.num_classes, data.expected_train, device)
-    plan = plan_training(cfg, data.expected_train, data.shape[1], speed)
+    overhead = None
+    if speed is not None and started is not None:
+        release = estimate_release_seconds(data.shape, data.num_classes, num_synthetic, cfg.z_dim, cfg.generator_width)
+        overhead = time.monotonic() - started + release
+    plan = plan_training(cfg, data.expected_train, data.shape[1], speed, overhead)
     return plan.config, data, plan, secret
 
 
@@ -88,7 +98,9 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
     `cpus_per_worker`: the CPUs Ray reserves per worker, checked and requested with one value.
     Both are validated here, the one boundary the CLI and the Python API share.
 
-    A finished OUT is final (docs/design.md rule 17): its release is reported, never rewritten."""
+    A finished OUT is final (docs/design.md rule 17): its release is reported, never rewritten.
+    A time budget covers the whole command, from here to the release written."""
+    started = time.monotonic()
     finished = finished_run(Path(out))
     if finished is not None:
         if not resume:
@@ -98,7 +110,7 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
             progress(finished_message(Path(out), finished))
         return finished
     result, data = train_private(cfg, out, num_workers, use_gpu, address, resume, progress, gpus_per_worker,
-                                 cpus_per_worker, preflight=not force)
+                                 cpus_per_worker, preflight=not force, started=started, num_synthetic=num_synthetic)
     metrics = finish_run(Path(out), result, data, num_synthetic, num_workers)
     if progress and "warning" in metrics:
         progress(f"WARNING: {metrics['warning']}")
@@ -138,7 +150,8 @@ def finished_message(out: Path, finished: dict[str, Any]) -> str:
 def train_private(cfg: TrainConfig, out: str | Path, num_workers: int = 0, use_gpu: bool = False,
                   address: str | None = None, resume: bool = True, progress: Callable[[str], None] | None = print,
                   gpus_per_worker: float = 1.0, cpus_per_worker: float = 1.0,
-                  preflight: bool = False) -> tuple[TrainResult, PrivateData]:
+                  preflight: bool = False, started: float | None = None,
+                  num_synthetic: int = 0) -> tuple[TrainResult, PrivateData]:
     """Plan and train one run in OUT (ledger, checkpoints, config.json), without writing a release:
     `run_train` releases it on its own; a subsampled search's final run is released with the
     search's report instead (`tuning.tuner`). `preflight`: refuse a fresh plan measured not to
@@ -157,7 +170,7 @@ def train_private(cfg: TrainConfig, out: str | Path, num_workers: int = 0, use_g
     carried = journal.load() if state is None else None
     device = resolve_device(use_gpu, num_workers)
     cfg, data, plan, secret = prepare(cfg, secret, carried,  # every check before anything is written
-                                      probe_device(use_gpu, num_workers))
+                                      probe_device(use_gpu, num_workers), started, num_synthetic)
     if preflight and state is None and not (carried is not None and carried.entries):
         check_plan(plan, data.expected_train, data.num_classes, data.shape[1], data.validation_fraction)
     if num_workers > 0:  # the cluster can hold the workers (GPU shares included), before anything is written

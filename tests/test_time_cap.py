@@ -95,3 +95,78 @@ def test_the_search_summary_names_the_released_trial_cut_and_counts_the_cut_ones
     assert time_cap_lines([_trial("a", 0.6, 400, 400)], None, tmp_path, True) == []
     cut_not_released = time_cap_lines([other, _trial("t_cut", 0.1, 100, 400)], other, tmp_path, True)
     assert len(cut_not_released) == 1 and "1 of 2 trials" in cut_not_released[0]
+
+
+# ---------------------------------------------------------------- --time-budget-minutes covers the whole command
+
+
+def test_the_plan_takes_the_command_s_time_outside_the_loop_off_the_budget():
+    from dpaf_ray.training.plan import TIME_RESERVE_FRACTION, plan_training
+
+    cfg = TrainConfig(epsilon=10, batch_size=32, group_size=16, feature_channels=4, seed=0, time_budget_minutes=2)
+    usable = 2 * 60 * (1 - TIME_RESERVE_FRACTION)
+    spent = plan_training(cfg, 3600, 28, seconds_per_iteration=0.5, overhead_seconds=30.0)
+    assert spent.iterations == int((usable - 30) / 0.5) and spent.overhead_seconds == 30
+    assert "less 30 s of start-up, probe and release" in spent.how
+    assert plan_training(cfg, 3600, 28, 0.5, overhead_seconds=0.0).iterations == int(usable / 0.5)
+
+
+def test_prepare_measures_what_was_spent_before_training_and_reserves_the_release(monkeypatch):
+    from dpaf_ray import run
+
+    monkeypatch.setattr(run, "seconds_per_iteration", lambda *a, **k: 0.5)
+    monkeypatch.setattr(run, "estimate_release_seconds", lambda *a, **k: 5.0)
+    cfg = TrainConfig(dataset="mnist-5k", epsilon=10, batch_size=32, group_size=16, feature_channels=4, seed=0,
+                      time_budget_minutes=2)
+    before = time.monotonic()
+    _, _, plan, _ = run.prepare(cfg, started=before - 40.0, num_synthetic=100)
+    spent = time.monotonic() - before + 40.0
+    assert 45.0 <= plan.overhead_seconds <= spent + 5.0  # 40 s before, the loading, and the release's 5 s
+    assert plan.iterations == int((2 * 60 * 0.9 - plan.overhead_seconds) / 0.5)
+    _, _, unmeasured, _ = run.prepare(cfg)  # no start time (a caller that does not cover its start-up)
+    assert unmeasured.overhead_seconds is None and unmeasured.iterations > plan.iterations
+
+
+def test_the_loop_stops_where_the_budget_less_the_release_runs_out():
+    import dataclasses
+
+    import torch
+
+    from dpaf_ray.data.dataset import ImageDataset
+    from dpaf_ray.training.loop import train_loop
+    from dpaf_ray.training.plan import plan_training
+
+    g = torch.Generator().manual_seed(0)
+    ds = ImageDataset(torch.randint(0, 256, (200, 1, 28, 28), generator=g, dtype=torch.uint8),
+                      torch.randint(0, 3, (200,), generator=g), 3, "random")
+    cfg = TrainConfig(batch_size=32, group_size=16, seed=1, iterations=4, checkpoint_every=2, log_every=2,
+                      num_threads=1, epsilon=50, time_budget_minutes=1)
+    plan = plan_training(cfg, len(ds))
+    assert not train_loop(plan, ds, len(ds), progress=None).stopped_early
+    lines: list[str] = []
+    cut = train_loop(dataclasses.replace(plan, overhead_seconds=60.0), ds, len(ds), progress=lines.append)
+    assert cut.stopped_early and cut.iterations_done == 0 and sum(e.count for e in cut.ledger.entries) == 0
+    assert any(ln.startswith("STOPPED EARLY") and "after 0 of 4" in ln for ln in lines)
+
+
+def test_the_preflight_fix_for_a_short_budget_counts_the_time_outside_the_loop():
+    import math
+
+    import pytest
+
+    from dpaf_ray.training.plan import plan_training
+    from dpaf_ray.training.preflight import MIN_TIME_BUDGET_ITERATIONS, PreflightError, preflight
+
+    cfg = TrainConfig(epsilon=10, batch_size=32, group_size=16, feature_channels=4, seed=0, time_budget_minutes=1)
+    plan = plan_training(cfg, 3600, 28, seconds_per_iteration=0.1, overhead_seconds=600.0)
+    with pytest.raises(PreflightError) as err:
+        preflight(plan, 3600, 10, 28, 0.1)
+    minutes = math.ceil((MIN_TIME_BUDGET_ITERATIONS * 0.1 + 600) / 0.9 / 60)
+    assert f"--time-budget-minutes {minutes}" in str(err.value)
+
+
+def test_the_release_estimate_is_measured_and_grows_with_the_synthetic_set():
+    from dpaf_ray.release import estimate_release_seconds
+
+    small = estimate_release_seconds((1, 28, 28), 3, 50, sample=50)
+    assert 0 < small < estimate_release_seconds((1, 28, 28), 3, 50_000, sample=50)
