@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -16,8 +17,38 @@ from torchvision.utils import make_grid
 
 #: Pixels between tiles (torchvision's make_grid padding).
 GRID_PADDING = 2
-#: Width of the left margin holding the class index of each row.
+#: Width of the left margin holding the class index of each row (wider where rows carry class names).
 LABEL_MARGIN = 28
+#: A class name longer than this is cut, so one long folder name cannot widen the grid without bound.
+MAX_NAME_CHARS = 24
+
+
+def row_labels(num_classes: int, class_names: Sequence[str] | None = None) -> list[str]:
+    """The text left of each row: the label, and its class name where the classes are named."""
+    if class_names is None:
+        return [str(k) for k in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+    return [f"{k} {n if len(n) <= MAX_NAME_CHARS else n[:MAX_NAME_CHARS - 1] + '~'}"
+            for k, n in enumerate(class_names)]
+
+
+def label_margin(num_classes: int, class_names: Sequence[str] | None = None) -> int:
+    """Pixels left of the tiles: LABEL_MARGIN, or the widest row label plus a gap."""
+    if class_names is None:
+        return LABEL_MARGIN
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widest = max(draw.textlength(_drawable(t, draw)) for t in row_labels(num_classes, class_names))
+    return max(LABEL_MARGIN, math.ceil(widest) + 8)
+
+
+def _drawable(text: str, draw: ImageDraw.ImageDraw) -> str:
+    """`text`, or its ASCII escape where the font cannot encode it (Pillow's bitmap fallback font)."""
+    try:
+        draw.textlength(text)
+        return text
+    except UnicodeEncodeError:
+        return text.encode("ascii", "backslashreplace").decode()
 
 
 def _to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -27,10 +58,11 @@ def _to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.detach().float().add(1.0).div(2.0).clamp(0.0, 1.0)
 
 
-def grid_size(num_classes: int, per_class: int, image_hw: tuple[int, int]) -> tuple[int, int]:
+def grid_size(num_classes: int, per_class: int, image_hw: tuple[int, int],
+              class_names: Sequence[str] | None = None) -> tuple[int, int]:
     """(width, height) in pixels of the PNG `save_sample_grid` writes."""
     h, w = image_hw
-    width = LABEL_MARGIN + per_class * (w + GRID_PADDING) + GRID_PADDING
+    width = label_margin(num_classes, class_names) + per_class * (w + GRID_PADDING) + GRID_PADDING
     height = num_classes * (h + GRID_PADDING) + GRID_PADDING
     return width, height
 
@@ -41,8 +73,10 @@ def save_sample_grid(
     num_classes: int,
     path: str | os.PathLike,
     per_class: int = 10,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
-    """Write a PNG with one row per class (class index on the left), `per_class` tiles per row.
+    """Write a PNG with one row per class (class index, and name where given, on the left),
+    `per_class` tiles per row.
 
     Takes the first `per_class` images of each class; rows with fewer are padded with blank
     tiles, so a missing class shows up as an empty row. Returns the path written.
@@ -64,12 +98,13 @@ def save_sample_grid(
     array = grid.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
     body = Image.fromarray(array, mode="RGB")
 
-    canvas = Image.new("RGB", (LABEL_MARGIN + body.width, body.height), (255, 255, 255))
-    canvas.paste(body, (LABEL_MARGIN, 0))
+    margin = label_margin(num_classes, class_names)
+    canvas = Image.new("RGB", (margin + body.width, body.height), (255, 255, 255))
+    canvas.paste(body, (margin, 0))
     draw = ImageDraw.Draw(canvas)
-    for k in range(num_classes):
+    for k, text in enumerate(row_labels(num_classes, class_names)):
         y_mid = GRID_PADDING + k * (h + GRID_PADDING) + h // 2
-        draw.text((LABEL_MARGIN - 4, y_mid), str(k), fill=(0, 0, 0), anchor="rm")
+        draw.text((margin - 4, y_mid), _drawable(text, draw), fill=(0, 0, 0), anchor="rm")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG")

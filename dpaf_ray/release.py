@@ -20,8 +20,11 @@ sample grid. All of it is post-processing of the released generator (no privacy 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +32,7 @@ import torch
 
 from .data.dataset import ImageDataset
 from .data.sources import write_parquet
+from .models.architecture import architecture_for
 from .models.generator import ConditionalGenerator
 from .pictures import save_sample_grid
 from .privacy.report import write_report
@@ -84,7 +88,7 @@ def generate(generator: ConditionalGenerator, n: int, seed: int = SYNTHETIC_SEED
     DP label classifier, some between two classes and labelled by it (`sample_synthetic`)."""
     x, labels = sample_synthetic(generator, n, seed=seed)
     images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return ImageDataset(images, labels, generator.num_classes, "synthetic")
+    return ImageDataset(images, labels, generator.num_classes, "synthetic", generator.class_names)
 
 
 def label_balance_warning(generator: ConditionalGenerator, synthetic: ImageDataset) -> str | None:
@@ -107,6 +111,8 @@ def label_balance_warning(generator: ConditionalGenerator, synthetic: ImageDatas
 def write_artefacts(directory: Path, generator: ConditionalGenerator, num_synthetic: int,
                     synthetic: ImageDataset | None = None) -> ImageDataset:
     """generator.pt, synthetic.parquet and samples.png in `directory`; returns the synthetic set.
+    The generator's class names, where the user gave them, go into all three (row labels of the grid,
+    the Parquet metadata `dpaf_ray.class_names`).
 
     The generator may sit on any device: it is saved from CPU copies, and `sample` feeds it inputs
     on its own device and returns CPU tensors. `synthetic`: the set, when it was generated
@@ -115,11 +121,33 @@ def write_artefacts(directory: Path, generator: ConditionalGenerator, num_synthe
     generator.save(directory / "generator.pt")
     if synthetic is None:
         synthetic = generate(generator, num_synthetic)
+    if synthetic.class_names != generator.class_names:  # the class names are the released G's (public facts)
+        synthetic = dataclasses.replace(synthetic, class_names=generator.class_names)
     write_parquet(synthetic, directory / "synthetic.parquet")
     labels = torch.arange(generator.num_classes).repeat_interleave(SAMPLES_PER_CLASS)
     grid, _ = generator.sample(labels=labels, seed=GRID_SEED)
-    save_sample_grid(grid, labels, generator.num_classes, directory / "samples.png", per_class=SAMPLES_PER_CLASS)
+    save_sample_grid(grid, labels, generator.num_classes, directory / "samples.png", per_class=SAMPLES_PER_CLASS,
+                     class_names=generator.class_names)
     return synthetic
+
+
+def estimate_release_seconds(shape: tuple[int, int, int], num_classes: int, num_synthetic: int, z_dim: int = 64,
+                             width: int | None = None, sample: int = 200) -> float:
+    """Seconds that writing a release of `num_synthetic` images will take, so that a time budget can cover
+    it: an untrained generator of the same architecture (public, no data) writes the artefacts with `sample`
+    images into a temporary folder, and the per-image part (drawing, PNG encoding) is scaled up. A DP label
+    classifier's passes over the synthetic set are not included."""
+    m = max(1, min(sample, num_synthetic))
+    generator = ConditionalGenerator(architecture_for(shape), num_classes, z_dim, width=width)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        synthetic = generate(generator, m)
+        write_parquet(synthetic, Path(d) / "per_image.parquet")
+        per_image = (time.perf_counter() - t0) / m
+        t1 = time.perf_counter()
+        write_artefacts(Path(d) / "artefacts", generator, m, synthetic=synthetic)
+        whole = time.perf_counter() - t1
+    return whole + per_image * max(0, num_synthetic - m)
 
 
 @torch.no_grad()

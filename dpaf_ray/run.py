@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,10 +29,11 @@ from .privacy.ledger import PrivacyLedger
 from .privacy.randomness import RunSecret
 from .privacy.report import data_assumptions, privacy_report
 from .ray_resources import check_cpu_share, check_gpu_fraction
-from .release import RELEASE_DIR, generate, label_balance_warning, write_artefacts, write_release
+from .release import (RELEASE_DIR, estimate_release_seconds, generate, label_balance_warning, write_artefacts,
+                      write_release)
 from .run_dir import own_run_dir
 from .training.checkpoint import LocalCheckpointSink
-from .training.loop import TrainResult, WriteAheadLedger, secret_for, train_loop
+from .training.loop import TrainResult, WriteAheadLedger, secret_for, time_cap_note, train_loop
 from .training.plan import TrainingPlan, plan_training
 from .training.preflight import preflight as check_plan
 from .training.probe import seconds_per_iteration
@@ -47,8 +49,12 @@ def resolve_seed(cfg: TrainConfig) -> TrainConfig:
 
 
 def prepare(cfg: TrainConfig, secret: RunSecret | None = None, carried: PrivacyLedger | None = None,
-            device: str = "cpu") -> tuple[TrainConfig, PrivateData, TrainingPlan, RunSecret]:
-    """Every check before anything is written: configuration, data, budget, plan."""
+            device: str = "cpu", started: float | None = None,
+            num_synthetic: int = 0) -> tuple[TrainConfig, PrivateData, TrainingPlan, RunSecret]:
+    """Every check before anything is written: configuration, data, budget, plan.
+
+    `started` (time.monotonic() when the command began): a time budget then covers the whole command,
+    so the plan takes off what was spent before training and an estimate for writing the release."""
     cfg = resolve_seed(cfg.validate())
     secret = secret if secret is not None else secret_for(cfg)
     data = load_training_data(cfg, secret.child(SPLIT_LABEL))
@@ -60,7 +66,11 @@ def prepare(cfg: TrainConfig, secret: RunSecret | None = None, carried: PrivacyL
     if cfg.time_budget_minutes is not None and cfg.iterations is None and cfg.epochs is None:
         cfg.validate(data.expected_train)  # the probe needs a valid batch
         speed = seconds_per_iteration(cfg, data.shape, data.num_classes, data.expected_train, device)
-    plan = plan_training(cfg, data.expected_train, data.shape[1], speed)
+    overhead = None
+    if speed is not None and started is not None:
+        release = estimate_release_seconds(data.shape, data.num_classes, num_synthetic, cfg.z_dim, cfg.generator_width)
+        overhead = time.monotonic() - started + release
+    plan = plan_training(cfg, data.expected_train, data.shape[1], speed, overhead)
     return plan.config, data, plan, secret
 
 
@@ -89,7 +99,9 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
     `cpus_per_worker`: the CPUs Ray reserves per worker, checked and requested with one value.
     Both are validated here, the one boundary the CLI and the Python API share.
 
-    A finished OUT is final (docs/design.md rule 17): its release is reported, never rewritten."""
+    A finished OUT is final (docs/design.md rule 17): its release is reported, never rewritten.
+    A time budget covers the whole command, from here to the release written."""
+    started = time.monotonic()
     finished = finished_run(Path(out))
     if finished is not None:
         if not resume:
@@ -99,13 +111,16 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
             progress(finished_message(Path(out), finished))
         return finished
     result, data = train_private(cfg, out, num_workers, use_gpu, address, resume, progress, gpus_per_worker,
-                                 cpus_per_worker, preflight=not force)
+                                 cpus_per_worker, preflight=not force, started=started, num_synthetic=num_synthetic)
     metrics = finish_run(Path(out), result, data, num_synthetic, num_workers)
     if progress and "warning" in metrics:
         progress(f"WARNING: {metrics['warning']}")
     if progress:
         progress(f"done: {result.iterations_done} iterations, ε={metrics['epsilon']:.3f} (δ={result.plan.config.delta:g}); "
                  f"release in {Path(out) / 'release'}")
+        if result.stopped_early:
+            progress(f"WARNING: the released generator was {metrics['time_cap']}; ε={metrics['epsilon']:.3f} of "
+                     f"{result.plan.config.epsilon:g} is spent, the rest is not")
     return metrics
 
 
@@ -127,15 +142,17 @@ def finished_run(out: Path) -> dict[str, Any] | None:
 def finished_message(out: Path, finished: dict[str, Any]) -> str:
     target = finished.get("target_epsilon")
     of = f" of {target:g}" if isinstance(target, (int, float)) else ""
+    cut = f" Its generator was {finished['time_cap']}." if finished.get("time_cap") else ""
     return (f"{out} is a finished run: its release is {out / RELEASE_DIR} and it cost ε={finished['epsilon']:.3f}{of} "
-            f"(δ={finished['delta']:g}, from {out / LEDGER_FILE}). Nothing was trained, charged or rewritten; "
+            f"(δ={finished['delta']:g}, from {out / LEDGER_FILE}).{cut} Nothing was trained, charged or rewritten; "
             "a new run needs a new --out")
 
 
 def train_private(cfg: TrainConfig, out: str | Path, num_workers: int = 0, use_gpu: bool = False,
                   address: str | None = None, resume: bool = True, progress: Callable[[str], None] | None = print,
                   gpus_per_worker: float = 1.0, cpus_per_worker: float = 1.0,
-                  preflight: bool = False) -> tuple[TrainResult, PrivateData]:
+                  preflight: bool = False, started: float | None = None,
+                  num_synthetic: int = 0) -> tuple[TrainResult, PrivateData]:
     """Plan and train one run in OUT (ledger, checkpoints, config.json), without writing a release:
     `run_train` releases it on its own; a subsampled search's final run is released with the
     search's report instead (`tuning.tuner`). `preflight`: refuse a fresh plan measured not to
@@ -154,7 +171,7 @@ def train_private(cfg: TrainConfig, out: str | Path, num_workers: int = 0, use_g
     carried = journal.load() if state is None else None
     device = resolve_device(use_gpu, num_workers)
     cfg, data, plan, secret = prepare(cfg, secret, carried,  # every check before anything is written
-                                      probe_device(use_gpu, num_workers))
+                                      probe_device(use_gpu, num_workers), started, num_synthetic)
     if preflight and state is None and not (carried is not None and carried.entries):
         check_plan(plan, data.expected_train, data.num_classes, data.shape[1], data.validation_fraction)
     if num_workers > 0:  # the cluster can hold the workers (GPU shares included), before anything is written
@@ -198,9 +215,11 @@ def finish_run(out: Path, result: TrainResult, data: PrivateData, num_synthetic:
     report = privacy_report(
         result.ledger, delta=cfg.delta, target_epsilon=cfg.epsilon, reproducible_noise=cfg.reproducible_noise,
         assumptions=data_assumptions(data.n_records, cfg.validation_fraction, data.num_classes, data.shape,
-                                     cfg.batch_size),
-        extra={"iterations_executed": result.iterations_done, "sampling_rate": result.plan.schedule.sampling_rate,
-               "model": cfg.model, "knobs": released_knobs(cfg)})
+                                     cfg.batch_size, class_names=data.train.class_names),
+        extra={"iterations_executed": result.iterations_done, "iterations_planned": result.plan.iterations,
+               **({"time_cap": time_cap_note(result.iterations_done, result.plan.iterations, cfg.time_budget_minutes)}
+                  if result.stopped_early else {}),
+               "sampling_rate": result.plan.schedule.sampling_rate, "model": cfg.model, "knobs": released_knobs(cfg)})
     score = {"score": None, "note": "a single training run is not scored; tune.py scores each trial on the "
                                     "private validation split with noise, charged to the ledger"}
     synthetic = generate(generator, num_synthetic)
@@ -212,6 +231,8 @@ def finish_run(out: Path, result: TrainResult, data: PrivateData, num_synthetic:
         "iterations_executed": result.iterations_done,
         "iterations_planned": result.plan.iterations,
         "stopped_early": result.stopped_early,
+        **({"time_cap": time_cap_note(result.iterations_done, result.plan.iterations, cfg.time_budget_minutes)}
+           if result.stopped_early else {}),
         "train_seconds": result.seconds,
         "seconds_per_iteration": result.seconds / max(1, result.iterations_done),
         "num_synthetic": num_synthetic,

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -83,12 +84,16 @@ def test_a_time_budget_too_short_to_train_is_refused_with_the_minutes_that_would
     from dpaf_ray import run
 
     monkeypatch.setattr(run, "seconds_per_iteration", lambda *a, **k: 0.5)  # a loaded machine
+    # The budget covers the whole command: 20 s before the plan (the command's clock) and 10 s for the release.
+    clock = iter([0.0, 20.0])
+    monkeypatch.setattr(run, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    monkeypatch.setattr(run, "estimate_release_seconds", lambda *a, **k: 10.0)
     out = tmp_path / "run"
     rc = cli.main(["train", "--dataset", str(images), "--epsilon", "1e6", "--time-budget-minutes", "2",
                    "--out", str(out), *SMALL])
     err = capsys.readouterr().err
-    assert rc == 2 and "T = 186 iterations" in err, err  # (2 min · 0.9 − 15 s) / 0.5 s
-    assert "--time-budget-minutes 4" in err and "--iterations 400" in err  # (400 · 0.5 s + 15 s) / 0.9 → 4 min
+    assert rc == 2 and "T = 156 iterations" in err, err  # (2 min · 0.9 − 20 s − 10 s) / 0.5 s
+    assert "--time-budget-minutes 5" in err and "--iterations 400" in err  # (400 · 0.5 s + 30 s) / 0.9 → 5 min
     assert not (out / "ledger.json").exists()
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -16,12 +17,17 @@ class ImageDataset:
 
     Kept as uint8 so that 60k images cost 47 MB, not 188 MB; `as_float` converts
     to the [-1, 1] range the models use.
+
+    `class_names[k]` names label k where the user named the classes (the sorted sub-folder names of
+    an image folder, or a Parquet table's metadata); None where they are unknown. The names are
+    public facts the user supplies (docs/design.md rule 15): they travel into `release/`.
     """
 
     images: torch.Tensor = field(repr=False)  # uint8, (N, C, H, W)
     labels: torch.Tensor = field(repr=False)  # int64, (N,)
     num_classes: int
     name: str
+    class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -35,6 +41,7 @@ class ImageDataset:
                 f"{tuple(self.labels.shape)}; give exactly one label per image"
             )
         self.labels = self.labels.to(torch.int64)
+        self.class_names = check_class_names(self.class_names, self.num_classes, self.name)
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
             raise DataError(
                 f"{self.name}: labels must lie in [0, {self.num_classes}), found "
@@ -54,4 +61,18 @@ class ImageDataset:
         return x.to(torch.float32).div_(127.5).sub_(1.0)
 
     def subset(self, index: torch.Tensor, name: str | None = None) -> "ImageDataset":
-        return ImageDataset(self.images[index], self.labels[index], self.num_classes, name or self.name)
+        return ImageDataset(self.images[index], self.labels[index], self.num_classes, name or self.name,
+                            self.class_names)
+
+
+def check_class_names(names: Sequence[str] | None, num_classes: int, where: str) -> tuple[str, ...] | None:
+    """`names` as a tuple of one distinct, non-empty name per class, or None when not given."""
+    if names is None:
+        return None
+    names = tuple(names)
+    if len(names) != num_classes or not all(isinstance(n, str) and n.strip() for n in names):
+        raise DataError(f"{where}: {len(names)} class names for {num_classes} classes; give one non-empty name "
+                        f"per class, label k named by the k-th ({list(names)[:12]})")
+    if len(set(names)) != len(names):
+        raise DataError(f"{where}: class names {list(names)} repeat a name; each class needs its own name")
+    return names

@@ -18,10 +18,16 @@ Specs
 ``celeba``         ``torchvision.datasets.CelebA(root, download=False)``; images centre-cropped to
                    178x178 and resized (bilinear) to 64x64; label = the ``Male`` attribute (index 20),
                    so ``num_classes == 2``. ``celeba128`` is the same at 128x128.
-a directory        an image folder, one sub-folder per class (sorted names -> labels 0..K-1). A folder
-                   whose sub-folders are only ``train``/``test``/``val`` is read as split folders.
+a directory        an image folder, one sub-folder per class (sorted names -> labels 0..K-1, and the
+                   names are kept as ``class_names``). A folder whose sub-folders are only
+                   ``train``/``test``/``val`` is read as split folders.
 a ``.parquet``     columns ``image`` (encoded PNG/JPEG bytes, or a HuggingFace struct with a ``bytes``
-                   field) and ``label`` (integer); see `write_parquet`.
+                   field) and ``label`` (integer); see `write_parquet`. Class names come from the
+                   table's metadata: ``dpaf_ray.class_names`` (a JSON list) or a HuggingFace
+                   ``ClassLabel``'s ``names`` for the label column.
+
+Class names are public facts the user supplies (folder names, table metadata), never read off the
+records; a run publishes them in ``release/`` (docs/design.md rule 15).
 
 For the torchvision data sets ``root`` defaults to the environment variable ``DPAF_DATA_ROOT``.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +45,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .dataset import DataError, ImageDataset
+from .dataset import DataError, ImageDataset, check_class_names
 
 __all__ = [
     "DEFAULT_ALLOWED_SHAPES",
@@ -62,6 +69,8 @@ CELEBA_CROP = 178  # the aligned faces are 178x218; a centred 178x178 square hol
 CELEBA_LABEL_ATTR = "Male"
 CELEBA_LABEL_INDEX = 20  # position of "Male" among the 40 attributes, used if names are missing
 PARQUET_NUM_CLASSES_KEY = b"dpaf_ray.num_classes"
+PARQUET_CLASS_NAMES_KEY = b"dpaf_ray.class_names"  # JSON list, label k named by the k-th
+HUGGINGFACE_KEY = b"huggingface"  # datasets' schema: {"info": {"features": {label: {"names": [...]}}}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +130,7 @@ def load_dataset(
 def write_parquet(ds: ImageDataset, path: str | os.PathLike) -> None:
     """Write `ds` as a Parquet table of PNG bytes and labels (lossless, so the round trip through
     `load_dataset(path)` gives back identical uint8 images); `num_classes` is kept in the metadata
-    so that a class with no samples is not lost."""
+    so that a class with no samples is not lost, and so are the class names when `ds` has them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
@@ -138,7 +147,10 @@ def write_parquet(ds: ImageDataset, path: str | os.PathLike) -> None:
     table = pa.table(
         {"image": pa.array(encoded, type=pa.binary()), "label": pa.array(ds.labels.numpy(), type=pa.int64())}
     )
-    table = table.replace_schema_metadata({PARQUET_NUM_CLASSES_KEY: str(ds.num_classes).encode()})
+    metadata = {PARQUET_NUM_CLASSES_KEY: str(ds.num_classes).encode()}
+    if ds.class_names is not None:
+        metadata[PARQUET_CLASS_NAMES_KEY] = json.dumps(list(ds.class_names)).encode()
+    table = table.replace_schema_metadata(metadata)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, str(path))
 
@@ -432,8 +444,10 @@ def _load_image_folder(path: Path, split: str, num_classes: int | None) -> Image
     k = len(subdirs) if num_classes is None else num_classes
     if k < len(subdirs):
         raise DataError(f"{path}: {len(subdirs)} class folders but num_classes={num_classes}")
+    # The folder names the user chose name the labels; a class beyond the folders has no name, so then none.
+    names = tuple(d.name for d in subdirs) if k == len(subdirs) else None
     images = _decode_all(files, str(path))
-    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), k, f"{path.name}/{split}")
+    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), k, f"{path.name}/{split}", names)
 
 
 def _load_parquet(path: Path, image_column: str, label_column: str, num_classes: int | None) -> ImageDataset:
@@ -471,8 +485,12 @@ def _load_parquet(path: Path, image_column: str, label_column: str, num_classes:
         raise DataError(f"{path}: the table has no rows")
     if int(labels.min()) < 0:
         raise DataError(f"{path}: negative label {int(labels.min())} in column {label_column!r}; labels must be 0..K-1")
-    if num_classes is None and table.schema.metadata and PARQUET_NUM_CLASSES_KEY in table.schema.metadata:
-        num_classes = int(table.schema.metadata[PARQUET_NUM_CLASSES_KEY])
+    metadata = table.schema.metadata or {}
+    if num_classes is None and PARQUET_NUM_CLASSES_KEY in metadata:
+        num_classes = int(metadata[PARQUET_NUM_CLASSES_KEY])
+    names = _parquet_class_names(path, metadata, label_column)
+    if num_classes is None and names is not None:  # the table's schema names K classes: a public fact
+        num_classes = len(names)
     if num_classes is None:
         # Reading K off the labels (max + 1) would publish a fact of the private data in generator.pt.
         raise DataError(
@@ -486,6 +504,28 @@ def _load_parquet(path: Path, image_column: str, label_column: str, num_classes:
             f"{path}: label {int(labels.max())} in column {label_column!r} is out of range for "
             f"{k} classes; labels must be 0..{k - 1}"
         )
+    if names is not None and len(names) != k:
+        raise DataError(f"{path}: its metadata names {len(names)} classes but there are {k} (num_classes); "
+                        "make them agree, or drop the names from the table's metadata")
     blobs = img_col.to_pylist()
     images = _decode_all(blobs, str(path), labels=[f"{path} row {i}" for i in range(len(blobs))])
-    return ImageDataset(images, labels, k, path.stem)
+    return ImageDataset(images, labels, k, path.stem, names)
+
+
+def _parquet_class_names(path: Path, metadata: dict[bytes, bytes], label_column: str) -> tuple[str, ...] | None:
+    """The class names a table's metadata gives (ours, else HuggingFace's ClassLabel), or None."""
+    try:
+        if PARQUET_CLASS_NAMES_KEY in metadata:
+            names = json.loads(metadata[PARQUET_CLASS_NAMES_KEY])
+        elif HUGGINGFACE_KEY in metadata:
+            feature = json.loads(metadata[HUGGINGFACE_KEY]).get("info", {}).get("features", {}).get(label_column)
+            names = feature.get("names") if isinstance(feature, dict) else None
+        else:
+            return None
+    except (ValueError, AttributeError) as e:
+        raise DataError(f"{path}: cannot read the class names in its metadata ({e}); fix or drop that metadata") from e
+    if names is None:
+        return None
+    if not isinstance(names, list):
+        raise DataError(f"{path}: the class names in its metadata must be a list of strings, got {type(names).__name__}")
+    return check_class_names(names, len(names), str(path))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -20,15 +21,20 @@ RELEASE_KNOBS = ("between_class_fraction", "uncertain_fraction", "pixel_mix_frac
 class ConditionalGenerator(nn.Module):
     """DCGAN-style upsampling generator; GroupNorm (per-sample) so sharding the
     generated batch over workers does not change any sample. Its architecture, including
-    the optional output low-pass, is public: G never reads private data."""
+    the optional output low-pass, is public: G never reads private data. `class_names[k]` names
+    label k where the user named the classes (public facts, saved in generator.pt); None otherwise."""
 
     def __init__(self, arch: Architecture, num_classes: int, z_dim: int = 64, smooth_output: bool = False,
-                 upsample: str = "nearest", width: int | None = None) -> None:
+                 upsample: str = "nearest", width: int | None = None,
+                 class_names: Sequence[str] | None = None) -> None:
         super().__init__()
         if upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
         self.arch, self.num_classes, self.z_dim = arch, num_classes, z_dim
         self.smooth_output, self.upsample = smooth_output, upsample
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.class_names: tuple[str, ...] | None = None if class_names is None else tuple(class_names)
         w = self.width = width or arch.gen_width
         self.label_embedding = nn.Embedding(num_classes, z_dim)
         # The run's DP label classifier, on a released copy only (`with_labeller`): it labels the synthetic set.
@@ -129,6 +135,8 @@ class ConditionalGenerator(nn.Module):
                 "shape": [self.arch.channels, self.arch.size, self.arch.size],
                 "num_classes": self.num_classes, "z_dim": self.z_dim, "smooth_output": self.smooth_output,
                 "upsample": self.upsample, "width": self.width}
+        if self.class_names is not None:
+            blob["class_names"] = list(self.class_names)
         if self.labeller is not None:
             blob["labeller"] = {"width": self.labeller.width, "hidden": self.labeller.hidden_dim,
                                 "between_class_fraction": self.between_class_fraction,
@@ -147,7 +155,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Cond
     blob = torch.load(path, map_location="cpu", weights_only=True)
     g = ConditionalGenerator(architecture_for(tuple(blob["shape"])), blob["num_classes"], blob["z_dim"],
                              smooth_output=blob.get("smooth_output", False), upsample=blob.get("upsample", "nearest"),
-                             width=blob.get("width"))
+                             width=blob.get("width"), class_names=blob.get("class_names"))
     if "labeller" in blob:
         spec = blob["labeller"]
         g = g.with_labeller(LabelClassifier(g.arch, g.num_classes, spec["width"], spec["hidden"]),

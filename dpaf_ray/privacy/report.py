@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .ledger import PrivacyLedger
 
@@ -23,9 +23,17 @@ DEFAULTS_ASSUMPTION = ("the default hyperparameters (knobs, DP label-classifier 
                        "does not cover it (their ε does not account for the tuning of the defaults)")
 
 
+CLASS_NAMES_ASSUMPTION = ("the class names are public facts the user supplied (the sorted names of an image folder's "
+                          "class sub-folders, or a Parquet table's metadata), not read off the private records; "
+                          "release/ publishes them (generator.pt, synthetic.parquet's metadata, the rows of "
+                          "samples.png). Do not name a class after a private fact")
+
+
 def data_assumptions(n_records: int, validation_fraction: float, num_classes: int,
-                     shape: tuple[int, int, int], batch_size: int | None = None) -> dict[str, Any]:
-    """Public facts the mechanism relies on, stated instead of read off the data silently (rule 15)."""
+                     shape: tuple[int, int, int], batch_size: int | None = None,
+                     class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Public facts the mechanism relies on, stated instead of read off the data silently (rule 15);
+    `class_names`: label k's name where the user named the classes (None: the classes are 0..K-1)."""
     out: dict[str, Any] = {
         "neighbouring_relation": "add or remove one record of the data set handed in",
         "data_set_size_public": n_records,
@@ -39,6 +47,9 @@ def data_assumptions(n_records: int, validation_fraction: float, num_classes: in
         "accountant": "Rényi DP (dp_accounting RdpAccountant), converted to (ε, δ)",
         "defaults": DEFAULTS_ASSUMPTION,
     }
+    if class_names is not None:
+        out["class_names_public"] = list(class_names)
+        out["class_names"] = CLASS_NAMES_ASSUMPTION
     if batch_size is not None:
         out["sampling_rate"] = (f"q = B / ((1 - f)·N) = {batch_size} / {(1 - validation_fraction) * n_records:g}, "
                                 "from the public N and validation fraction f")
@@ -97,10 +108,11 @@ def summary(report: dict[str, Any], result: dict[str, Any]) -> str:
     if "composition" in result:
         lines.append(f"composition: {result['composition']}")
     assumptions = report.get("assumptions") or {}
-    for key in ("data_set_size_public", "num_classes_public", "neighbouring_relation", "accountant"):
+    for key in ("data_set_size_public", "num_classes_public", "class_names_public", "neighbouring_relation",
+                "accountant"):
         if key in assumptions:
             lines.append(f"{key.replace('_', ' ')}: {assumptions[key]}")
-    for key in ("iterations_executed", "model"):
+    for key in ("iterations_executed", "iterations_planned", "time_cap", "model"):
         if key in report:
             lines.append(f"{key.replace('_', ' ')}: {report[key]}")
     lines.append("private: yes" if result.get("private") else f"private: NO — {result.get('warning', NOT_PRIVATE)}")

@@ -77,7 +77,8 @@ class GANTrainerBase:
         torch.manual_seed(cfg.seed)  # public: model initialisation only; identical on every rank
         self.generator = ConditionalGenerator(self.arch, self.num_classes, cfg.z_dim,
                                               smooth_output=cfg.smooth_output, upsample=cfg.upsample,
-                                              width=cfg.generator_width).to(self.device)
+                                              width=cfg.generator_width,
+                                              class_names=shard.class_names).to(self.device)
         self.conv1 = PublicFeatures(self.arch, public_seed=0).to(self.device)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
         # An exponential moving average of G's weights, released instead of G (post-processing of G).

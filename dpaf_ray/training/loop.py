@@ -158,8 +158,11 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
         while t < T:
             if t == start or t == end:
                 end = window_end(t, T, cfg.checkpoint_every)
-                if _out_of_time(cfg, t0, t - start, end - t, collective, trainer.device):
+                if _out_of_time(cfg, t0, t - start, end - t, collective, trainer.device, plan.overhead_seconds or 0.0):
                     stopped_early = True  # nothing of the next window is charged or run
+                    if progress and collective.rank == 0:
+                        progress(f"STOPPED EARLY: {time_cap_note(t, T, cfg.time_budget_minutes)}; the ledger holds "
+                                 f"ε={ledger.epsilon(cfg.delta):.3f} of {cfg.epsilon:g}, for what ran")
                     break
                 for i in range(max(t, charged_through), end):  # charge before anything is released
                     ledger.charge_poisson_gaussian(*plan.schedule.release_at(i))
@@ -247,16 +250,24 @@ def save(sink: CheckpointSink, trainer: GANTrainerBase, ledger: PrivacyLedger, h
     sink.save(state, {"iteration": t, "epsilon": ledger.epsilon(plan.config.delta)})
 
 
+def time_cap_note(done: int, planned: int, minutes: float | None) -> str:
+    """What a run cut by its wall-clock cap did, in one phrase for the console, the release summary
+    and a search's trial records: the model trained on fewer iterations than planned."""
+    return (f"cut by the time cap (time budget {minutes:g} min) after {done} of {planned} planned iterations, "
+            "because the next write-ahead window would have overrun it; the model trained less than planned")
+
+
 def _out_of_time(cfg: TrainConfig, t0: float, done: int, window: int, collective: Collective,
-                 device: torch.device | str = "cpu") -> bool:
-    """Stop at a boundary if the next window would overrun the time budget; all ranks agree.
+                 device: torch.device | str = "cpu", outside_seconds: float = 0.0) -> bool:
+    """Stop at a boundary if the next window would overrun the time budget, less the command's time
+    outside the loop (`TrainingPlan.overhead_seconds`: before it, and the release's estimate); all ranks agree.
 
     The flag lives on the training device, so the all-reduce works under NCCL as under gloo."""
     if cfg.time_budget_minutes is None:
         return False
     elapsed = time.time() - t0
     per_iter = elapsed / done if done else 0.0
-    stop = elapsed + per_iter * window > cfg.time_budget_minutes * 60
+    stop = elapsed + per_iter * window > cfg.time_budget_minutes * 60 - outside_seconds
     flag = all_reduce_many(collective, [torch.tensor([1.0 if stop else 0.0], device=device)])[0]
     return bool(flag.item() > 0)
 

@@ -93,7 +93,8 @@ AUTO_CLASSIFIER_PHASES: tuple[tuple[int, float, dict[str, float]], ...] = (
 # Every measurement above drew the classifier's batch from a large set (q_c = B_c/N ≤ 0.076, Fashion-MNIST);
 # a tier whose batch would be a larger share of the records (mnist-5k: 0.28) is skipped.
 AUTO_CLASSIFIER_MAX_SAMPLING_RATE = 0.08
-# Share of a time budget kept for start-up, writing the release and the probe itself.
+# Share of a time budget kept for the probe's spread, and the seconds kept for the rest of the command
+# (start-up, the probe, writing the release) where they are not measured (`overhead_seconds` None: a trial).
 TIME_RESERVE_FRACTION, TIME_RESERVE_SECONDS = 0.1, 15.0
 
 
@@ -106,6 +107,9 @@ class TrainingPlan:
     noise_factor: float = 1.0  # multiplier applied to the base σs (the noise split at σ_sgd = 1, or the given σs)
     how: str = ""  # where T and σ came from, for the printed plan
     seconds_per_iteration: float | None = None  # from the speed probe, when there was one
+    # The command's time outside the loop that its time budget covers: spent before training (start-up,
+    # data, probe) plus the release's estimate; None where not measured (TIME_RESERVE_SECONDS is kept).
+    overhead_seconds: float | None = None
 
     @property
     def effective_noise(self) -> float:
@@ -192,8 +196,10 @@ def fixed_releases(cfg: TrainConfig) -> list[Entry]:
 
 
 def iterations_wanted(cfg: TrainConfig, q: float, image_size: int,
-                      seconds_per_iteration: float | None = None) -> tuple[int, str]:
-    """T from the compute the user asked for, and where it came from."""
+                      seconds_per_iteration: float | None = None,
+                      overhead_seconds: float | None = None) -> tuple[int, str]:
+    """T from the compute the user asked for, and where it came from. A time budget covers the whole
+    command: what it spends outside the loop (`overhead_seconds`) is taken off first."""
     if cfg.iterations is not None:
         return cfg.iterations, "--iterations"
     if cfg.epochs is not None:
@@ -201,16 +207,27 @@ def iterations_wanted(cfg: TrainConfig, q: float, image_size: int,
     if cfg.time_budget_minutes is not None:
         if seconds_per_iteration is None:
             raise ValueError("a time budget needs the speed probe's seconds per iteration")
-        usable = cfg.time_budget_minutes * 60 * (1 - TIME_RESERVE_FRACTION) - TIME_RESERVE_SECONDS
-        return max(1, int(usable / seconds_per_iteration)), f"--time-budget-minutes {cfg.time_budget_minutes:g}"
+        usable = training_seconds(cfg.time_budget_minutes, overhead_seconds)
+        how = f"--time-budget-minutes {cfg.time_budget_minutes:g}"
+        if overhead_seconds is not None:
+            how += f", less {overhead_seconds:.0f} s of start-up, probe and release"
+        return max(1, int(usable / seconds_per_iteration)), how
     return default_iterations(image_size), f"the default for {image_size}×{image_size}"
 
 
+def training_seconds(budget_minutes: float, overhead_seconds: float | None = None) -> float:
+    """The seconds of a time budget the training loop may plan with: less the probe's spread
+    (TIME_RESERVE_FRACTION) and the command's time outside the loop (TIME_RESERVE_SECONDS when unmeasured)."""
+    overhead = TIME_RESERVE_SECONDS if overhead_seconds is None else overhead_seconds
+    return budget_minutes * 60 * (1 - TIME_RESERVE_FRACTION) - overhead
+
+
 def plan_training(cfg: TrainConfig, n_train: float, image_size: int = 28,
-                  seconds_per_iteration: float | None = None) -> TrainingPlan:
-    """The plan for `n_train` expected training records (public: (1 − f)·N)."""
+                  seconds_per_iteration: float | None = None, overhead_seconds: float | None = None) -> TrainingPlan:
+    """The plan for `n_train` expected training records (public: (1 − f)·N); `overhead_seconds`: the
+    command's measured time outside the loop, which its time budget also covers."""
     if cfg.classifier_steps is None:
-        return resolve_classifier_phase(cfg, n_train, image_size, seconds_per_iteration)
+        return resolve_classifier_phase(cfg, n_train, image_size, seconds_per_iteration, overhead_seconds)
     validate_budget(cfg.epsilon, cfg.delta)
     cfg.validate(n_train)
     extra = fixed_releases(cfg)
@@ -226,10 +243,10 @@ def plan_training(cfg: TrainConfig, n_train: float, image_size: int = 28,
         planned = dataclasses.replace(cfg, sigma_agg=sigma_agg * factor if cfg.model == "dpaf" else cfg.sigma_agg,
                                       sigma_sgd=sigma_sgd * factor, iterations=T)
         s = schedule_for(planned, n_train)
-        return TrainingPlan(planned, s, P + T, eps(s, P + T), factor, how, seconds_per_iteration)
+        return TrainingPlan(planned, s, P + T, eps(s, P + T), factor, how, seconds_per_iteration, overhead_seconds)
 
     if not cfg.explicit_noise:  # budget first: T from the compute, σ from the budget
-        T, how = iterations_wanted(cfg, schedule.sampling_rate, image_size, seconds_per_iteration)
+        T, how = iterations_wanted(cfg, schedule.sampling_rate, image_size, seconds_per_iteration, overhead_seconds)
         if cfg.max_iterations is not None and T > cfg.max_iterations:
             T, how = cfg.max_iterations, f"{how}, capped by --max-iterations"
         factor = _noise_factor(schedule, P + T, cfg, extra)
@@ -247,21 +264,23 @@ def plan_training(cfg: TrainConfig, n_train: float, image_size: int = 28,
                 f"{opt}: {T} iterations at σ_agg={cfg.sigma_agg}, σ_sgd={cfg.sigma_sgd} would spend ε={e:.3g} > "
                 f"target {cfg.epsilon:g}; drop --sigma-agg/--sigma-sgd to let the planner set the noise for this T, "
                 "or lower T")
-        return TrainingPlan(cfg, schedule, P + T, e, 1.0, how + "; noise as given", seconds_per_iteration)
+        return TrainingPlan(cfg, schedule, P + T, e, 1.0, how + "; noise as given", seconds_per_iteration,
+                            overhead_seconds)
     T = iterations_for_budget(schedule, cfg.epsilon, cfg.delta, extra) - P
     if T < 1:
         raise ConfigError(f"--classifier-steps: the {P} classifier steps alone spend ε={cfg.epsilon:g} at the given "
                           "noise; lower --classifier-steps, raise --classifier-noise or drop the explicit sigmas")
     how = "from the budget at the given noise"
     if cfg.time_budget_minutes is not None and seconds_per_iteration is not None:
-        T_time, _ = iterations_wanted(cfg, schedule.sampling_rate, image_size, seconds_per_iteration)
+        T_time, _ = iterations_wanted(cfg, schedule.sampling_rate, image_size, seconds_per_iteration,
+                                      overhead_seconds)
         if T_time < T:
             T, how = T_time, f"{how}, cut to fit --time-budget-minutes {cfg.time_budget_minutes:g} (budget left unspent)"
     if cfg.max_iterations is not None and T > cfg.max_iterations:
         factor = noise_scale_for_iterations(schedule, P + cfg.max_iterations, cfg.epsilon, cfg.delta, extra)
         return with_factor(factor, cfg.max_iterations, f"{how}, capped by --max-iterations; noise lowered to fit")
     return TrainingPlan(dataclasses.replace(cfg, iterations=T), schedule, P + T, eps(schedule, P + T), 1.0, how,
-                        seconds_per_iteration)
+                        seconds_per_iteration, overhead_seconds)
 
 
 def _noise_factor(schedule: IterationSchedule, T: int, cfg: TrainConfig, extra: list[Entry]) -> float:
@@ -287,7 +306,8 @@ def _fmt(seconds: float) -> str:
 
 
 def resolve_classifier_phase(cfg: TrainConfig, n_train: float, image_size: int = 28,
-                             seconds_per_iteration: float | None = None) -> TrainingPlan:
+                             seconds_per_iteration: float | None = None,
+                             overhead_seconds: float | None = None) -> TrainingPlan:
     """The default (classifier_steps None): the longest phase of AUTO_CLASSIFIER_PHASES whose planned
     noise on a mean gradient lies in the range measured to help it, else none. Every input is
     public (the budget, N, the knobs), so the choice costs no privacy. It goes with the default
@@ -296,7 +316,7 @@ def resolve_classifier_phase(cfg: TrainConfig, n_train: float, image_size: int =
     off = dataclasses.replace(cfg, classifier_steps=0)
     why = None
     if cfg.model != "dpaf":
-        return plan_training(off, n_train, image_size, seconds_per_iteration)
+        return plan_training(off, n_train, image_size, seconds_per_iteration, overhead_seconds)
     if (cfg.iterations, cfg.epochs, cfg.time_budget_minutes) != (None, None, None) or cfg.explicit_noise:
         why = ("the default phase goes with the default plan (it was measured at T = 900 with noise from the budget), "
                "and this run sets its own T or noise; pass --classifier-steps P to add it")
@@ -317,7 +337,7 @@ def resolve_classifier_phase(cfg: TrainConfig, n_train: float, image_size: int =
             if key not in planned:
                 try:
                     planned[key] = plan_training(dataclasses.replace(cfg, **dict(key)), n_train, image_size,
-                                                 seconds_per_iteration)
+                                                 seconds_per_iteration, overhead_seconds)
                 except (ConfigError, PrivacyConfigError) as e:
                     planned[key] = e
             if isinstance(planned[key], Exception):
@@ -334,5 +354,5 @@ def resolve_classifier_phase(cfg: TrainConfig, n_train: float, image_size: int =
                                                    "drops it)")
             why = (f"its noise σ_c/B_c = {noise:.4f} would be past {limit:g}, where it is not measured to help "
                    "(more records or a larger --epsilon lower it)")
-    plan = plan_training(off, n_train, image_size, seconds_per_iteration)
+    plan = plan_training(off, n_train, image_size, seconds_per_iteration, overhead_seconds)
     return dataclasses.replace(plan, how=f"{plan.how}; no DP label-classifier phase by default: {why}")

@@ -69,7 +69,8 @@ def preflight(plan: TrainingPlan, n_train: float, num_classes: int, image_size: 
                         f"fewer than the {MIN_TIME_BUDGET_ITERATIONS} measured to train G (T = 200 released mostly "
                         "unreadable images)")
         if plan.seconds_per_iteration is not None:
-            seconds = MIN_TIME_BUDGET_ITERATIONS * plan.seconds_per_iteration + TIME_RESERVE_SECONDS
+            outside = TIME_RESERVE_SECONDS if plan.overhead_seconds is None else plan.overhead_seconds
+            seconds = MIN_TIME_BUDGET_ITERATIONS * plan.seconds_per_iteration + outside
             minutes = math.ceil(seconds / (1 - TIME_RESERVE_FRACTION) / 60)
             fixes.append(f"--time-budget-minutes {minutes}")
         fixes.append(f"--iterations {MIN_TIME_BUDGET_ITERATIONS}")

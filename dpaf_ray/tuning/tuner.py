@@ -262,7 +262,8 @@ def search_privacy_report(ss: SearchSpace, state: dict[str, Any], best_knobs: di
     if ss.subsample_fraction is not None:
         raise ValueError("a subsampled search is reported by subsampled_privacy_report")
     fraction = validation_fraction(ss)
-    assumptions = data_assumptions(state["n_records"], fraction, state["num_classes"], tuple(state["image_shape"]))
+    assumptions = data_assumptions(state["n_records"], fraction, state["num_classes"], tuple(state["image_shape"]),
+                                   class_names=state.get("class_names"))
     assumptions["search"] = ("every trial's executed RDP curve lies under the reference at every order; the "
                              "number of trials K is drawn with a cryptographic RNG and kept private")
     reference = reference_from(state)
@@ -361,7 +362,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
 
     from ..data import load_dataset, load_training_data, write_parquet
     from ..data.splits import SPLIT_LABEL
-    from ..training.loop import WriteAheadLedger, train_loop
+    from ..training.loop import WriteAheadLedger, time_cap_note, train_loop
     from ..release import label_balance_warning, write_artefacts
     from ..training.plan import TrainingPlan, schedule_for
     from .resources import synthesise_and_fit, trial_device
@@ -462,9 +463,12 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     check_trial_under_reference(ledger.entries, reference)
 
     knobs = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "data_root", "extra_fixed_releases")}
-    if result.stopped_early:  # said in the record: the trial left part of its share unspent
-        summary_note = (f"stopped early by its time budget after {result.iterations_done} of {P + T} iterations; "
-                        "the unspent part of its share is not used")
+    if result.stopped_early:  # said in the record and on the console: the trial left part of its share unspent
+        summary_note = (f"{time_cap_note(result.iterations_done, P + T, cfg.time_budget_minutes)}; the search is "
+                        "charged its full share all the same")
+        from ..ray_train import console_line
+
+        console_line(f"{trial_name}: STOPPED EARLY: {summary_note}")
     else:
         summary_note = None
     summary = {"trial": trial_name, "note": summary_note, "seconds": time.time() - trial_started,
@@ -548,6 +552,7 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
         ds = load_dataset(ss.dataset, "train", ss.data_root, num_classes=ss.num_classes)
         check_image_shape(ds)
         state = plan_search(ss, len(ds), ds.shape, ds.num_classes)
+        state["class_names"] = None if ds.class_names is None else list(ds.class_names)  # public: the report's
         check_space_fits(ss, state)  # every extreme of the space runs under the reference, before Ray starts
         del ds
         secret = RunSecret.fresh()
@@ -870,6 +875,8 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
     if best:
         progress(f"release: {release} (ε={report['epsilon']:.3f}, δ={ss.delta:g}; best noisy score "
                  f"{best['score']:.3f})")
+        for line in time_cap_lines(trials, best_trial, out, ss.subsample_fraction is None):
+            progress(f"WARNING: {line}")
         if warning:
             progress(f"WARNING: {warning}")
     elif state["num_trials"]:
@@ -882,6 +889,20 @@ def finish_search(ss: SearchSpace, state: dict[str, Any], out: Path, results: An
     else:
         progress(f"release: {release} (K = 0: nothing trained; ε={report['epsilon']:.3f})")
     return release
+
+
+def time_cap_lines(trials: list[Any], best_trial: Any, out: Path, released_is_best: bool) -> list[str]:
+    """The search's summary of trials cut by trial.time_budget_minutes: the released one, and how many."""
+    cut = [t for t in trials if t.stopped_early]
+    if not cut:
+        return []
+    lines = []
+    if best_trial is not None and best_trial.stopped_early and released_is_best:
+        lines.append(f"the released trial {best_trial.name} was cut by its time cap after {best_trial.iterations} of "
+                     f"{best_trial.iterations_planned} planned iterations: it trained less than planned")
+    lines.append(f"{len(cut)} of {len(trials)} trials were cut by trial.time_budget_minutes (each charged its full "
+                 f"share); raise the cap or lower trial.iterations. Per trial: python -m dpaf_ray results {out}")
+    return lines
 
 
 class SearchFailed(RuntimeError):
@@ -933,7 +954,8 @@ def subsampled_privacy_report(ss: SearchSpace, state: dict[str, Any], best_knobs
     budget = ss.subsample_budget()
     fraction = validation_fraction(ss)
     n = state["n_records"]
-    assumptions = data_assumptions(n, fraction, state["num_classes"], tuple(state["image_shape"]))
+    assumptions = data_assumptions(n, fraction, state["num_classes"], tuple(state["image_shape"]),
+                                   class_names=state.get("class_names"))
     assumptions["validation_split"] = (f"inside the subsample, each record is held out for the trials' scores with "
                                        f"probability {fraction:g} by a keyed hash of its own pixels and label under "
                                        "the search secret; the final run holds nothing out (it is not scored)")
