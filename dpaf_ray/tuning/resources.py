@@ -197,6 +197,17 @@ def trial_resources(ss: "SearchSpace") -> dict[str, float]:
     return res
 
 
+def trial_worker_share(ss: "SearchSpace") -> dict[str, float]:
+    """What each Ray Train worker of a trial holds (`fit_with_ray_train`'s keyword arguments):
+    its CPUs and its fraction of a GPU, never a whole GPU where the search asks for less."""
+    return {"cpus_per_worker": ss.cpus_per_worker, "gpus_per_worker": ss.gpus_per_worker}
+
+
+def scoring_task_resources(ss: "SearchSpace") -> dict[str, float]:
+    """The Ray task that synthesises and fits a Train trial's scoring classifier: one worker's share."""
+    return {"num_cpus": ss.cpus_per_worker, "num_gpus": ss.gpus_per_worker if ss.use_gpu else 0}
+
+
 def trial_device(ss: "SearchSpace") -> str:
     """The device of an in-process trial (raises when use_gpu and no CUDA GPU is visible)."""
     return device_for(ss.use_gpu, "trial.use_gpu")
@@ -213,8 +224,7 @@ def synthesise_and_fit(generator: "ConditionalGenerator", ss: "SearchSpace", see
 
     # "DEFAULT": outside the trial's placement group (a bundle of one `trial_slot`), in the share
     # that the trial's Train workers have just given back.
-    opts: dict[str, Any] = {"num_cpus": ss.cpus_per_worker, "num_gpus": ss.gpus_per_worker if ss.use_gpu else 0,
-                            "max_retries": 0, "scheduling_strategy": "DEFAULT"}
+    opts: dict[str, Any] = {**scoring_task_resources(ss), "max_retries": 0, "scheduling_strategy": "DEFAULT"}
     if forwarded_env():
         opts["runtime_env"] = {"env_vars": forwarded_env()}
     task = ray.remote(_synthesise_and_fit_task).options(**opts)

@@ -364,7 +364,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     from ..training.loop import WriteAheadLedger, train_loop
     from ..release import label_balance_warning, write_artefacts
     from ..training.plan import TrainingPlan, schedule_for
-    from .resources import synthesise_and_fit, trial_device
+    from .resources import synthesise_and_fit, trial_device, trial_worker_share
     from .scoring import SCORE_CLASSIFIER_SEED, score_trial
 
     if search_secret is None:
@@ -438,8 +438,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
         result = fit_with_ray_train(plan, data, ss.num_workers, ss.use_gpu, None, None, None,
                                     secret=trial_secret, split_key=split_key, ledger_path=trial_dir / "ledger.json",
                                     name=f"{trial_name}-train", max_failures=0,
-                                    cpus_per_worker=ss.cpus_per_worker, gpus_per_worker=ss.gpus_per_worker,
-                                    storage_path=static["train_storage"],
+                                    **trial_worker_share(ss), storage_path=static["train_storage"],
                                     report_defaults={"score": float("nan")}, subsample=subsample,
                                     replay_charged=True)
     if any(isinstance(e, Gaussian) for e in (journal.load() or result.ledger).entries):
