@@ -198,3 +198,48 @@ def test_ray_and_torch_accept_the_mixed_backend_string():
     finally:
         if saved is not None:
             os.environ[TEST_GPU_ENV] = saved
+
+
+# ------------------------------------------------------------------ the driver's and the search's devices
+
+
+def test_the_search_probes_speed_on_the_trial_device(monkeypatch):
+    """A GPU search with a time budget and no `trial.iterations`: the search's plan and the trial
+    time an iteration on the GPU they train on, never on the CPU (which would plan far too few)."""
+    from dpaf_ray.training import probe
+    from dpaf_ray.tuning.resources import trial_seconds_per_iteration
+    from dpaf_ray.tuning.tuner import plan_search
+
+    monkeypatch.setenv(TEST_GPU_ENV, "meta")
+    devices = []
+    monkeypatch.setattr(probe, "seconds_per_iteration",
+                        lambda cfg, shape, k, n, device="cpu", **kw: devices.append(str(device)) or 0.05)
+    for workers in (0, 1):
+        ss = _gpu_trial_space(num_workers=workers, trial_iterations=None, time_budget_minutes=2)
+        cfg = classifier_phase_config(iterations=None, time_budget_minutes=2)
+        for in_trial in (True, False):
+            assert trial_seconds_per_iteration(ss, cfg, (1, 28, 28), 10, 5000, in_trial) == 0.05
+        state = plan_search(ss, 5000, (1, 28, 28), 10)
+        assert state["reference_plan"]["iterations"] > 0
+    assert devices and set(devices) == {"meta"}, devices
+    cpu = dataclasses.replace(_gpu_trial_space(trial_iterations=None, time_budget_minutes=2), use_gpu=False)
+    devices.clear()
+    trial_seconds_per_iteration(cpu, classifier_phase_config(), (1, 28, 28), 10, 5000, True)
+    assert devices == ["cpu"]
+
+
+def test_a_multi_worker_release_is_generated_on_the_drivers_gpu(tmp_path, monkeypatch):
+    """`train --num-workers W --use-gpu`: the driver writes the release (a classifier phase's
+    labeller included) on its own GPU when it has one."""
+    from dpaf_ray.run import finish_run, prepare, probe_device
+    from dpaf_ray.training.loop import train_loop
+
+    monkeypatch.setenv(TEST_GPU_ENV, "meta")
+    assert probe_device(True, 2) == "meta" and probe_device(False, 2) == "cpu"
+    cfg, data, plan, secret = prepare(classifier_phase_config())
+    res = train_loop(plan, data.train, len(data.train), 0, None, None, None, "cpu", secret=secret)  # as from Ray
+    spy = DeviceSpy()
+    with spy:
+        metrics = finish_run(tmp_path / "run", res, data, 30, 2, probe_device(True, 2))
+    assert (tmp_path / "run" / "release" / "synthetic.parquet").is_file() and "epsilon" in metrics
+    assert spy.count("meta") > 0 and spy.cpu_ops == {}, spy.ops

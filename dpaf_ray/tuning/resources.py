@@ -213,6 +213,38 @@ def trial_device(ss: "SearchSpace") -> str:
     return device_for(ss.use_gpu, "trial.use_gpu")
 
 
+def trial_seconds_per_iteration(ss: "SearchSpace", cfg: Any, shape: tuple[int, int, int], num_classes: int,
+                                n_train: float, in_trial: bool) -> float:
+    """The speed probe of a time budget, on the device the trial trains on (a CPU probe would plan
+    a GPU trial far too few iterations). An in-process trial probes on the GPU share it holds; a Ray
+    Train trial, and the search's plan (`in_trial` False) once Ray runs, in a Ray task that holds one
+    worker's share; before Ray starts, the driver's own GPU (`check_hardware` has required one)."""
+    from ..training import probe
+
+    if not ss.use_gpu:
+        return probe.seconds_per_iteration(cfg, shape, num_classes, n_train, "cpu")
+    if in_trial and ss.num_workers == 0:
+        return probe.seconds_per_iteration(cfg, shape, num_classes, n_train, trial_device(ss))
+    import ray
+
+    if not ray.is_initialized():
+        return probe.seconds_per_iteration(cfg, shape, num_classes, n_train, trial_device(ss))
+    opts: dict[str, Any] = {**scoring_task_resources(ss), "max_retries": 0, "scheduling_strategy": "DEFAULT"}
+    if forwarded_env():
+        opts["runtime_env"] = {"env_vars": forwarded_env()}
+    task = ray.remote(_probe_task).options(**opts)
+    return float(ray.get(task.remote(cfg, shape, num_classes, n_train, max(1, int(ss.cpus_per_worker)))))
+
+
+def _probe_task(cfg, shape, num_classes, n_train, threads):
+    import torch
+
+    from ..training import probe
+
+    torch.set_num_threads(threads)
+    return probe.seconds_per_iteration(cfg, shape, num_classes, n_train, device_for(True, "trial.use_gpu"))
+
+
 def synthesise_and_fit(generator: "ConditionalGenerator", ss: "SearchSpace", seed: int = 0
                        ) -> tuple["ImageDataset", Any]:
     """The trial's synthetic set and its scoring classifier, trained on `synthetic`, on the
