@@ -74,7 +74,7 @@ THREADS=$(( $(nproc) < 8 ? $(nproc) : 8 ))
 PROFILE_ITERS=${PROFILE_ITERS:-20}
 [ "${DRY_RUN:-0}" = 1 ] && PROFILE_ITERS=2
 step "1 profile: DPAF / DP-SGD GAN, draw wait, host syncs" 240 "test -f '$OUT/profile.json'" -- \
-  "$PY" bench/gpu_profile.py --device "$DEVICE" --threads "$THREADS" --iterations "$PROFILE_ITERS" \
+  "$PY" bench/gpu_profile.py --device "$DEVICE" --threads "$THREADS" --iterations "$PROFILE_ITERS" --draw-ahead on \
   --out "$OUT/profile.json"
 sed -n '/^data /,$p' "$LAST_LOG" 2>/dev/null | head -25
 
@@ -84,7 +84,7 @@ step "2 noise throughput" 120 "true" -- "$PY" bench/noise_throughput.py "${NOISE
 grep -v "^===" "$LAST_LOG" 2>/dev/null | head -30
 
 TRAIN_ITERS=200; TRAIN_MIN=3; CLS=50; TRAIN_DATA=()
-[ "${DRY_RUN:-0}" = 1 ] && { TRAIN_ITERS=4; TRAIN_MIN=2; CLS=2; TRAIN_DATA=(--dataset mnist-5k --batch-size 64); }
+[ "${DRY_RUN:-0}" = 1 ] && { TRAIN_ITERS=4; TRAIN_MIN=2; CLS=2; TRAIN_DATA=(--dataset mnist-5k --batch-size 64 --group-size 32); }
 step "3 in-process train --use-gpu" 240 \
   "test -f '$OUT/inproc/release/generator.pt' && test -f '$OUT/inproc/release/synthetic.parquet' && grep -q '\"stopped_early\"' '$OUT/inproc/metrics.json'" -- \
   "$PY" -m dpaf_ray train --use-gpu --epsilon 10 --iterations "$TRAIN_ITERS" --classifier-steps "$CLS" "${TRAIN_DATA[@]}" \
