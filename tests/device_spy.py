@@ -23,6 +23,7 @@ class DeviceSpy(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter[tuple[str, str]] = Counter()  # (op, device type) -> count
+        self.device_reads = 0  # values read back from the device to the host (a sync on CUDA)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -32,6 +33,7 @@ class DeviceSpy(TorchDispatchMode):
             for d in devs:
                 self.ops[(name, d)] += 1
         if func is aten._local_scalar_dense.default and args[0].device.type == "meta":
+            self.device_reads += 1
             return False if args[0].dtype == torch.bool else (0.0 if args[0].dtype.is_floating_point else 0)
         if func is aten._to_copy.default and args[0].device.type == "meta":
             dev = kwargs.get("device")
@@ -50,3 +52,4 @@ class DeviceSpy(TorchDispatchMode):
 
     def reset(self) -> None:
         self.ops.clear()
+        self.device_reads = 0

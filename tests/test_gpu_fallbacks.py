@@ -243,3 +243,32 @@ def test_a_multi_worker_release_is_generated_on_the_drivers_gpu(tmp_path, monkey
         metrics = finish_run(tmp_path / "run", res, data, 30, 2, probe_device(True, 2))
     assert (tmp_path / "run" / "release" / "synthetic.parquet").is_file() and "epsilon" in metrics
     assert spy.count("meta") > 0 and spy.cpu_ops == {}, spy.ops
+
+
+@pytest.mark.parametrize("model", ["dpaf", "dpsgd-gan"])
+def test_an_iteration_reads_nothing_back_from_the_device(model, monkeypatch):
+    """Host syncs (issue #36): once running, a training iteration (D and G steps) keeps its losses
+    and constant checks on the device; the host never waits for a value from it."""
+    from dpaf_ray.data import load_dataset
+    from dpaf_ray.privacy.randomness import RunSecret
+    from dpaf_ray.training.draw_ahead import DRAW_AHEAD_ENV
+    from dpaf_ray.training.loop import make_trainer
+
+    monkeypatch.setenv(DRAW_AHEAD_ENV, "1")
+    data = load_dataset("mnist-5k", "train")
+    cfg = TrainConfig(model=model, batch_size=64, group_size=32, feature_channels=8, seed=0, sgd_every=1,
+                      classifier_steps=0).validate()
+    spy = DeviceSpy()
+    with spy:
+        tr = make_trainer(cfg, data, len(data), 0, None, "meta", RunSecret.from_public_seed(1))
+        try:
+            for t in range(4):
+                if t == 2:
+                    spy.reset()
+                tr.d_iteration(t)
+                for s in range(tr.g_steps_at(t)):
+                    tr.g_step(t, s)
+        finally:
+            tr.draw_ahead.close()
+    assert spy.count("meta") > 0
+    assert spy.device_reads == 0, f"{spy.device_reads} values read back from the device in 2 iterations"
