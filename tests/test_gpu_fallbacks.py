@@ -231,16 +231,19 @@ def test_the_search_probes_speed_on_the_trial_device(monkeypatch):
 def test_a_multi_worker_release_is_generated_on_the_drivers_gpu(tmp_path, monkeypatch):
     """`train --num-workers W --use-gpu`: the driver writes the release (a classifier phase's
     labeller included) on its own GPU when it has one."""
-    from dpaf_ray.run import finish_run, prepare, probe_device
+    from dpaf_ray import run as run_module
+    from dpaf_ray.run import prepare, probe_device
     from dpaf_ray.training.loop import train_loop
 
     monkeypatch.setenv(TEST_GPU_ENV, "meta")
     assert probe_device(True, 2) == "meta" and probe_device(False, 2) == "cpu"
     cfg, data, plan, secret = prepare(classifier_phase_config())
     res = train_loop(plan, data.train, len(data.train), 0, None, None, None, "cpu", secret=secret)  # as from Ray
+    monkeypatch.setattr(run_module, "train_private", lambda *a, **k: (res, data))  # the W workers' result
     spy = DeviceSpy()
     with spy:
-        metrics = finish_run(tmp_path / "run", res, data, 30, 2, probe_device(True, 2))
+        metrics = run_module.run_train(cfg, tmp_path / "run", num_synthetic=30, num_workers=2, use_gpu=True,
+                                       progress=None)
     assert (tmp_path / "run" / "release" / "synthetic.parquet").is_file() and "epsilon" in metrics
     assert spy.count("meta") > 0 and spy.cpu_ops == {}, spy.ops
 
