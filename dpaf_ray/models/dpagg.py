@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from ..collectives import Collective
 from ..privacy.mechanisms import clip_rows, gaussian_release
@@ -47,12 +48,6 @@ class DPAggSpec:
     def group_classes(self) -> torch.Tensor:
         """Class of each class-pure group (public)."""
         return torch.arange(self.num_groups) // self.groups_per_class
-
-
-def one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
-    """`F.one_hot(labels, num_classes).to(dtype)` without its range check, which reads the labels
-    back to the host (a GPU sync per call); labels here are in range by construction."""
-    return (labels.unsqueeze(-1) == torch.arange(num_classes, device=labels.device)).to(dtype)
 
 
 def assign_groups(labels: torch.Tensor, own_uniforms: torch.Tensor, spec: DPAggSpec) -> torch.Tensor:
@@ -93,7 +88,7 @@ def normalise(released: torch.Tensor, spec: DPAggSpec) -> tuple[torch.Tensor, to
     if spec.grouping == "class":
         cls = spec.group_classes().to(released.device)
         counts = hist.gather(1, cls.view(-1, 1)).squeeze(1)
-        weights = one_hot(cls, spec.num_classes, released.dtype)
+        weights = F.one_hot(cls, spec.num_classes).to(released.dtype)
     else:
         counts = hist.sum(1)
         weights = hist.clamp(min=0)

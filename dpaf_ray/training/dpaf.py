@@ -226,7 +226,7 @@ class DPAFTrainer(GANTrainerBase):
         groups = dpagg.assign_groups(yf, guf, spec)
         local = dpagg.group_sums(vf, groups, spec.num_groups)
         m, K = spec.embedding_dim, self.num_classes
-        onehot = dpagg.one_hot(yf, K, vf.dtype)
+        onehot = F.one_hot(yf, K).to(vf.dtype)
         local_class = onehot.t() @ vf[:, :m]  # (K, m) sums per class, for feature matching
         with torch.no_grad():
             A = dpagg.release(local.detach(), spec, self.noise_stream(t, stream_name("dpagg/g", step)), self.collective)
