@@ -16,7 +16,7 @@ separately, since the label classifier's steps have their own draws):
   depends on values (`nonzero`, boolean masks), and every device-to-host copy; on CUDA also the
   syncs that `torch.cuda.set_sync_debug_mode("warn")` reports. Only reads of tensors on the run's
   device count, so on the CPU (a dry run) the count is an upper bound: it includes reads of
-  host-side scalars such as Adam's step counts (22 of a DPAF iteration's 36) and `F.one_hot`'s
+  host-side scalars such as Adam's step counts (27 of a DPAF iteration's 36) and `F.one_hot`'s
   range checks (8; on CUDA it skips them), which cost a GPU nothing.
 Prints a table and writes JSON. No timed assertions: a benchmark, not a test.
 """
