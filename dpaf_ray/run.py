@@ -83,8 +83,9 @@ def resolve_device(use_gpu: bool, num_workers: int) -> str:
 
 
 def probe_device(use_gpu: bool, num_workers: int) -> str:
-    """Where the speed probe of a time budget runs: the training device, or for Ray Train
-    workers on GPUs the driver's GPU when it has one (a CPU probe would plan far too few iterations)."""
+    """Where the driver computes (the speed probe of a time budget, and the release: generator,
+    synthetic set, sample grid): the training device, or for Ray Train workers on GPUs the driver's
+    GPU when it has one (a CPU probe would plan far too few iterations), else its CPU."""
     if use_gpu and num_workers > 0:
         return gpu_device("--use-gpu") if local_gpu_count() or test_gpu_stand_in() else "cpu"
     return resolve_device(use_gpu, num_workers)
@@ -112,7 +113,7 @@ def run_train(cfg: TrainConfig, out: str | Path, num_synthetic: int = 10_000, nu
         return finished
     result, data = train_private(cfg, out, num_workers, use_gpu, address, resume, progress, gpus_per_worker,
                                  cpus_per_worker, preflight=not force, started=started, num_synthetic=num_synthetic)
-    metrics = finish_run(Path(out), result, data, num_synthetic, num_workers)
+    metrics = finish_run(Path(out), result, data, num_synthetic, num_workers, probe_device(use_gpu, num_workers))
     if progress and "warning" in metrics:
         progress(f"WARNING: {metrics['warning']}")
     if progress:
@@ -208,10 +209,13 @@ def train_private(cfg: TrainConfig, out: str | Path, num_workers: int = 0, use_g
 
 
 def finish_run(out: Path, result: TrainResult, data: PrivateData, num_synthetic: int,
-               num_workers: int) -> dict[str, Any]:
-    """The release (publishable) and the operator's files beside it."""
+               num_workers: int, device: str | None = None) -> dict[str, Any]:
+    """The release (publishable) and the operator's files beside it, generated on `device`
+    (default: where the trainer's generator is)."""
     cfg = result.plan.config
     generator = result.trainer.released_generator().eval()
+    if device is not None:
+        generator = generator.to(device)
     report = privacy_report(
         result.ledger, delta=cfg.delta, target_epsilon=cfg.epsilon, reproducible_noise=cfg.reproducible_noise,
         assumptions=data_assumptions(data.n_records, cfg.validation_fraction, data.num_classes, data.shape,

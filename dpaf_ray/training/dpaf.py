@@ -111,7 +111,7 @@ class DPAFTrainer(GANTrainerBase):
         means, weights = dpagg.normalise(A, self.spec)
         return self.rear(means, weights)
 
-    def d_iteration(self, t: int) -> dict[str, float]:
+    def d_iteration(self, t: int) -> dict[str, torch.Tensor]:
         cfg, spec = self.cfg, self.spec
         if t < self.prefix_iterations:  # phase one: the label classifier's DP-SGD release only
             return self.teacher.private_step(t)
@@ -135,7 +135,7 @@ class DPAFTrainer(GANTrainerBase):
         self.step_from_rank0(self.rear, self.opt_rear)  # one gradient for every copy of the rear
         self.update_feature_target(A_real.detach())
 
-        stats = {"loss_d": loss_d.item()}
+        stats = {"loss_d": loss_d.detach()}  # a tensor: read back only when a log line needs it
         if (t - self.prefix_iterations) % cfg.sgd_every == 0:  # as the schedule's cycle charges it
             scale = spec.expected_group_size  # public: makes C_sgd ≈ 1 meaningful (rule 6)
             g_real = (scale * A_real.grad).detach()
@@ -189,7 +189,11 @@ class DPAFTrainer(GANTrainerBase):
         return {}
 
     def matches_features(self) -> bool:
-        return self.spec.grouping == "class" and bool((self.matching_weights > 0).any())
+        """Public and fixed once the trainer is built: read back from the device once, not per step."""
+        cached = getattr(self, "_matches_features", None)
+        if cached is None:
+            cached = self._matches_features = self.spec.grouping == "class" and bool((self.matching_weights > 0).any())
+        return cached
 
     def update_feature_target(self, A_real: torch.Tensor) -> None:
         if not self.matches_features():
@@ -211,7 +215,7 @@ class DPAFTrainer(GANTrainerBase):
         self.real_class_means.mul_(decay).add_((1 - decay) * means)
 
     # ------------------------------------------------------------------------------
-    def g_step(self, t: int, step: int = 0) -> dict[str, float]:
+    def g_step(self, t: int, step: int = 0) -> dict[str, torch.Tensor]:
         """Generator update through D on generated images only (no privacy cost)."""
         cfg, spec = self.cfg, self.spec
         if t < self.prefix_iterations:
@@ -248,11 +252,11 @@ class DPAFTrainer(GANTrainerBase):
         if self.teacher is not None and cfg.classifier_weight > 0:  # post-processing of the released classifier
             loss_cls = self.teacher.generator_loss(xf, yf)
             surrogate = surrogate + cfg.classifier_weight * loss_cls
-            stats["loss_classifier"] = loss_cls.item()
+            stats["loss_classifier"] = loss_cls.detach()
         self.opt_g.zero_grad(set_to_none=True)
         surrogate.backward()
         self.step_replicated(self.generator, self.opt_g)
-        return {"loss_g": loss_rear.item(), "feature_matching": fm.item(), **stats}
+        return {"loss_g": loss_rear.detach(), "feature_matching": fm.detach(), **stats}
 
     # ------------------------------------------------------------------------------
     def modules(self):

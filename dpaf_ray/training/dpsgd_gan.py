@@ -24,7 +24,7 @@ class DPSGDGANTrainer(GANTrainerBase):
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999))
         self.per_record = PerRecordGradients(self.disc, cfg.grad_engine)
 
-    def d_iteration(self, t: int) -> dict[str, float]:
+    def d_iteration(self, t: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         real = self.real_sample(t)
         z, yf, _ = self.fake_codes(t, "fake/d")
@@ -42,20 +42,20 @@ class DPSGDGANTrainer(GANTrainerBase):
         for p, gn, gf in zip(params, noisy, fake_grads):
             p.grad = gn / cfg.batch_size + gf / self.fake_batch
         self.opt_d.step()
-        return {"loss_d_fake": loss_fake.item() / max(1, len(yf))}
+        return {"loss_d_fake": loss_fake.detach() / max(1, len(yf))}  # tensors until a log line
 
     def draw_plan(self, t: int) -> DrawPlan:
         steps = range(self.g_steps_at(t))
         return DrawPlan(sample=True, codes=["fake/d"] + [stream_name("fake/g", s) for s in steps], noise=["dpsgd/d"])
 
-    def g_step(self, t: int, step: int = 0) -> dict[str, float]:
+    def g_step(self, t: int, step: int = 0) -> dict[str, torch.Tensor]:
         z, yf, _ = self.fake_codes(t, stream_name("fake/g", step))
         logit = self.disc(self.conv1(self.generator(z, yf)), yf)
         loss = F.softplus(-logit).sum() / self.fake_batch
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self.step_replicated(self.generator, self.opt_g)
-        return {"loss_g": loss.item() * self.collective.world_size}
+        return {"loss_g": loss.detach() * self.collective.world_size}
 
     def modules(self):
         return {**super().modules(), "disc": self.disc}

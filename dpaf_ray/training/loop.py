@@ -151,7 +151,7 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
     t0 = time.time()
     last_log_t, last_log_time = start, t0
     stopped_early = False
-    stats: dict[str, float] = {}
+    stats: dict[str, float | torch.Tensor] = {}  # losses stay on the device until a log line reads them
     t = end = start
     saved_at = start if state is not None else None
     try:
@@ -187,8 +187,8 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
                 last_log_t, last_log_time = t, now
                 history["iteration"].append(t)
                 history["epsilon"].append(eps)
-                history["loss_d"].append(stats.get("loss_d", stats.get("loss_d_fake", float("nan"))))
-                history["loss_g"].append(stats.get("loss_g", float("nan")))
+                history["loss_d"].append(float(stats.get("loss_d", stats.get("loss_d_fake", float("nan")))))
+                history["loss_g"].append(float(stats.get("loss_g", float("nan"))))
                 if progress and collective.rank == 0:
                     left = (T - t) / max(rate, 1e-9)
                     charged = ledger.epsilon(cfg.delta)

@@ -197,9 +197,52 @@ def trial_resources(ss: "SearchSpace") -> dict[str, float]:
     return res
 
 
+def trial_worker_share(ss: "SearchSpace") -> dict[str, float]:
+    """What each Ray Train worker of a trial holds (`fit_with_ray_train`'s keyword arguments):
+    its CPUs and its fraction of a GPU, never a whole GPU where the search asks for less."""
+    return {"cpus_per_worker": ss.cpus_per_worker, "gpus_per_worker": ss.gpus_per_worker}
+
+
+def scoring_task_resources(ss: "SearchSpace") -> dict[str, float]:
+    """The Ray task that synthesises and fits a Train trial's scoring classifier: one worker's share."""
+    return {"num_cpus": ss.cpus_per_worker, "num_gpus": ss.gpus_per_worker if ss.use_gpu else 0}
+
+
 def trial_device(ss: "SearchSpace") -> str:
     """The device of an in-process trial (raises when use_gpu and no CUDA GPU is visible)."""
     return device_for(ss.use_gpu, "trial.use_gpu")
+
+
+def trial_seconds_per_iteration(ss: "SearchSpace", cfg: Any, shape: tuple[int, int, int], num_classes: int,
+                                n_train: float, in_trial: bool) -> float:
+    """The speed probe of a time budget, on the device the trial trains on (a CPU probe would plan
+    a GPU trial far too few iterations). An in-process trial probes on the GPU share it holds; a Ray
+    Train trial, and the search's plan (`in_trial` False) once Ray runs, in a Ray task that holds one
+    worker's share; before Ray starts, the driver's own GPU (`check_hardware` has required one)."""
+    from ..training import probe
+
+    if not ss.use_gpu:
+        return probe.seconds_per_iteration(cfg, shape, num_classes, n_train, "cpu")
+    if in_trial and ss.num_workers == 0:
+        return probe.seconds_per_iteration(cfg, shape, num_classes, n_train, trial_device(ss))
+    import ray
+
+    if not ray.is_initialized():
+        return probe.seconds_per_iteration(cfg, shape, num_classes, n_train, trial_device(ss))
+    opts: dict[str, Any] = {**scoring_task_resources(ss), "max_retries": 0, "scheduling_strategy": "DEFAULT"}
+    if forwarded_env():
+        opts["runtime_env"] = {"env_vars": forwarded_env()}
+    task = ray.remote(_probe_task).options(**opts)
+    return float(ray.get(task.remote(cfg, shape, num_classes, n_train, max(1, int(ss.cpus_per_worker)))))
+
+
+def _probe_task(cfg, shape, num_classes, n_train, threads):
+    import torch
+
+    from ..training import probe
+
+    torch.set_num_threads(threads)
+    return probe.seconds_per_iteration(cfg, shape, num_classes, n_train, device_for(True, "trial.use_gpu"))
 
 
 def synthesise_and_fit(generator: "ConditionalGenerator", ss: "SearchSpace", seed: int = 0
@@ -213,8 +256,7 @@ def synthesise_and_fit(generator: "ConditionalGenerator", ss: "SearchSpace", see
 
     # "DEFAULT": outside the trial's placement group (a bundle of one `trial_slot`), in the share
     # that the trial's Train workers have just given back.
-    opts: dict[str, Any] = {"num_cpus": ss.cpus_per_worker, "num_gpus": ss.gpus_per_worker if ss.use_gpu else 0,
-                            "max_retries": 0, "scheduling_strategy": "DEFAULT"}
+    opts: dict[str, Any] = {**scoring_task_resources(ss), "max_retries": 0, "scheduling_strategy": "DEFAULT"}
     if forwarded_env():
         opts["runtime_env"] = {"env_vars": forwarded_env()}
     task = ray.remote(_synthesise_and_fit_task).options(**opts)

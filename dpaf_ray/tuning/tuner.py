@@ -205,7 +205,7 @@ def plan_reference(ss: SearchSpace, n_train: float, image_size: int, seconds_per
 
 def plan_search(ss: SearchSpace, n_records: int, shape: tuple[int, int, int], num_classes: int) -> dict[str, Any]:
     """K, the reference and the sampler's seed; data-independent given the public N, shape and K classes."""
-    from ..training.probe import seconds_per_iteration
+    from .resources import trial_seconds_per_iteration
 
     shape_k = distribution_shape(ss.trials_distribution, ss.tnb_shape)
     cfg = reference_config(ss)
@@ -213,7 +213,7 @@ def plan_search(ss: SearchSpace, n_records: int, shape: tuple[int, int, int], nu
     cfg.validate(n_train)
     speed = None
     if cfg.iterations is None and cfg.time_budget_minutes is not None:  # generated data: no privacy cost
-        speed = seconds_per_iteration(cfg, shape, num_classes, n_train)
+        speed = trial_seconds_per_iteration(ss, cfg, shape, num_classes, n_train, in_trial=False)
     ref_plan, reference, eps_trial = plan_reference(ss, n_train, shape[1], speed)
     if ss.search == "random":
         k = sample_num_trials(ss.expected_trials, shape_k)  # cryptographic; never re-drawn
@@ -365,7 +365,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     from ..training.loop import WriteAheadLedger, time_cap_note, train_loop
     from ..release import label_balance_warning, write_artefacts
     from ..training.plan import TrainingPlan, schedule_for
-    from .resources import synthesise_and_fit, trial_device
+    from .resources import synthesise_and_fit, trial_device, trial_seconds_per_iteration, trial_worker_share
     from .scoring import SCORE_CLASSIFIER_SEED, score_trial
 
     if search_secret is None:
@@ -410,9 +410,8 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     if saved is None:  # train's planner at ε_trial (one planner), then the least noise under the reference
         speed = None
         if cfg.iterations is None and cfg.time_budget_minutes is not None:
-            from ..training.probe import seconds_per_iteration
-
-            speed = seconds_per_iteration(cfg, data.shape, data.num_classes, data.expected_train)
+            speed = trial_seconds_per_iteration(ss, cfg, data.shape, data.num_classes, data.expected_train,
+                                                in_trial=True)  # on the trial's device
         planned = plan_trial(ss, sampled, epsilon_trial, target_delta, data.expected_train, data.shape[1], speed,
                              cfg.seed)
         plan = under_reference(planned, score_noise, reference, data.expected_train)
@@ -439,8 +438,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
         result = fit_with_ray_train(plan, data, ss.num_workers, ss.use_gpu, None, None, None,
                                     secret=trial_secret, split_key=split_key, ledger_path=trial_dir / "ledger.json",
                                     name=f"{trial_name}-train", max_failures=0,
-                                    cpus_per_worker=ss.cpus_per_worker, gpus_per_worker=ss.gpus_per_worker,
-                                    storage_path=static["train_storage"],
+                                    **trial_worker_share(ss), storage_path=static["train_storage"],
                                     report_defaults={"score": float("nan")}, subsample=subsample,
                                     replay_charged=True)
     if any(isinstance(e, Gaussian) for e in (journal.load() or result.ledger).entries):
