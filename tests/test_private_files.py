@@ -93,7 +93,7 @@ def test_a_ray_train_run_exposes_nothing_but_its_release(tmp_path, open_umask):
         out = tmp_path / "run"
         dpaf_ray.train("mnist-5k", epsilon=2.0, delta=1e-5, out=out, iterations=4, seed=3, batch_size=32,
                        group_size=16, feature_channels=4, num_threads=1, checkpoint_every=2, log_every=2,
-                       num_synthetic=20, num_workers=1, progress=None)
+                       num_synthetic=20, num_workers=1, progress=None, force=True)  # a deliberately tiny plan
     finally:
         ray.shutdown()
     assert list((out / "ray_train").rglob("state.pt"))
