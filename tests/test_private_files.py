@@ -102,20 +102,26 @@ def test_a_ray_train_run_exposes_nothing_but_its_release(tmp_path, open_umask):
     assert not [p for p in exposed(out) if p.startswith("ray_train")]
 
 
-def test_a_prepared_search_exposes_nothing_and_its_secrets_are_0600(tmp_path, open_umask, monkeypatch):
-    """`run_search` up to the moment Ray would start: K, the secret and the charged ledger are on disk."""
+class StopBeforeRay(Exception):
+    """Raised where Ray would start: the search folder is then as a search leaves it before any trial."""
+
+
+def prepare_search(out: Path, monkeypatch, resume: bool = False) -> None:
+    """`run_search` (or its resume) on OUT up to the moment Ray would start."""
     import dpaf_ray.ray_train
 
-    class Stop(Exception):
-        pass
-
     def stop(*args, **kwargs):
-        raise Stop
+        raise StopBeforeRay
 
     monkeypatch.setattr(dpaf_ray.ray_train, "ensure_ray", stop)
+    with pytest.raises(StopBeforeRay):
+        run_search(load_search_space(TINY), out, resume=resume, progress=lambda _: None)
+
+
+def test_a_prepared_search_exposes_nothing_and_its_secrets_are_0600(tmp_path, open_umask, monkeypatch):
+    """`run_search` up to the moment Ray would start: K, the secret and the charged ledger are on disk."""
     out = tmp_path / "search"
-    with pytest.raises(Stop):
-        run_search(load_search_space(TINY), out, progress=lambda _: None)
+    prepare_search(out, monkeypatch)
     assert (out / "trials" / "search_state.json").exists() and (out / "ledger.json").exists()
     trial = out / "trials" / "trial_0"
     trial.mkdir()  # as a trial makes it, then its checkpoint (the trial's secret)
@@ -128,23 +134,12 @@ def test_a_prepared_search_exposes_nothing_and_its_secrets_are_0600(tmp_path, op
 
 def test_resuming_a_search_made_before_rule_18_held_locks_its_folder(tmp_path, open_umask, monkeypatch):
     """An older search folder (0777 under this umask) is tightened when it is resumed, before any trial."""
-    import dpaf_ray.ray_train
-
-    class Stop(Exception):
-        pass
-
-    def stop(*args, **kwargs):
-        raise Stop
-
-    monkeypatch.setattr(dpaf_ray.ray_train, "ensure_ray", stop)
     out = tmp_path / "search"
-    with pytest.raises(Stop):
-        run_search(load_search_space(TINY), out, progress=lambda _: None)
+    prepare_search(out, monkeypatch)
     for path in [out, *out.rglob("*")]:  # as an older version with an open umask left it
         os.chmod(path, 0o777 if path.is_dir() else 0o666)
     assert exposed(out)
-    with pytest.raises(Stop):
-        run_search(load_search_space(TINY), out, resume=True, progress=lambda _: None)
+    prepare_search(out, monkeypatch, resume=True)
     assert exposed(out) == []
 
 
