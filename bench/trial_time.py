@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpaf_ray.data import load_dataset  # noqa: E402
 from dpaf_ray.training.probe import seconds_per_iteration  # noqa: E402
 from dpaf_ray.tuning.search_space import load_search_space  # noqa: E402
-from dpaf_ray.tuning.tuner import plan_trial, search_train_records, trial_config  # noqa: E402
+from dpaf_ray.tuning.reference import plan_trial, search_train_records, trial_config  # noqa: E402
 
 
 def main() -> None:

@@ -35,8 +35,8 @@ from dpaf_ray.privacy.tuning import calibrate_reference, distribution_shape, fit
 from dpaf_ray.training.plan import schedule_for  # noqa: E402
 from dpaf_ray.tuning.results import SearchResults  # noqa: E402
 from dpaf_ray.tuning.search_space import load_search_space  # noqa: E402
-from dpaf_ray.tuning.tuner import (epoch_matched_iterations, final_config, reference_config,  # noqa: E402
-                                   search_train_records)
+from dpaf_ray.tuning.reference import (epoch_matched_iterations, final_config, reference_config,  # noqa: E402
+                                       search_train_records)
 from logged_run import run_logged  # noqa: E402
 
 SHAPE_KNOBS = ("batch_size", "sgd_every", "noise_split", "classifier_steps")

@@ -208,7 +208,7 @@ def test_the_search_probes_speed_on_the_trial_device(monkeypatch):
     time an iteration on the GPU they train on, never on the CPU (which would plan far too few)."""
     from dpaf_ray.training import probe
     from dpaf_ray.tuning.resources import trial_seconds_per_iteration
-    from dpaf_ray.tuning.tuner import plan_search
+    from dpaf_ray.tuning.reference import plan_search
 
     monkeypatch.setenv(TEST_GPU_ENV, "meta")
     devices = []

@@ -15,7 +15,8 @@ import torch
 import dpaf_ray
 from dpaf_ray.privacy.randomness import RunSecret
 from dpaf_ray.tuning.search_space import load_search_space
-from dpaf_ray.tuning.tuner import SECRET_FILE, TrialCheckpointSink, run_search
+from dpaf_ray.tuning.trial import TrialCheckpointSink
+from dpaf_ray.tuning.tuner import SECRET_FILE, run_search
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "search_spaces" / "tiny.yaml"

@@ -31,18 +31,15 @@ from dpaf_ray.training.loop import WriteAheadLedger, charged_iterations, train_l
 from dpaf_ray.training.plan import plan_training
 from dpaf_ray.tuning import cli
 from dpaf_ray.tuning.search_space import load_search_space
+from dpaf_ray.tuning.reference import plan_search, search_ledger
+from dpaf_ray.tuning.trial import FAULT_PHASES, KILL_DRIVER_ENV, _atomic_json
 from dpaf_ray.tuning.tuner import (
-    FAULT_PHASES,
-    KILL_DRIVER_ENV,
     SearchRefused,
-    _atomic_json,
     check_no_trials_beside_fresh_tuner,
     check_selection_within_k,
     finish_search,
-    plan_search,
     run_search,
     save_search_secret,
-    search_ledger,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -154,7 +154,7 @@ def _space(**kw) -> SearchSpace:
 def planned(request):
     """A subsampled search planned as tune.py plans it, and a final run planned from its knobs."""
     from dpaf_ray.training.plan import plan_training
-    from dpaf_ray.tuning.tuner import final_config, plan_search, reference_config, search_ledger
+    from dpaf_ray.tuning.reference import final_config, plan_search, reference_config, search_ledger
 
     eps, gamma, share, search, final_T = request.param
     ss = _space(epsilon=eps, subsample_fraction=gamma, subsample_epsilon_share=share, search=search,
@@ -229,7 +229,7 @@ def test_final_run_keeps_the_released_knobs_and_the_noise_split(planned):
 
 def test_report_recomputes_to_the_total_from_its_own_json(planned, tmp_path):
     """The release's report holds both ledgers; `dpaf_ray privacy` recomputes the composed total."""
-    from dpaf_ray.tuning.tuner import subsampled_privacy_report
+    from dpaf_ray.tuning.reference import subsampled_privacy_report
 
     ss, state, s_ledger, f_ledger, plan, knobs = planned
     final = types.SimpleNamespace(ledger=f_ledger, plan=plan, iterations_done=plan.iterations)
@@ -429,7 +429,7 @@ def test_bad_subsample_flags_exit_2_naming_the_flag_and_write_nothing(tmp_path, 
 def test_a_final_run_that_cannot_be_planned_is_refused_before_anything_is_spent(tmp_path):
     """With nearly all of ε given to the search, the final run would need σ past the planner's limit:
     refused by check_space_fits (before Ray starts and before any charge), naming the key to change."""
-    from dpaf_ray.tuning.tuner import check_space_fits, plan_search
+    from dpaf_ray.tuning.reference import check_space_fits, plan_search
 
     raw = yaml.safe_load(BASE_YAML.read_text())
     raw.update(epsilon=1.0, subsample={"fraction": 0.5, "epsilon_share": 0.999})
@@ -535,7 +535,7 @@ def test_a_search_too_noisy_to_rank_its_trials_is_warned_about(epsilon, share, w
     the knob; the plan itself (the budget) is unchanged."""
     import dataclasses
 
-    from dpaf_ray.tuning.tuner import plan_search, reference_warnings
+    from dpaf_ray.tuning.reference import plan_search, reference_warnings
 
     ss = load_search_space(ROOT / "search_spaces" / "fashion-mnist-cpu-subsample.yaml")
     ss = dataclasses.replace(ss, epsilon=epsilon, subsample_epsilon_share=share)
@@ -597,7 +597,7 @@ def test_a_trial_gets_the_classifier_phase_train_would_plan_with_the_same_flags(
     drawn or fixed number of steps is kept."""
     import dataclasses
 
-    from dpaf_ray.tuning.tuner import reference_config, trial_config
+    from dpaf_ray.tuning.reference import reference_config, trial_config
 
     ss = load_search_space(ROOT / "search_spaces" / "fashion-mnist-cpu.yaml")
     ss = dataclasses.replace(ss, fixed={**ss.fixed, **fixed})

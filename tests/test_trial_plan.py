@@ -9,7 +9,7 @@ from dpaf_ray.privacy.ledger import Gaussian, PrivacyLedger
 from dpaf_ray.privacy.report import data_assumptions
 from dpaf_ray.training.plan import plan_training
 from dpaf_ray.tuning.search_space import SearchSpace
-from dpaf_ray.tuning.tuner import (
+from dpaf_ray.tuning.reference import (
     plan_search,
     plan_trial,
     reference_from,

@@ -353,7 +353,7 @@ def test_sample_num_trials_uses_a_cryptographic_rng_by_default(monkeypatch):
     assert k == indep_quantile(0.95, 2.0, 1.0)
     # and the search plan draws K that way (no rng passed, never re-drawn)
     from dpaf_ray.tuning.search_space import SearchSpace
-    from dpaf_ray.tuning.tuner import plan_search
+    from dpaf_ray.tuning.reference import plan_search
 
     made.clear()
     state = plan_search(SearchSpace(path="<test>", expected_trials=2.0, tnb_shape=1.0, trial_iterations=100), N_TRAIN,
@@ -563,7 +563,7 @@ def test_a_searched_classifier_phase_is_in_the_reference_its_json_and_the_search
     from dpaf_ray.config import TrainConfig
     from dpaf_ray.training.plan import schedule_for
     from dpaf_ray.tuning.search_space import load_search_space
-    from dpaf_ray.tuning.tuner import check_space_fits, plan_search, reference_config, reference_from, search_ledger
+    from dpaf_ray.tuning.reference import check_space_fits, plan_search, reference_config, reference_from, search_ledger
 
     T, P, b_c, n_records = 100, 40, 64, 5000
     path = tmp_path / "space.yaml"

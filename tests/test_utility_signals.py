@@ -565,7 +565,8 @@ def test_a_search_release_repeats_its_best_trials_label_balance_warning(tmp_path
     """A search releases the best trial's files; the warning its trial recorded must reach the user."""
     from dpaf_ray.release import write_artefacts
     from dpaf_ray.tuning.search_space import load_search_space
-    from dpaf_ray.tuning.tuner import finish_search, plan_search
+    from dpaf_ray.tuning.reference import plan_search
+    from dpaf_ray.tuning.tuner import finish_search
 
     _, released, _ = trained_release(tmp_path)
     ss = load_search_space("search_spaces/tiny.yaml")

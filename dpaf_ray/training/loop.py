@@ -112,7 +112,7 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
 
     `replay_charged`: the caller restarts an attempt with every public input identical to the one
     that charged `journal` (the same plan, public seed, secret and data; a search's trial,
-    `tuning.tuner.run_trial`). Iteration t's draws are keyed by (secret, t) and (seed, t), and the
+    `tuning.trial.run_trial`). Iteration t's draws are keyed by (secret, t) and (seed, t), and the
     model state comes from a checkpoint of the same run, so re-running an iteration the journal
     already charged adds the same noise to the same sums: it releases nothing new and is not
     charged again (docs/design.md rule 17). Without it, re-executed iterations are charged again.

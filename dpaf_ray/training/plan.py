@@ -163,7 +163,7 @@ class TrainingPlan:
 def noisy_group_mean(sigma_agg: float, group_size: int, fix: str) -> str | None:
     """The warning for DPAGG noise on one group mean (σ_agg·C_agg/b, in units of C_agg: one record's
     signal is at most C_agg) past NOISY_GROUP_MEAN, or None. One check for a single run's plan and for
-    a search's reference (`tuning.tuner.reference_warnings`); `fix` names the knobs that lower it."""
+    a search's reference (`tuning.reference.reference_warnings`); `fix` names the knobs that lower it."""
     noise = sigma_agg / group_size
     if noise <= NOISY_GROUP_MEAN:
         return None

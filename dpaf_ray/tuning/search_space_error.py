@@ -1,7 +1,7 @@
 """The error of a search that cannot run as asked, naming the search-space file, the YAML key and the fix.
 
 It is raised by the checks of a search-space file (`search_space`), of the hardware it asks for
-(`resources`) and of the plans its knobs give (`tuner.check_space_fits`). It sits below all of
+(`resources`) and of the plans its knobs give (`reference.check_space_fits`). It sits below all of
 them, so each imports it downward (`resources` and `search_space` used to reach each other).
 """
 from __future__ import annotations
