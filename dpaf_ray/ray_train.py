@@ -30,7 +30,7 @@ from .privacy.ledger import PrivacyLedger
 from .privacy.randomness import RunSecret
 from .ray_resources import forwarded_env, torch_backend
 from .run_dir import private_dir
-from .training.checkpoint import RayTrainCheckpointSink, read_checkpoint_dir
+from .training.checkpoint import CheckpointSink, RayTrainCheckpointSink, read_checkpoint_dir
 from .training.loop import TrainResult, WriteAheadLedger, make_trainer, train_loop
 from .training.plan import TrainingPlan
 
@@ -153,6 +153,24 @@ def _failure_hook(rank: int) -> Callable[[int], None] | None:
             os._exit(1)  # a worker process dying mid-run, as a lost node would
 
     return hook
+
+
+def train_on(plan: TrainingPlan, data: PrivateData, num_workers: int, use_gpu: bool = False,
+             progress: Callable[[str], None] | None = print, *, secret: RunSecret, journal: WriteAheadLedger,
+             initial_ledger: PrivacyLedger | None = None, replay_charged: bool = False,
+             sink: CheckpointSink | None = None, device: str = "cpu",
+             before_iteration: Callable[[int], None] | None = None, **ray_train: Any) -> TrainResult:
+    """One run's training: in this process (`train_loop`) when `num_workers` is 0, else over that many Ray
+    Train workers (`fit_with_ray_train`, given its own keywords in `ray_train`: split_key, address, out, name,
+    storage, worker shares). The one dispatch that `run.train_private` and a search's trial share. `sink`,
+    `device` and `before_iteration` are the in-process run's; either way the charges go to `journal`'s file."""
+    if num_workers == 0:
+        return train_loop(plan, data.train, len(data.train), 0, None, sink, progress, device, before_iteration,
+                          secret=secret, journal=journal, initial_ledger=initial_ledger,
+                          replay_charged=replay_charged)
+    return fit_with_ray_train(plan, data, num_workers, use_gpu, progress=progress, secret=secret,
+                              ledger_path=journal.path, initial_ledger=initial_ledger,
+                              replay_charged=replay_charged, **ray_train)
 
 
 def fit_with_ray_train(plan: TrainingPlan, data: PrivateData, num_workers: int, use_gpu: bool = False,

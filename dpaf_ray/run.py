@@ -29,11 +29,12 @@ from .privacy.ledger import PrivacyLedger
 from .privacy.randomness import RunSecret
 from .privacy.report import data_assumptions, privacy_report
 from .ray_resources import check_cpu_share, check_gpu_fraction
+from .ray_train import train_on
 from .release import (RELEASE_DIR, estimate_release_seconds, generate, label_balance_warning, write_artefacts,
                       write_release)
 from .run_dir import own_run_dir
 from .training.checkpoint import LocalCheckpointSink
-from .training.loop import TrainResult, WriteAheadLedger, secret_for, time_cap_note, train_loop
+from .training.loop import TrainResult, WriteAheadLedger, secret_for, time_cap_note
 from .training.plan import TrainingPlan, plan_training
 from .training.preflight import preflight as check_plan
 from .training.probe import seconds_per_iteration
@@ -194,16 +195,11 @@ def train_private(cfg: TrainConfig, out: str | Path, num_workers: int = 0, use_g
         if cfg.reproducible_noise:
             progress("WARNING: --reproducible-noise: the noise is derived from the public seed; this run is NOT private")
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    if num_workers == 0:
-        result = train_loop(plan, data.train, len(data.train), 0, None, sink, progress, device,
-                            secret=secret, journal=journal, initial_ledger=carried)
-    else:
-        from .ray_train import fit_with_ray_train
-
-        result = fit_with_ray_train(plan, data, num_workers, use_gpu, address, out, progress, secret=secret,
-                                    split_key=secret.child(SPLIT_LABEL), ledger_path=out / LEDGER_FILE,
-                                    initial_ledger=carried, gpus_per_worker=gpus_per_worker,
-                                    cpus_per_worker=cpus_per_worker)
+    result = train_on(plan, data, num_workers, use_gpu, progress, secret=secret, journal=journal,
+                      initial_ledger=carried, sink=sink, device=device,  # in-process
+                      address=address, out=out, split_key=secret.child(SPLIT_LABEL),  # Ray Train
+                      gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
+    if num_workers > 0:
         journal.commit(result.ledger)
     return result, data
 

@@ -103,7 +103,8 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
 
     from ..data import load_dataset, load_training_data, write_parquet
     from ..data.splits import SPLIT_LABEL
-    from ..training.loop import WriteAheadLedger, time_cap_note, train_loop
+    from ..training.loop import WriteAheadLedger, time_cap_note
+    from ..ray_train import console_line, train_on
     from ..release import label_balance_warning, write_artefacts
     from ..training.plan import TrainingPlan, schedule_for
     from .resources import synthesise_and_fit, trial_device, trial_seconds_per_iteration, trial_worker_share
@@ -166,22 +167,14 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     T = plan.iterations - P
     fit = TrialFit(plan.iterations, plan.noise_factor)
     kill_hook = _driver_kill_hook("mid_trial", min(plan.iterations - 1, cfg.checkpoint_every + 1), trial_name)
-    if ss.num_workers == 0:
-        from ..ray_train import console_line
-
-        result = train_loop(plan, data.train, len(data.train), sink=TrialCheckpointSink(trial_dir),
-                            progress=lambda m: console_line(f"{trial_name}: {m}"), secret=trial_secret,
-                            journal=journal, device=trial_device(ss),  # the GPU share the trial holds, when use_gpu
-                            before_iteration=kill_hook, replay_charged=True)
-    else:
-        from ..ray_train import fit_with_ray_train
-
-        result = fit_with_ray_train(plan, data, ss.num_workers, ss.use_gpu, None, None, None,
-                                    secret=trial_secret, split_key=split_key, ledger_path=trial_dir / "ledger.json",
-                                    name=f"{trial_name}-train", max_failures=0,
-                                    **trial_worker_share(ss), storage_path=static["train_storage"],
-                                    report_defaults={"score": float("nan")}, subsample=subsample,
-                                    replay_charged=True)
+    # In process: the GPU share the trial holds, when use_gpu (Ray Train workers get theirs from Ray).
+    device = trial_device(ss) if ss.num_workers == 0 else "cpu"
+    result = train_on(plan, data, ss.num_workers, ss.use_gpu, lambda m: console_line(f"{trial_name}: {m}"),
+                      secret=trial_secret, journal=journal, replay_charged=True,
+                      sink=TrialCheckpointSink(trial_dir), device=device, before_iteration=kill_hook,  # in-process
+                      split_key=split_key, name=f"{trial_name}-train", max_failures=0,  # Ray Train
+                      **trial_worker_share(ss), storage_path=static["train_storage"],
+                      report_defaults={"score": float("nan")}, subsample=subsample)
     if any(isinstance(e, Gaussian) for e in (journal.load() or result.ledger).entries):
         # An earlier attempt charged the score and died before recording it. Its classifier need not be
         # bit-identical to a new one (GPU), so the same score noise on a recount is no replay: fail the trial
@@ -205,8 +198,6 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     if result.stopped_early:  # said in the record and on the console: the trial left part of its share unspent
         summary_note = (f"{time_cap_note(result.iterations_done, P + T, cfg.time_budget_minutes)}; the search is "
                         "charged its full share all the same")
-        from ..ray_train import console_line
-
         console_line(f"{trial_name}: STOPPED EARLY: {summary_note}")
     else:
         summary_note = None
