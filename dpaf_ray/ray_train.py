@@ -13,6 +13,7 @@ shared storage; the Ray Train checkpoints hold the ledger too).
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import tempfile
@@ -164,6 +165,9 @@ def train_on(plan: TrainingPlan, data: PrivateData, num_workers: int, use_gpu: b
     Train workers (`fit_with_ray_train`, given its own keywords in `ray_train`: split_key, address, out, name,
     storage, worker shares). The one dispatch that `run.train_private` and a search's trial share. `sink`,
     `device` and `before_iteration` are the in-process run's; either way the charges go to `journal`'s file."""
+    unknown = set(ray_train) - set(inspect.signature(fit_with_ray_train).parameters)
+    if unknown:  # checked on both paths, so a misspelt Ray Train keyword fails in a local run too
+        raise TypeError(f"train_on: unknown Ray Train keyword(s) {sorted(unknown)}")
     if num_workers == 0:
         return train_loop(plan, data.train, len(data.train), 0, None, sink, progress, device, before_iteration,
                           secret=secret, journal=journal, initial_ledger=initial_ledger,
