@@ -6,7 +6,6 @@ classifier from the run's checkpoint, `ConditionalGenerator.with_labeller`. A be
 new folder is the operator's, never a publication.
 
     python bench/attach_labeller.py RUN_DIR NEW_DIR [--between-class-fraction F] [--uncertain-fraction U]
-        [--pixel-mix-fraction P] [--boundary-fraction B]
 """
 from __future__ import annotations
 
@@ -29,8 +28,6 @@ def main() -> None:
     ap.add_argument("new")
     ap.add_argument("--between-class-fraction", type=float, default=0.5)
     ap.add_argument("--uncertain-fraction", type=float, default=0.0)
-    ap.add_argument("--pixel-mix-fraction", type=float, default=0.0)
-    ap.add_argument("--boundary-fraction", type=float, default=0.0)
     args = ap.parse_args()
     run, new = Path(args.run), Path(args.new)
     generator = load_generator(run)

@@ -5,7 +5,7 @@ records, then prints its accuracy on the real test split. A benchmark: its noise
 generator (never the release's secret stream) and nothing it writes is a release; the ε it stands for
 is the plan's, printed by `python -m dpaf_ray train` (ε = 10: σ_c = 1.333, q_c = 0.01896).
 
-    python bench/classifier_screen.py --sigma 1.333 --steps 1000 --width 16 --hidden 32 [--schedule cosine]
+    python bench/classifier_screen.py --sigma 1.333 --steps 1000 --width 16 --hidden 32
         [--ema DECAY] [--save FILE.pt] [--out FILE.jsonl]
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dpaf_ray.models.architecture import architecture_for  # noqa: E402
 from dpaf_ray.models.label_classifier import LabelClassifier  # noqa: E402
 from dpaf_ray.privacy.grad_sample import PerRecordGradients  # noqa: E402
 from dpaf_ray.privacy.mechanisms import clip_and_sum_per_record  # noqa: E402
-from dpaf_ray.training.label_teacher import record_loss, classifier_lr  # noqa: E402
+from dpaf_ray.training.label_teacher import record_loss  # noqa: E402
 from classifier_accuracy import test_accuracy  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 
@@ -41,7 +41,6 @@ def main() -> None:
     ap.add_argument("--clip", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=4.0)
     ap.add_argument("--momentum", type=float, default=0.9)
-    ap.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
@@ -67,8 +66,6 @@ def main() -> None:
         chosen = (torch.rand(args.n_train) < q).nonzero().squeeze(1)
         grads = per_record((x_all[chosen],), record_loss, (y_all[chosen],))
         summed = clip_and_sum_per_record(grads, args.clip)
-        for group in opt.param_groups:
-            group["lr"] = classifier_lr(args.lr, args.schedule, t, args.steps)
         for p, g in zip(per_record.params, summed):
             p.grad = (g + torch.randn(g.shape, generator=noise) * args.sigma * args.clip) / args.batch
         opt.step()

@@ -75,8 +75,8 @@ def _sync(device: str) -> None:
 
 def one_iteration(trainer, t: int) -> None:
     trainer.d_iteration(t)
-    for step in range(trainer.g_steps_at(t)):
-        trainer.g_step(t, step)
+    if trainer.g_step_after(t):
+        trainer.g_step(t)
 
 
 def profile(trainer, start: int, n: int, device: str) -> dict:

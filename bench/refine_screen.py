@@ -38,11 +38,35 @@ sys.path.insert(0, str(ROOT))
 
 from dpaf_ray.data import ImageDataset, load_dataset  # noqa: E402
 from dpaf_ray.models.architecture import architecture_for  # noqa: E402
-from dpaf_ray.models.generator import load_generator  # noqa: E402
-from dpaf_ray.release import (labelled_draw, label_with_classifier, least_certain,  # noqa: E402
-                              sample_synthetic, towards_boundary)
+from dpaf_ray.models.generator import ConditionalGenerator, load_generator  # noqa: E402
+from dpaf_ray.release import labelled_draw, least_certain, sample_synthetic  # noqa: E402
 from dpaf_ray.models.label_classifier import LabelClassifier  # noqa: E402
 from screen import score_and_log  # noqa: E402  (bench/ is on sys.path when a script runs)
+
+
+def label_with_classifier(generator: ConditionalGenerator, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """The argmax labels that the generator's DP label classifier gives images, on the CPU."""
+    return torch.cat([torch.empty(0, dtype=torch.long)] +
+                     [generator.labeller(x[i:i + batch].to(generator.device)).argmax(1).cpu()
+                      for i in range(0, len(x), batch)])
+
+
+def towards_boundary(generator: ConditionalGenerator, x: torch.Tensor, batch: int, steps: int,
+                     length: float) -> torch.Tensor:
+    """x after `steps` steps of L2 length `length` that shrink the gap between the generator's
+    classifier's two largest logits, kept in the image range [-1, 1]."""
+    out = [torch.empty(0, *x.shape[1:])]
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch].to(generator.device)
+        for _ in range(steps):
+            with torch.enable_grad():
+                xb.requires_grad_(True)
+                top2 = generator.labeller(xb).topk(2, dim=1).values
+                (grad,) = torch.autograd.grad((top2[:, 0] - top2[:, 1]).sum(), xb)
+            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+            xb = (xb.detach() - length * grad / norm).clamp(-1, 1)
+        out.append(xb.cpu())
+    return torch.cat(out)
 
 
 def shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

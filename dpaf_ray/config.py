@@ -14,8 +14,9 @@ MODELS = ("dpaf", "dpsgd-gan")
 GRAD_ENGINES = ("functorch", "opacus")
 # Public per-record statistics of u = (x+1)/2 in the pixel block (models.discriminator.pixel_statistics).
 PIXEL_MOMENTS = ("mean", "sq_mean", "rff")
-UPSAMPLE_MODES = ("nearest", "bilinear")  # G's ×2 upsampling (models.generator)
-LR_G_SCHEDULES = ("constant", "cosine")  # G's learning rate over the planned iterations (training.gan)
+# The record embedding DPAGG sums (models.discriminator.RecordEmbedding): moments in training; linear is the
+# one the conv2 release audit builds (audit.release_level).
+EMBEDDINGS = ("linear", "moments")
 
 
 # The configuration behind docs/results.md's Fashion-MNIST results (bench/results/k2_900: mean 71.0 % over 5
@@ -24,10 +25,19 @@ LR_G_SCHEDULES = ("constant", "cosine")  # G's learning rate over the planned it
 # training.plan.resolve_classifier_phase). TrainConfig's defaults, and so the CLI's, equal it (tests/test_planner.py).
 MEASURED_BEST: dict[str, Any] = {
     "batch_size": 256, "group_size": 128, "sgd_every": 2, "noise_split": 1.0, "lr_d": 2e-4, "lr_g": 1.5e-4,
-    "grouping": "class", "embedding": "moments", "pixel_statistics": True, "pixel_moments": "mean,sq_mean,rff",
-    "feature_matching": 10.0, "pixel_matching": 10.0, "head_weight": 0.0, "smooth_output": True,
-    "upsample": "nearest", "lr_g_schedule": "constant", "clip_agg": 1.0, "clip_sgd": 1.0,
+    "embedding": "moments", "pixel_statistics": True, "pixel_moments": "mean,sq_mean,rff",
+    "feature_matching": 10.0, "pixel_matching": 10.0, "smooth_output": True, "clip_agg": 1.0, "clip_sgd": 1.0,
     "classifier_noise": 2.0, "classifier_weight": 0.3,
+}
+
+
+# Options measured and removed (docs/results.md, "Tried, not kept"), with the value every run had unless told
+# otherwise: a checkpoint or trial plan written before their removal still resumes where it holds that value.
+RETIRED: dict[str, Any] = {
+    "lr_g_schedule": "constant", "g_steps": 1, "grouping": "class", "head_weight": 0.0,
+    "classifier_lr_schedule": "constant", "classifier_margin": 0.0, "pixel_mix_fraction": 0.0,
+    "boundary_fraction": 0.0, "teacher_features": False, "classifier_matching": 10.0, "generator_ema": 0.0,
+    "generator_width": None, "upsample": "nearest",
 }
 
 
@@ -64,14 +74,10 @@ class TrainConfig:
     kappa: float = 1.0
     lr_d: float = 2e-4
     lr_g: float = 1.5e-4  # bench/results/full_900: mean over seeds 64.8 % at 1e-3 (3 seeds), 67.4 % at 3e-4, 69.7 % at 1.5e-4 (4 each)
-    lr_g_schedule: str = "constant"  # "cosine": G's lr decays to lr_g/10 at the last planned iteration
     d_steps_per_g: int = 1
-    g_steps: int = 1  # generator steps per G phase: post-processing of released values, no privacy cost
     adversarial_weight: float = 1.0  # weight of the rear's real/fake loss in G's objective
     # docs/design.md §3a candidates
-    grouping: str = "class"
-    embedding: str = "moments"
-    head_weight: float = 0.0  # per-record real/fake head in the DP-SGD release (0 disables; it hurt in bench/dpaf_candidates.py)
+    embedding: str = "moments"  # EMBEDDINGS
     feature_matching: float = 10.0  # G matches released class means of the conv2 block (post-processing)
     pixel_matching: float = 10.0  # ... and of the public pixel-statistics block (with pixel_statistics)
     feature_ema: float = 0.99  # decay of the running average of released class means (the FM target)
@@ -91,13 +97,9 @@ class TrainConfig:
     classifier_noise: float = 2.0  # σ_c/σ_sgd: the planner scales σ_c with the other multipliers
     classifier_lr: float = 4.0  # SGD on the noisy mean gradient
     classifier_momentum: float = 0.9
-    classifier_lr_schedule: str = "constant"  # "cosine": decays to classifier_lr/10 over the phase
     # weight of cross-entropy(classifier(G(z, y)), y) in G's loss; 0.3 keeps the diversity ratio >= 0.8
     # (bench/results/utility_13_seeds: weight 1 gave 0.73-0.79)
     classifier_weight: float = 0.3
-    # nats: only cross-entropy above it teaches G (an image with p(y) >= e^-m is left alone), so G
-    # need not pull each class onto the classifier's most confident image (0: plain cross-entropy)
-    classifier_margin: float = 0.0
     # The release after a classifier phase (post-processing of G and the classifier, no cost): the classifier
     # labels the synthetic set, and this fraction of it is drawn between two classes' label codes
     # (bench/results/utility_14: +4 points at ε = 10 on the same runs, about +0.5 at ε = 1-2; the default
@@ -110,17 +112,7 @@ class TrainConfig:
     # off unless the default phase sets it: +0.7 points at ε = 10 (3 seeds), −0.5 at ε = 1 (2 seeds),
     # bench/results/utility_15; +0.9 and diversity ≥ 0.8 at ε = 0.2 (4 seeds), bench/results/utility_17
     uncertain_fraction: float = 0.0
-    # then this fraction is mixed in pixels with another image of the set, and this fraction moved a few steps
-    # towards the classifier's boundary, each changed image relabelled by it; off (ε = 10: +0.8 on three runs,
-    # −2.7 on a fourth, −4.9 at ε = 1; bench/results/utility_18)
-    pixel_mix_fraction: float = 0.0
-    boundary_fraction: float = 0.0
-    teacher_features: bool = False  # DPAGG also sums the frozen classifier's [h, h², softmax] of each record
-    classifier_matching: float = 10.0  # G matches their released class means with this weight
-    generator_ema: float = 0.0  # > 0: the release holds an EMA of G's weights with this decay (0: G itself)
     z_dim: int = 64
-    generator_width: int | None = None  # channels of G's first map (halved per upsampling); None: 64 at 28×28
-    upsample: str = "nearest"  # G's ×2 upsampling: "nearest" or "bilinear" (public architecture)
     smooth_output: bool = True  # G ends in a fixed 3×3 low-pass filter: no pixel-level speckle (bench: fid_domain 63 → 35)
     # execution
     iterations: int | None = None  # T; None: from --epochs, --time-budget-minutes, or the resolution's default
@@ -155,7 +147,7 @@ class TrainConfig:
             bad("pixel_rff_features", f"must be an even integer >= 2 (cos and sin pairs), got {self.pixel_rff_features}")
         if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
             bad("checkpoint_every", f"must be an integer >= 1 (or unset for short windows), got {self.checkpoint_every}")
-        for name in ("batch_size", "group_size", "sgd_every", "d_steps_per_g", "g_steps", "feature_channels", "z_dim",
+        for name in ("batch_size", "group_size", "sgd_every", "d_steps_per_g", "feature_channels", "z_dim",
                      "log_every"):
             if int(getattr(self, name)) < 1:
                 bad(name, f"must be an integer >= 1, got {getattr(self, name)}")
@@ -177,11 +169,9 @@ class TrainConfig:
         if any(m not in PIXEL_MOMENTS for m in moments) or len(set(moments)) != len(moments):
             bad("pixel_moments", f"must be distinct names from {PIXEL_MOMENTS} separated by commas, "
                 f"got {self.pixel_moments!r}; e.g. --pixel-moments mean,sq_mean")
-        for name in ("head_weight", "feature_matching", "pixel_matching", "adversarial_weight"):
+        for name in ("feature_matching", "pixel_matching", "adversarial_weight"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.lr_g_schedule not in LR_G_SCHEDULES:
-            bad("lr_g_schedule", f"must be one of {LR_G_SCHEDULES}, got {self.lr_g_schedule!r}")
         if self.classifier_steps is not None and int(self.classifier_steps) < 0:
             bad("classifier_steps", f"must be an integer >= 0 (0: no classifier phase), got {self.classifier_steps}")
         if self.classifier_steps and self.model != "dpaf":
@@ -194,31 +184,15 @@ class TrainConfig:
                 bad(name, f"must be > 0, got {v}")
         if not (0 <= self.classifier_momentum < 1):
             bad("classifier_momentum", f"must lie in [0, 1), got {self.classifier_momentum}")
-        if self.classifier_lr_schedule not in LR_G_SCHEDULES:
-            bad("classifier_lr_schedule", f"must be one of {LR_G_SCHEDULES}, got {self.classifier_lr_schedule!r}")
-        for name in ("classifier_weight", "classifier_matching", "classifier_margin"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.classifier_weight) and self.classifier_weight >= 0):
+            bad("classifier_weight", f"must be >= 0, got {self.classifier_weight}")
         if not (0 <= self.between_class_fraction <= 1):
             bad("between_class_fraction", f"must lie in [0, 1] (0: only images of one class), got "
                                           f"{self.between_class_fraction}")
-        for name in ("uncertain_fraction", "pixel_mix_fraction", "boundary_fraction"):
-            if not (0 <= getattr(self, name) <= 1):
-                bad(name, f"must lie in [0, 1] (0: off), got {getattr(self, name)}")
-        if not (0 <= self.generator_ema < 1):
-            bad("generator_ema", f"must lie in [0, 1) (0: off; e.g. 0.999), got {self.generator_ema}")
-        if self.teacher_features and not self.prefix_iterations:
-            bad("teacher_features", "needs a classifier phase: pass --classifier-steps P (P >= 1)")
-        if self.generator_width is not None and (int(self.generator_width) != self.generator_width
-                                                 or self.generator_width < 16):
-            bad("generator_width", f"must be an integer >= 16 (or unset for the resolution's default), "
-                                   f"got {self.generator_width}")
-        if self.upsample not in UPSAMPLE_MODES:
-            bad("upsample", f"must be one of {UPSAMPLE_MODES}, got {self.upsample!r}")
-        if self.grouping not in ("class", "mixed"):
-            bad("grouping", f"must be 'class' or 'mixed', got {self.grouping!r}")
-        if self.embedding not in ("linear", "moments", "rff"):
-            bad("embedding", f"must be 'linear', 'moments' or 'rff', got {self.embedding!r}")
+        if not (0 <= self.uncertain_fraction <= 1):
+            bad("uncertain_fraction", f"must lie in [0, 1] (0: off), got {self.uncertain_fraction}")
+        if self.embedding not in EMBEDDINGS:
+            bad("embedding", f"must be one of {EMBEDDINGS}, got {self.embedding!r}")
         if self.grad_engine not in GRAD_ENGINES:
             bad("grad_engine", f"must be one of {GRAD_ENGINES}, got {self.grad_engine!r}")
         if self.iterations is not None and self.iterations < 1:
@@ -271,6 +245,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        changed = sorted(k for k in set(d) & set(RETIRED) if d[k] != RETIRED[k])
+        if changed:
+            raise ConfigError(f"option(s) {changed} were removed (docs/results.md, \"Tried, not kept\") and this "
+                              "configuration sets them; only the version that wrote it can run it")
+        d = {k: v for k, v in d.items() if k not in RETIRED}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown}; valid options: {sorted(names)}")

@@ -14,8 +14,8 @@ checkpoints, which hold the run secret, trial records, evaluation results) stays
 `is_release_dir` lets other commands refuse to.
 
 What goes into the folder is made here too: the labelled synthetic set drawn from the generator
-(`sample_synthetic`: with the run's DP label classifier, part of it between two classes, least
-certain, mixed or moved towards the boundary, every image labelled by that classifier) and the
+(`sample_synthetic`: with the run's DP label classifier, part of it between two classes or least
+certain, every image labelled by that classifier) and the
 sample grid. All of it is post-processing of the released generator (no privacy cost).
 """
 from __future__ import annotations
@@ -47,9 +47,6 @@ GRID_SEED = 2  # public
 # A release's least certain images are picked from a pool this many times their number
 # (bench/results/utility_15: 3, the only size measured; the share is off by default).
 UNCERTAIN_POOL = 3
-# A release's boundary images take this many steps of this L2 length (pixels in [-1, 1]) down the
-# classifier's top-2 logit gap (bench/results/utility_18: the one setting measured; both shares are off by default).
-BOUNDARY_STEPS, BOUNDARY_STEP_LENGTH = 3, 1.0
 
 
 def is_release_dir(path: str | Path) -> bool:
@@ -132,13 +129,13 @@ def write_artefacts(directory: Path, generator: ConditionalGenerator, num_synthe
 
 
 def estimate_release_seconds(shape: tuple[int, int, int], num_classes: int, num_synthetic: int, z_dim: int = 64,
-                             width: int | None = None, sample: int = 200) -> float:
+                             sample: int = 200) -> float:
     """Seconds that writing a release of `num_synthetic` images will take, so that a time budget can cover
     it: an untrained generator of the same architecture (public, no data) writes the artefacts with `sample`
     images into a temporary folder, and the per-image part (drawing, PNG encoding) is scaled up. A DP label
     classifier's passes over the synthetic set are not included."""
     m = max(1, min(sample, num_synthetic))
-    generator = ConditionalGenerator(architecture_for(shape), num_classes, z_dim, width=width)
+    generator = ConditionalGenerator(architecture_for(shape), num_classes, z_dim)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         synthetic = generate(generator, m)
@@ -159,13 +156,7 @@ def sample_synthetic(generator: ConditionalGenerator, n: int, seed: int = 0,
     `uncertain_fraction` of the set is chosen from a pool of UNCERTAIN_POOL times as many such
     images as those the classifier is least sure of (smallest gap between its two largest
     probabilities), an even number per label, as active learning picks the cases a student gets
-    wrong. Then a fraction `pixel_mix_fraction` of the set is mixed in pixels with another image of
-    it, (1−λ)·x + λ·x', λ ~ U(0, 1) (mixup inputs for distillation: Beyer et al., "Knowledge
-    distillation: A good teacher is patient and consistent", CVPR 2022), and a fraction
-    `boundary_fraction` takes BOUNDARY_STEPS steps down the classifier's top-2 logit gap (Heo et
-    al., "Knowledge Distillation with Adversarial Samples Supporting Decision Boundary", AAAI
-    2019); the classifier labels each changed image anew. Both are off by default (bench/results/
-    utility_18). (Labelling an image between y1 and y2 with the better of those two alone, which no
+    wrong. (Labelling an image between y1 and y2 with the better of those two alone, which no
     poor classifier could unbalance, released 2 points less: bench/results/utility_14/.)
     The fractions are the generator's (`ConditionalGenerator.with_labeller`)."""
     if generator.labeller is None:
@@ -179,45 +170,8 @@ def sample_synthetic(generator: ConditionalGenerator, n: int, seed: int = 0,
         pool, pool_labels, margin = labelled_draw(generator, UNCERTAIN_POOL * m, g, batch)
         pick = least_certain(pool_labels, margin, m, generator.num_classes)
         images, labels = torch.cat([images, pool[pick]]), torch.cat([labels, pool_labels[pick]])
-    if generator.pixel_mix_fraction:
-        mixed = torch.rand(len(images), generator=g) < generator.pixel_mix_fraction
-        partners = images[torch.randint(len(images), (int(mixed.sum()),), generator=g)]
-        lam = torch.rand(len(partners), 1, 1, 1, generator=g)
-        images[mixed] = (1 - lam) * images[mixed] + lam * partners
-        labels[mixed] = label_with_classifier(generator, images[mixed], batch)
-    if generator.boundary_fraction:
-        moved = torch.rand(len(images), generator=g) < generator.boundary_fraction
-        images[moved] = towards_boundary(generator, images[moved], batch)
-        labels[moved] = label_with_classifier(generator, images[moved], batch)
     generator.train(was_training)
     return images, labels
-
-
-def label_with_classifier(generator: ConditionalGenerator, x: torch.Tensor, batch: int) -> torch.Tensor:
-    """The argmax labels that the generator's DP label classifier gives images, on the CPU (the
-    release's labels; bench/refine_screen.py reuses it)."""
-    return torch.cat([torch.empty(0, dtype=torch.long)] +
-                     [generator.labeller(x[i:i + batch].to(generator.device)).argmax(1).cpu()
-                      for i in range(0, len(x), batch)])
-
-
-def towards_boundary(generator: ConditionalGenerator, x: torch.Tensor, batch: int, steps: int = BOUNDARY_STEPS,
-                     length: float = BOUNDARY_STEP_LENGTH) -> torch.Tensor:
-    """x after `steps` steps of L2 length `length` that shrink the gap between the generator's
-    classifier's two largest logits, kept in the image range [-1, 1] (bench/refine_screen.py
-    screens other steps)."""
-    out = [torch.empty(0, *x.shape[1:])]
-    for i in range(0, len(x), batch):
-        xb = x[i:i + batch].to(generator.device)
-        for _ in range(steps):
-            with torch.enable_grad():
-                xb.requires_grad_(True)
-                top2 = generator.labeller(xb).topk(2, dim=1).values
-                (grad,) = torch.autograd.grad((top2[:, 0] - top2[:, 1]).sum(), xb)
-            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-            xb = (xb.detach() - length * grad / norm).clamp(-1, 1)
-        out.append(xb.cpu())
-    return torch.cat(out)
 
 
 def labelled_draw(generator: ConditionalGenerator, n: int, g: torch.Generator,

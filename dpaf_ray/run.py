@@ -69,7 +69,7 @@ def prepare(cfg: TrainConfig, secret: RunSecret | None = None, carried: PrivacyL
         speed = seconds_per_iteration(cfg, data.shape, data.num_classes, data.expected_train, device)
     overhead = None
     if speed is not None and started is not None:
-        release = estimate_release_seconds(data.shape, data.num_classes, num_synthetic, cfg.z_dim, cfg.generator_width)
+        release = estimate_release_seconds(data.shape, data.num_classes, num_synthetic, cfg.z_dim)
         overhead = time.monotonic() - started + release
     plan = plan_training(cfg, data.expected_train, data.shape[1], speed, overhead)
     return plan.config, data, plan, secret

@@ -30,8 +30,8 @@ def _run(ahead: bool, iterations: int, max_depth: int = 1, depth: int | None = N
     for t in range(iterations):
         tr.in_flight = max(tr.in_flight, len(tr.draw_ahead._pending))
         tr.d_iteration(t)
-        for s in range(tr.g_steps_at(t)):
-            tr.g_step(t, s)
+        if tr.g_step_after(t):
+            tr.g_step(t)
         hits_by_t.append(tr.draw_ahead.hits)
     tr.draw_ahead.close()
     return tr, hits_by_t

@@ -159,10 +159,6 @@ def test_a_knob_the_user_set_wins_over_the_default_phases_choice():
     n = DATASETS["fashion-mnist"]
     assert plan_training(TrainConfig(epsilon=10, delta=DELTA, seed=0), n).config.uncertain_fraction == 0.5
     assert plan_training(TrainConfig(epsilon=10, delta=DELTA, seed=0), n).config.between_class_fraction == 1.0
-    ten = plan_training(TrainConfig(epsilon=10, delta=DELTA, seed=0), n).config
-    assert (ten.pixel_mix_fraction, ten.boundary_fraction) == (0.0, 0.0)  # bench/results/utility_18: off
-    own_mix = plan_training(TrainConfig(epsilon=10, delta=DELTA, seed=0, pixel_mix_fraction=0.5), n).config
-    assert own_mix.pixel_mix_fraction == 0.5 and own_mix.classifier_steps == 1000
     pure = plan_training(TrainConfig(epsilon=1, delta=DELTA, seed=0, between_class_fraction=0.0), n)
     assert pure.config.classifier_steps == 300 and pure.config.between_class_fraction == 0.0  # one class per image
     own = plan_training(TrainConfig(epsilon=10, delta=DELTA, seed=0, uncertain_fraction=0.2), n)

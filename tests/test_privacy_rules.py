@@ -32,8 +32,7 @@ from dpaf_ray.training.plan import plan_training
 torch.set_num_threads(1)
 SECRET = RunSecret.from_public_seed(0)  # tests only: reproducible noise
 
-EMBEDDINGS = ("linear", "moments", "rff")
-GROUPINGS = ("class", "mixed")
+EMBEDDINGS = ("linear", "moments")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -102,11 +101,10 @@ def test_public_pixel_statistics_of_a_record_do_not_depend_on_the_other_records(
 
 @pytest.mark.parametrize("embedding,pixel_statistics",
                          [(e, False) for e in EMBEDDINGS] + [("moments", True), ("linear", True)])
-@pytest.mark.parametrize("grouping", GROUPINGS)
-def test_dpagg_add_or_remove_one_record_moves_all_group_sums_by_at_most_delta(grouping, embedding, pixel_statistics):
+def test_dpagg_add_or_remove_one_record_moves_all_group_sums_by_at_most_delta(embedding, pixel_statistics):
     C, kappa = 0.7, 1.3
     delta = math.sqrt(C ** 2 + kappa ** 2)
-    tr = make_trainer(DS, grouping=grouping, embedding=embedding, clip_agg=C, kappa=kappa,
+    tr = make_trainer(DS, embedding=embedding, clip_agg=C, kappa=kappa,
                       pixel_statistics=pixel_statistics)
     assert tr.spec.sensitivity == pytest.approx(delta)
     assert tr.spec.num_groups > 1
@@ -146,12 +144,11 @@ def test_dpagg_add_or_remove_one_record_moves_all_group_sums_by_at_most_delta(gr
     assert worst >= 0.99 * delta, f"the bound Δ={delta} is never attained (max change {worst})"
 
 
-@pytest.mark.parametrize("grouping", GROUPINGS)
-def test_bound_records_norm_and_block_structure(grouping):
+def test_bound_records_norm_and_block_structure():
     """Rule 2 on the layer itself: ||v_i|| ≤ Δ for any embedding, the label block is κ·onehot(y)."""
     g = torch.Generator().manual_seed(5)
-    spec = DPAggSpec(num_classes=5, embedding_dim=7, clip_norm=2.5, kappa=0.4, sigma=1.0, grouping=grouping,
-                     groups_per_class=2, num_mixed_groups=3, expected_group_size=4.0)
+    spec = DPAggSpec(num_classes=5, embedding_dim=7, clip_norm=2.5, kappa=0.4, sigma=1.0, groups_per_class=2,
+                     expected_group_size=4.0)
     e = torch.randn(200, 7, generator=g) * (10.0 ** torch.empty(200, 1).uniform_(-4, 8, generator=g))
     y = torch.randint(5, (200,), generator=g)
     v = bound_records(e, y, spec)
@@ -164,8 +161,8 @@ def test_bound_records_norm_and_block_structure(grouping):
 
 
 def test_bounding_holds_for_non_finite_records():
-    spec = DPAggSpec(num_classes=3, embedding_dim=4, clip_norm=1.0, kappa=1.0, sigma=1.0, grouping="mixed",
-                     groups_per_class=1, num_mixed_groups=2, expected_group_size=2.0)
+    spec = DPAggSpec(num_classes=3, embedding_dim=4, clip_norm=1.0, kappa=1.0, sigma=1.0, groups_per_class=1,
+                     expected_group_size=2.0)
     e = torch.randn(4, 4)
     e[1, 0] = float("inf")  # e.g. φ⊙φ overflowing in float32 for a feature above ~1.8e19
     e[2, 3] = float("nan")
@@ -179,11 +176,10 @@ def test_bounding_holds_for_non_finite_records():
 # --------------------------------------------------------- rule 1: a record's group is its own
 
 
-@pytest.mark.parametrize("grouping", GROUPINGS)
-def test_group_of_a_record_ignores_other_records_and_batch_position(grouping):
+def test_group_of_a_record_ignores_other_records_and_batch_position():
     g = torch.Generator().manual_seed(2)
-    spec = DPAggSpec(num_classes=4, embedding_dim=3, clip_norm=1.0, kappa=1.0, sigma=1.0, grouping=grouping,
-                     groups_per_class=3, num_mixed_groups=5, expected_group_size=4.0)
+    spec = DPAggSpec(num_classes=4, embedding_dim=3, clip_norm=1.0, kappa=1.0, sigma=1.0, groups_per_class=3,
+                     expected_group_size=4.0)
     n = 60
     y, u = torch.randint(4, (n,), generator=g), torch.rand(n, generator=g)
     base = assign_groups(y, u, spec)
@@ -197,8 +193,7 @@ def test_group_of_a_record_ignores_other_records_and_batch_position(grouping):
     assert torch.equal(ins[23:23 + n], base)  # others inserted before and after
     for i in range(n):  # a record alone gets the group it gets in any batch
         assert assign_groups(y[i:i + 1], u[i:i + 1], spec).item() == base[i].item()
-    if grouping == "class":
-        assert torch.equal(spec.group_classes()[base], y)  # class-pure groups
+    assert torch.equal(spec.group_classes()[base], y)  # class-pure groups
     # the own draw is actually used: over many records every group is hit
     yy, uu = torch.randint(4, (4000,), generator=g), torch.rand(4000, generator=g)
     assert set(assign_groups(yy, uu, spec).tolist()) == set(range(spec.num_groups))
@@ -239,8 +234,8 @@ def test_real_sample_gives_each_record_the_same_draws_whatever_the_shard_split()
 
 
 def test_dpagg_release_noise_std_is_sigma_times_delta():
-    spec = DPAggSpec(num_classes=4, embedding_dim=96, clip_norm=0.5, kappa=2.0, sigma=1.7, grouping="mixed",
-                     groups_per_class=1, num_mixed_groups=25, expected_group_size=8.0)
+    spec = DPAggSpec(num_classes=4, embedding_dim=96, clip_norm=0.5, kappa=2.0, sigma=1.7, groups_per_class=6,
+                     expected_group_size=8.0)
     expected = 1.7 * math.sqrt(0.5 ** 2 + 2.0 ** 2)
     zeros = torch.zeros(spec.num_groups, spec.embedding_dim + spec.num_classes)
     draws = torch.stack([dpagg.release(zeros, spec, SECRET.stream("dpagg", i), LocalCollective()) for i in range(40)])
@@ -432,8 +427,7 @@ def test_functorch_and_opacus_per_record_gradients_agree(monkeypatch, g_real_row
 
 
 def _captured_private_grad(monkeypatch, idx: list[int], B: int) -> tuple[torch.Tensor, DPAFTrainer]:
-    tr = make_trainer(DS, batch_size=B, group_size=4, sigma_sgd=50.0, clip_sgd=1.0, head_weight=0.0,
-                      feature_channels=8)
+    tr = make_trainer(DS, batch_size=B, group_size=4, sigma_sgd=50.0, clip_sgd=1.0, feature_channels=8)
     grads: list[torch.Tensor] = []
     params = tr.per_record.params
 

@@ -72,16 +72,16 @@ def test_time_budget_stops_at_a_boundary_with_an_exact_ledger(monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
-def test_pixel_statistics_and_extra_generator_steps_cost_no_privacy(shape):
+def test_pixel_statistics_and_the_generator_objective_cost_no_privacy(shape):
     ds = random_images(shape, n=48)
     common = dict(batch_size=16, group_size=8, seed=0, feature_channels=4, iterations=2, epsilon=50,
                   num_threads=1, log_every=1, checkpoint_every=2)
     plain = train_loop(plan_training(TrainConfig(**common), len(ds)), ds, len(ds), progress=None)
-    cfg = TrainConfig(**common, pixel_statistics=True, g_steps=3, adversarial_weight=0.5)
+    cfg = TrainConfig(**common, pixel_statistics=True, adversarial_weight=0.5)
     res = train_loop(plan_training(cfg, len(ds)), ds, len(ds), progress=None)
     arch = res.trainer.arch
     assert res.trainer.embed.dim == 2 * 4 * arch.pooled ** 2 + 2 * shape[0] * arch.pixel_pooled ** 2 + PIXEL_RFF_FEATURES
-    # generator steps and the public pixel map are post-processing: the ledger is unchanged
+    # G's objective and the public pixel map are post-processing: the ledger is unchanged
     assert res.ledger.entries == plain.ledger.entries
     assert not torch.equal(_params(res), _params(plain))
 
@@ -155,50 +155,29 @@ def test_smooth_output_cannot_draw_a_pixel_checkerboard(tmp_path):
     assert loaded.smooth_output and torch.allclose(loaded(z, y), g.eval()(z, y))
 
 
-def test_generator_upsampling_mode_is_validated_and_saved(tmp_path):
+def test_a_configuration_or_generator_written_before_options_were_removed_loads_only_at_their_defaults(tmp_path):
+    """Checkpoints and trial plans hold the whole TrainConfig of their time: a removed option at the value
+    every run had resumes, any other value is refused by name; so is a generator.pt that used one."""
+    from dpaf_ray.config import RETIRED
     from dpaf_ray.models.architecture import architecture_for
-    from dpaf_ray.models.generator import ConditionalGenerator
-    from dpaf_ray.models.generator import load_generator
+    from dpaf_ray.models.generator import ConditionalGenerator, load_generator
 
-    with pytest.raises(ConfigError, match="--upsample"):
-        TrainConfig(upsample="bicubic").validate()
-    arch = architecture_for((3, 32, 32))
-    g = ConditionalGenerator(arch, 3, upsample="bilinear")
-    g.save(tmp_path / "g.pt")
-    loaded = load_generator(tmp_path / "g.pt")
-    z, y = torch.randn(4, g.z_dim), torch.tensor([0, 1, 2, 0])
-    assert loaded.upsample == "bilinear" and torch.allclose(loaded(z, y), g.eval()(z, y))
-    nearest = ConditionalGenerator(arch, 3)
-    nearest.load_state_dict(g.state_dict())  # same weights, different (public) upsampling
-    assert not torch.allclose(nearest.eval()(z, y), g(z, y))
-
-
-def test_cosine_generator_lr_follows_the_planned_iterations_and_costs_no_privacy(monkeypatch):
-    import dpaf_ray.training.loop as loop_mod
-
-    ds = random_images((1, 28, 28), n=100)
-    common = dict(batch_size=16, group_size=8, seed=3, feature_channels=4, iterations=4, epsilon=50,
-                  num_threads=1, log_every=2, checkpoint_every=2)
-    trainers = []
-    original = loop_mod.make_trainer
-    monkeypatch.setattr(loop_mod, "make_trainer", lambda *a, **k: trainers.append(original(*a, **k)) or trainers[-1])
-    lrs: dict[str, list[float]] = {}
-    ledgers = {}
-    for schedule in ("constant", "cosine"):
-        seen: list[float] = []
-        # before_iteration(t) runs before the loop sets iteration t's lr: it sees iteration t-1's
-        res = train_loop(plan_training(TrainConfig(**common, lr_g_schedule=schedule), len(ds)), ds, len(ds),
-                         progress=None,
-                         before_iteration=lambda t: t and seen.append(trainers[-1].opt_g.param_groups[0]["lr"]))
-        lrs[schedule] = seen + [res.trainer.opt_g.param_groups[0]["lr"]]
-        ledgers[schedule] = res.ledger.entries
-    lr = TrainConfig().lr_g
-    assert lrs["constant"] == pytest.approx([lr] * 4)
-    assert lrs["cosine"][0] == pytest.approx(lr) and lrs["cosine"][-1] == pytest.approx(lr / 10)
-    assert all(a > b for a, b in zip(lrs["cosine"], lrs["cosine"][1:]))
-    assert ledgers["cosine"] == ledgers["constant"]  # G's schedule is post-processing
-    with pytest.raises(ConfigError, match="--lr-g-schedule"):
-        TrainConfig(lr_g_schedule="linear").validate()
+    old = {**TrainConfig(seed=1).to_dict(), **RETIRED}
+    assert TrainConfig.from_dict(old) == TrainConfig(seed=1)
+    name = sorted(RETIRED)[0]
+    with pytest.raises(ConfigError, match=name):
+        TrainConfig.from_dict({**old, name: "changed"})
+    with pytest.raises(ConfigError, match="unknown option"):
+        TrainConfig.from_dict({**old, "no_such_option": 1})
+    g = ConditionalGenerator(architecture_for((1, 28, 28)), 3)
+    blob = {"state_dict": g.state_dict(), "shape": [1, 28, 28], "num_classes": 3, "z_dim": g.z_dim,
+            "upsample": "bilinear"}
+    torch.save(blob, tmp_path / "g.pt")
+    with pytest.raises(ValueError, match="no longer has"):
+        load_generator(tmp_path / "g.pt")
+    torch.save({**blob, "upsample": "nearest", "width": 64}, tmp_path / "g.pt")
+    z, y = torch.zeros(1, g.z_dim), torch.tensor([1])
+    assert torch.equal(load_generator(tmp_path / "g.pt")(z, y), g.eval()(z, y))
 
 
 @pytest.mark.slow

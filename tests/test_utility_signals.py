@@ -179,9 +179,8 @@ def test_phase_two_never_updates_the_classifier_and_g_gets_its_gradient(monkeypa
     assert any(not torch.equal(a, b) for a, b in zip(g_before, tr.generator.parameters()))
 
 
-def test_the_margin_leaves_confidently_labelled_images_alone():
-    """margin 0 is the plain cross-entropy; an image whose cross-entropy is under the margin gives G
-    no gradient, one above it gives the excess (post-processing of the frozen classifier)."""
+def test_gs_classifier_loss_is_the_frozen_classifiers_cross_entropy():
+    """G's loss from the frozen classifier: its cross-entropy on G's images over the public batch size."""
     tr = make_trainer(classifier_steps=2)
     for t in range(2):
         tr.d_iteration(t)
@@ -189,18 +188,6 @@ def test_the_margin_leaves_confidently_labelled_images_alone():
     yf = torch.arange(6) % 3
     ce = torch.nn.functional.cross_entropy(tr.teacher.model(xf), yf, reduction="none").detach()
     assert torch.allclose(tr.teacher.generator_loss(xf, yf), ce.sum() / tr.fake_batch)
-    margin = float(ce.median())
-    tr.cfg.classifier_margin = margin
-    loss = tr.teacher.generator_loss(xf, yf)
-    assert torch.allclose(loss, (ce - margin).clamp(min=0).sum() / tr.fake_batch)
-    (grad,) = torch.autograd.grad(loss, xf)
-    below = ce < margin
-    assert below.any() and (~below).any()
-    assert grad[below].abs().max() == 0 and grad[~below].abs().max() > 0
-    tr.cfg.classifier_margin = float(ce.max()) + 1
-    assert tr.teacher.generator_loss(xf, yf).item() == 0
-    with pytest.raises(ConfigError, match="--classifier-margin"):
-        TrainConfig(classifier_margin=-0.1).validate()
 
 
 def test_classifier_samples_come_from_their_own_stream():
@@ -323,10 +310,10 @@ def test_knobs_are_validated_and_reach_the_cli():
     with pytest.raises(ConfigError, match="--classifier-batch"):
         TrainConfig(classifier_steps=1, classifier_batch=10_000).validate(5000)
     args = cli.build_parser().parse_args(["train", "--out", "x", "--classifier-steps", "7", "--classifier-noise",
-                                          "1.5", "--classifier-weight", "0.5", "--classifier-margin", "0.2"])
+                                          "1.5", "--classifier-weight", "0.5"])
     cfg = cli.config_from_args(args)
-    knobs = (cfg.classifier_steps, cfg.classifier_noise, cfg.classifier_weight, cfg.classifier_margin)
-    assert knobs == (7, 1.5, 0.5, 0.2)
+    knobs = (cfg.classifier_steps, cfg.classifier_noise, cfg.classifier_weight)
+    assert knobs == (7, 1.5, 0.5)
 
 
 def test_checkpoint_carries_the_classifier():
@@ -336,59 +323,6 @@ def test_checkpoint_carries_the_classifier():
     b.load_state_dict(a.state_dict())
     for pa, pb in zip(a.teacher.model.parameters(), b.teacher.model.parameters()):
         assert torch.equal(pa, pb)
-
-
-# ------------------------------------------- the classifier's features inside DPAGG (phase two)
-
-
-def test_dpagg_with_teacher_features_moves_group_sums_by_at_most_delta():
-    from dpaf_ray.models.dpagg import assign_groups, group_sums
-
-    tr = make_trainer(teacher_features=True, clip_agg=0.7, kappa=1.3)
-    assert tr.teacher_dim > 0 and tr.embed.pixel_dim > tr.teacher_dim
-    delta = math.sqrt(0.7 ** 2 + 1.3 ** 2)
-    n = 12
-    g = torch.Generator().manual_seed(4)
-    x = torch.cat([DS.as_float(torch.arange(n - 2)), torch.full((2, 1, 28, 28), 1e4)])  # two extreme records
-    y, u = DS.labels[:n], torch.rand(n, generator=g)
-    with torch.no_grad():
-        def sums(keep):
-            v, _ = tr.bounded(tr.conv1(x[keep]), y[keep], tr.pixels(x[keep]))
-            return group_sums(v, assign_groups(y[keep], u[keep], tr.spec), tr.spec.num_groups)
-
-        full = sums(torch.arange(n))
-        for j in range(n):
-            d = (full - sums(torch.tensor([i for i in range(n) if i != j]))).norm().item()
-            assert d <= delta * (1 + 1e-5), (j, d)
-        # each record's teacher features depend on that record alone
-        alone = tr.teacher.features(x[3:4])
-        assert torch.allclose(tr.teacher.features(x)[3:4], alone, atol=1e-6)
-
-
-def test_teacher_features_need_a_classifier_phase():
-    with pytest.raises(ConfigError, match="--teacher-features"):
-        TrainConfig(teacher_features=True).validate()
-
-
-# ------------------------------------------------------------- EMA of G (post-processing)
-
-
-def test_generator_ema_is_released_follows_g_and_is_checkpointed():
-    tr = make_trainer(classifier_steps=1, generator_ema=0.5, classifier_labels=False)
-    assert tr.released_generator() is tr.generator_ema
-    start = [p.detach().clone() for p in tr.generator_ema.parameters()]
-    for t in range(3):
-        tr.d_iteration(t)
-        tr.g_step(t)
-    g, ema = list(tr.generator.parameters()), list(tr.generator_ema.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(start, ema))  # it moved ...
-    assert any(not torch.equal(a, b) for a, b in zip(g, ema))  # ... but is not G itself
-    other = make_trainer(classifier_steps=1, generator_ema=0.5, classifier_labels=False)
-    other.load_state_dict(tr.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(ema, other.generator_ema.parameters()))
-    assert make_trainer(classifier_steps=1).released_generator() is not None
-    with pytest.raises(ConfigError, match="--generator-ema"):
-        TrainConfig(generator_ema=1.0).validate()
 
 
 # ------------------------------------ the release: the DP classifier labels the synthetic set
@@ -584,70 +518,3 @@ def test_a_search_release_repeats_its_best_trials_label_balance_warning(tmp_path
     assert said[-1] == "WARNING: class(es) [2] nearly empty", said
 
 
-def test_the_classifier_cosine_schedule_decays_from_lr_to_a_tenth_and_constant_stays():
-    """One schedule for the phase and for bench/classifier_screen.py: a public function of t alone."""
-    from dpaf_ray.training.label_teacher import classifier_lr
-
-    lrs = [classifier_lr(4.0, "cosine", t, 300) for t in range(300)]
-    assert lrs[0] == pytest.approx(4.0) and lrs[-1] == pytest.approx(0.4)
-    assert all(a > b for a, b in zip(lrs, lrs[1:]))
-    assert {classifier_lr(4.0, "constant", t, 300) for t in range(300)} == {4.0}
-
-
-def test_mixed_and_boundary_images_are_gs_moved_a_bounded_way_and_labelled_by_the_classifier(tmp_path):
-    """Post-processing of the two releases only: the base draw is unchanged, a moved image lies within
-    BOUNDARY_STEPS × BOUNDARY_STEP_LENGTH (L2) of G's, nearer the classifier's boundary, a mixed one
-    between two of G's images; every label is the classifier's argmax; the saved release keeps the knobs."""
-    from dpaf_ray.release import BOUNDARY_STEP_LENGTH, BOUNDARY_STEPS
-
-    _, released, _ = trained_release(tmp_path, uncertain_fraction=0.0)
-    base_x, _ = sample_synthetic(released.with_labeller(released.labeller, 0.5), 200, seed=6)
-    moved = released.with_labeller(released.labeller, 0.5, 0.0, 0.0, 1.0)
-    x, y = sample_synthetic(moved, 200, seed=6)
-    with torch.no_grad():
-        logits, base_logits = moved.labeller(x), moved.labeller(base_x)
-    assert torch.equal(y, logits.argmax(1))
-    step = (x - base_x).flatten(1).norm(dim=1)
-    assert float(step.max()) <= BOUNDARY_STEPS * BOUNDARY_STEP_LENGTH + 1e-4 and float(step.min()) > 0
-    gap = lambda lg: (lg.topk(2, dim=1).values[:, 0] - lg.topk(2, dim=1).values[:, 1]).mean()  # noqa: E731
-    assert gap(logits) < gap(base_logits)
-    mixed = released.with_labeller(released.labeller, 0.5, 0.0, 1.0, 0.0)
-    xm, ym = sample_synthetic(mixed, 200, seed=6)
-    with torch.no_grad():
-        assert torch.equal(ym, mixed.labeller(xm).argmax(1))
-    assert float(xm.abs().max()) <= 1
-    changed = (xm - base_x).flatten(1).abs().amax(1) > 1e-6
-    assert int(changed.sum()) >= 0.9 * len(xm)  # every image is mixed (its partner may be itself)
-    path = tmp_path / "g.pt"
-    released.with_labeller(released.labeller, 0.5, 0.0, 0.5, 0.5).save(path)
-    from dpaf_ray.models.generator import load_generator
-    loaded = load_generator(path)
-    assert (loaded.pixel_mix_fraction, loaded.boundary_fraction) == (0.5, 0.5)
-    with pytest.raises(ValueError, match="boundary_fraction"):
-        released.with_labeller(released.labeller, 0.5, 0.0, 0.0, 1.5)
-    with pytest.raises(ConfigError, match="--pixel-mix-fraction"):
-        TrainConfig(pixel_mix_fraction=2.0).validate()
-    assert cli.config_from_args(cli.build_parser().parse_args(
-        ["train", "--out", "x", "--boundary-fraction", "0.25"])).boundary_fraction == 0.25
-
-
-def test_generator_width_is_validated_saved_and_reaches_the_trainer(tmp_path):
-    """A wider G is public architecture: the knob is checked, the trainer builds it, the release rebuilds it."""
-    from dpaf_ray.models.generator import ConditionalGenerator, load_generator
-
-    for bad in (8, 40.5):
-        with pytest.raises(ConfigError, match="--generator-width"):
-            TrainConfig(generator_width=bad).validate()
-    tr = make_trainer(generator_width=96)
-    default = make_trainer()
-    assert tr.generator.width == 96 and default.generator.width == default.arch.gen_width
-    assert tr.generator.stem[0].out_features == 96 * tr.arch.gen_start ** 2
-    assert sum(p.numel() for p in tr.generator.parameters()) > sum(p.numel() for p in default.generator.parameters())
-    wide = tr.generator
-    wide.save(tmp_path / "g.pt")
-    loaded = load_generator(tmp_path / "g.pt")  # a saved G rebuilds at its own width
-    z, y = torch.randn(4, wide.z_dim), torch.tensor([0, 1, 2, 0])
-    assert isinstance(loaded, ConditionalGenerator) and loaded.width == 96
-    assert torch.allclose(loaded(z, y), wide.eval()(z, y))
-    args = cli.build_parser().parse_args(["train", "--out", str(tmp_path), "--generator-width", "96"])
-    assert cli.config_from_args(args).generator_width == 96

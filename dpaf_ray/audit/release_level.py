@@ -239,8 +239,8 @@ def _observe_dpagg(settings: ReleaseAuditSettings, secret: RunSecret) -> Observa
     W = settings.world_size
     K, m, per_class, n_per_rank = 4, 12, 2, 16  # public shape of the audit's DPAGG layer
     spec = dpagg.DPAggSpec(num_classes=K, embedding_dim=m, clip_norm=settings.clip_agg, kappa=settings.kappa,
-                           sigma=settings.sigma, grouping="class", groups_per_class=per_class,
-                           num_mixed_groups=1, expected_group_size=float(n_per_rank * W) / (K * per_class))
+                           sigma=settings.sigma, groups_per_class=per_class,
+                           expected_group_size=float(n_per_rank * W) / (K * per_class))
     # The claim: what the ledger charges an iteration that releases DPAGG only (t mod k ≠ 0).
     schedule = IterationSchedule.dpaf(0.01, spec.sigma, settings.sigma, 2)
     sigma_claimed = schedule.noise_at(1)

@@ -161,12 +161,11 @@ def audit_run(settings: RunAuditSettings = RunAuditSettings(), secret: RunSecret
     width = spec.embedding_dim + K
     upstream = torch.randn(K, width, generator=g_pub) * spec.expected_group_size  # public, per class
     params = trainer.per_record.params
-    lam = cfg.head_weight
 
     def record_loss(out, y, g_row, *pix):  # the per-record objective of DPAFTrainer.private_update
-        phi, logit = out
+        phi, _ = out
         v = dpagg.bound_records(trainer.embed(phi, pix[0] if pix else None), y, spec)
-        return (g_row * v).sum(1) + lam * F.softplus(-logit)
+        return (g_row * v).sum(1)
 
     v_parts, g_parts = [], [[] for _ in params]
     for start in range(0, N, 256):
@@ -226,11 +225,8 @@ def audit_run(settings: RunAuditSettings = RunAuditSettings(), secret: RunSecret
         groups = dpagg.assign_groups(y, group_uniforms, spec)
         local = dpagg.group_sums(v, groups, spec.num_groups)
         A = dpagg.release(local, run_spec, trainer.noise_stream(t, "dpagg/real"), coll)
-        if spec.grouping == "class":
-            per_class = A[:, :m_emb].reshape(K, spec.groups_per_class, m_emb).sum(1)
-            a_agg = ((per_class - exp_class)[canary_class] * e_hat).sum(1)
-        else:
-            a_agg = (A[:, :m_emb].sum(0) - exp_class.sum(0)) @ e_hat.t()
+        per_class = A[:, :m_emb].reshape(K, spec.groups_per_class, m_emb).sum(1)
+        a_agg = ((per_class - exp_class)[canary_class] * e_hat).sum(1)
         a = (mu_agg / std_agg) * a_agg.double()
         mu2 = mu_agg ** 2
         if t % cfg.sgd_every == 0:

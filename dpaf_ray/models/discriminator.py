@@ -1,8 +1,8 @@
 """The split discriminator D = rear ∘ DPAGG ∘ front (docs/design.md §2).
 
 - `PublicFeatures` (conv1): fixed from a public seed, never updated from private data.
-- `PrivateFeatures` (conv2 + per-record real/fake head): the only parameters whose
-  update reads private records, always through one clipped-and-noised DP-SGD release.
+- `PrivateFeatures` (conv2): the only parameters whose update reads private records,
+  always through one clipped-and-noised DP-SGD release.
 - `Rear` (conv3, FC, class projection): sees released aggregates and generated
   images only, so training it is post-processing.
 No BatchNorm anywhere before DPAGG: it would mix records.
@@ -16,9 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..config import EMBEDDINGS
 from .architecture import Architecture
-
-EMBEDDINGS = ("linear", "moments", "rff")
 
 
 class PublicFeatures(nn.Module):
@@ -48,11 +47,11 @@ class PublicFeatures(nn.Module):
 
 
 class PrivateFeatures(nn.Module):
-    """conv2 and the per-record real/fake head: trained only by DP-SGD on real records.
+    """conv2: trained only by DP-SGD on real records.
 
-    Returns the pooled conv2 feature map φ (n, c, p, p) and the head's per-record logit.
-    The head gives the generator a per-sample signal (docs/design.md §3a) at no extra privacy
-    cost: its per-record gradient is clipped together with conv2's.
+    Returns the pooled conv2 feature map φ (n, c, p, p) and a per-record real/fake logit. No loss
+    reads that logit; its head's parameters stay in the module (initialised, released with zero
+    gradient plus noise) so that models and checkpoints keep their layout.
     """
 
     def __init__(self, arch: Architecture, in_channels: int, num_classes: int, feature_channels: int = 16) -> None:
@@ -130,21 +129,19 @@ def pixel_statistics(x: torch.Tensor, pooled: int, moments: tuple[str, ...] = ("
 class RecordEmbedding(nn.Module):
     """The non-linear per-record embedding that DPAGG sums (docs/design.md §3a).
 
-    - ``linear``: scale·φ; group means only show first moments.
     - ``moments``: scale·[φ, φ⊙φ]; group sums carry second moments, so a collapsed group
       (one image repeated) differs from a diverse one with the same mean.
-    - ``rff``: random Fourier features of φ from a public seed (norm exactly 1); group
-      means approximate a kernel mean embedding, which characterises the whole distribution.
-    ``linear`` and ``moments`` pass through `soft_bound`, so their norm stays below 1 and
-    still tells records apart by magnitude (a hard clip of the raw features would not).
+    - ``linear``: scale·φ; group means only show first moments (the conv2 release audit's).
+    Both pass through `soft_bound`, so their norm stays below 1 and still tells records
+    apart by magnitude (a hard clip of the raw features would not).
 
     With ``pixel_dim`` > 0 a second block, the soft-bounded public `pixel_statistics`, follows
     the conv2 block; both are divided by √2 so the whole embedding has norm below 1.
     `out_shape` is the spatial layout of the conv2 block only.
     """
 
-    def __init__(self, kind: str, feature_channels: int, pooled: int, rff_dim: int = 512, public_seed: int = 1,
-                 scale: float = 0.25, pixel_dim: int = 0) -> None:
+    def __init__(self, kind: str, feature_channels: int, pooled: int, scale: float = 0.25,
+                 pixel_dim: int = 0) -> None:
         super().__init__()
         self.scale = scale  # public: brings typical pooled conv2 features (norm ≈ 3–6) to norm ≈ 1
         self.pixel_dim = pixel_dim
@@ -153,27 +150,15 @@ class RecordEmbedding(nn.Module):
         if kind not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {kind!r}")
         self.kind = kind
-        m = feature_channels * pooled ** 2
-        if kind == "linear":
-            self.out_shape = (feature_channels, pooled, pooled)
-        elif kind == "moments":
-            self.out_shape = (2 * feature_channels, pooled, pooled)
-        else:
-            g = torch.Generator().manual_seed(public_seed)
-            # Length scale √m·0.1 is a public constant, not a statistic of private data.
-            self.register_buffer("omega", torch.randn(m, rff_dim // 2, generator=g) / (0.1 * math.sqrt(m)))
-            self.out_shape = (rff_dim, 1, 1)
+        channels = feature_channels if kind == "linear" else 2 * feature_channels
+        self.out_shape = (channels, pooled, pooled)
         self.dim = int(math.prod(self.out_shape)) + pixel_dim
 
     def forward(self, phi: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kind == "rff":
-            proj = phi.flatten(1) @ self.omega
-            e = torch.cat([proj.cos(), proj.sin()], dim=1) * math.sqrt(2.0 / proj.shape[1] / 2)  # norm 1
-        else:
-            # Second moments of φ itself (not of the scaled φ), so that both blocks carry
-            # comparable weight after the common public scale.
-            e = phi if self.kind == "linear" else torch.cat([phi, phi * phi], dim=1)
-            e = soft_bound(self.scale * e.flatten(1))
+        # Second moments of φ itself (not of the scaled φ), so that both blocks carry
+        # comparable weight after the common public scale.
+        e = phi if self.kind == "linear" else torch.cat([phi, phi * phi], dim=1)
+        e = soft_bound(self.scale * e.flatten(1))
         if not self.pixel_dim:
             return e
         if pixels is None:
@@ -184,8 +169,7 @@ class RecordEmbedding(nn.Module):
 class Rear(nn.Module):
     """conv3 + FC + class-conditional projection, on normalised group aggregates.
 
-    `class_weights` (μ, K) says which classes a group holds: one-hot for class-pure
-    groups, the released noisy histogram for mixed groups.
+    `class_weights` (μ, K) says which class each (class-pure) group holds: one-hot.
     """
 
     def __init__(self, in_shape: tuple[int, int, int], num_classes: int, width: int = 64, hidden: int = 256,

@@ -16,21 +16,16 @@ from ..collectives import Collective
 from ..privacy.mechanisms import clip_rows, gaussian_release
 from ..privacy.randomness import KeyedStream
 
-GROUPINGS = ("class", "mixed")
-
-
 @dataclass(frozen=True)
 class DPAggSpec:
-    """Public constants of the aggregation."""
+    """Public constants of the aggregation: class-pure groups, `groups_per_class` of them per class."""
 
     num_classes: int
     embedding_dim: int
     clip_norm: float  # C_agg
     kappa: float  # weight of the one-hot label block
     sigma: float  # σ_agg
-    grouping: str  # "class": groups within one class; "mixed": groups across classes
-    groups_per_class: int  # for "class"
-    num_mixed_groups: int  # for "mixed"
+    groups_per_class: int
     expected_group_size: float  # public; scales ∂L/∂A and floors the noisy count
 
     @property
@@ -39,7 +34,7 @@ class DPAggSpec:
 
     @property
     def num_groups(self) -> int:
-        return self.num_classes * self.groups_per_class if self.grouping == "class" else self.num_mixed_groups
+        return self.num_classes * self.groups_per_class
 
     @property
     def noise_std(self) -> float:
@@ -52,10 +47,8 @@ class DPAggSpec:
 
 def assign_groups(labels: torch.Tensor, own_uniforms: torch.Tensor, spec: DPAggSpec) -> torch.Tensor:
     """Rule 1: a record's group depends only on its own label and its own random draw."""
-    if spec.grouping == "class":
-        sub = (own_uniforms * spec.groups_per_class).long().clamp(max=spec.groups_per_class - 1)
-        return labels * spec.groups_per_class + sub
-    return (own_uniforms * spec.num_mixed_groups).long().clamp(max=spec.num_mixed_groups - 1)
+    sub = (own_uniforms * spec.groups_per_class).long().clamp(max=spec.groups_per_class - 1)
+    return labels * spec.groups_per_class + sub
 
 
 def bound_records(embedding: torch.Tensor, labels: torch.Tensor, spec: DPAggSpec) -> torch.Tensor:
@@ -85,14 +78,9 @@ def normalise(released: torch.Tensor, spec: DPAggSpec) -> tuple[torch.Tensor, to
     """
     m = spec.embedding_dim
     feats, hist = released[:, :m], released[:, m:] / spec.kappa
-    if spec.grouping == "class":
-        cls = spec.group_classes().to(released.device)
-        counts = hist.gather(1, cls.view(-1, 1)).squeeze(1)
-        weights = F.one_hot(cls, spec.num_classes).to(released.dtype)
-    else:
-        counts = hist.sum(1)
-        weights = hist.clamp(min=0)
-        weights = weights / weights.sum(1, keepdim=True).clamp(min=1e-6)
+    cls = spec.group_classes().to(released.device)
+    counts = hist.gather(1, cls.view(-1, 1)).squeeze(1)
+    weights = F.one_hot(cls, spec.num_classes).to(released.dtype)
     floor = max(1.0, 0.25 * spec.expected_group_size)
     means = feats / counts.clamp(min=floor).unsqueeze(1)
     return means, weights

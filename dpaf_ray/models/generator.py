@@ -9,13 +9,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import UPSAMPLE_MODES
 from .architecture import Architecture, architecture_for
 from .label_classifier import LabelClassifier
 
 # `with_labeller`'s keyword arguments: how a release's synthetic set is drawn (post-processing only,
 # `dpaf_ray.release.sample_synthetic`).
-RELEASE_KNOBS = ("between_class_fraction", "uncertain_fraction", "pixel_mix_fraction", "boundary_fraction")
+RELEASE_KNOBS = ("between_class_fraction", "uncertain_fraction")
+
+
+RETIRED_DRAWS = ("pixel_mix_fraction", "boundary_fraction")  # in the labeller spec of older generator.pt files
 
 
 class ConditionalGenerator(nn.Module):
@@ -25,32 +27,25 @@ class ConditionalGenerator(nn.Module):
     label k where the user named the classes (public facts, saved in generator.pt); None otherwise."""
 
     def __init__(self, arch: Architecture, num_classes: int, z_dim: int = 64, smooth_output: bool = False,
-                 upsample: str = "nearest", width: int | None = None,
                  class_names: Sequence[str] | None = None) -> None:
         super().__init__()
-        if upsample not in UPSAMPLE_MODES:
-            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
         self.arch, self.num_classes, self.z_dim = arch, num_classes, z_dim
-        self.smooth_output, self.upsample = smooth_output, upsample
+        self.smooth_output = smooth_output
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.class_names: tuple[str, ...] | None = None if class_names is None else tuple(class_names)
-        w = self.width = width or arch.gen_width
+        w = arch.gen_width
         self.label_embedding = nn.Embedding(num_classes, z_dim)
         # The run's DP label classifier, on a released copy only (`with_labeller`): it labels the synthetic set.
         self.labeller: LabelClassifier | None = None
         self.between_class_fraction = 0.0
         self.uncertain_fraction = 0.0
-        self.pixel_mix_fraction = 0.0
-        self.boundary_fraction = 0.0
         self.stem = nn.Sequential(nn.Linear(2 * z_dim, w * arch.gen_start ** 2), nn.LeakyReLU(0.2))
         blocks: list[nn.Module] = []
         for _ in range(arch.gen_blocks):
             out = max(16, w // 2)
             blocks += [
-                # bilinear: nearest doubling leaves a block grid that the 3×3 conv turns into a
-                # cross-hatch at the 4-pixel period of two doublings
-                nn.Upsample(scale_factor=2, mode=upsample),
+                nn.Upsample(scale_factor=2, mode="nearest"),
                 nn.Conv2d(w, out, 3, padding=1),
                 nn.GroupNorm(min(8, out // 4), out),
                 nn.LeakyReLU(0.2),
@@ -109,8 +104,7 @@ class ConditionalGenerator(nn.Module):
         return images, labels
 
     def with_labeller(self, labeller: LabelClassifier, between_class_fraction: float,
-                      uncertain_fraction: float = 0.0, pixel_mix_fraction: float = 0.0,
-                      boundary_fraction: float = 0.0) -> "ConditionalGenerator":
+                      uncertain_fraction: float = 0.0) -> "ConditionalGenerator":
         """A copy of G that carries the run's DP label classifier, for the release. Its synthetic set
         (`dpaf_ray.release.sample_synthetic`) then holds a fraction of images drawn between two
         classes, and the classifier labels every image: a student learns a teacher's boundary from images near it, not
@@ -118,30 +112,25 @@ class ConditionalGenerator(nn.Module):
         that the ledger charged in phase one and nothing changed after, so shipping it and labelling
         with it is post-processing. G itself is not touched."""
         for name, value in (("between_class_fraction", between_class_fraction),
-                            ("uncertain_fraction", uncertain_fraction), ("pixel_mix_fraction", pixel_mix_fraction),
-                            ("boundary_fraction", boundary_fraction)):
+                            ("uncertain_fraction", uncertain_fraction)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
         released = copy.deepcopy(self)
         released.labeller = copy.deepcopy(labeller).to(self.device).eval().requires_grad_(False)
         released.between_class_fraction = float(between_class_fraction)
         released.uncertain_fraction = float(uncertain_fraction)
-        released.pixel_mix_fraction = float(pixel_mix_fraction)
-        released.boundary_fraction = float(boundary_fraction)
         return released
 
     def save(self, path: str | Path) -> None:
         blob = {"state_dict": {k: v.cpu() for k, v in self.state_dict().items()},
                 "shape": [self.arch.channels, self.arch.size, self.arch.size],
-                "num_classes": self.num_classes, "z_dim": self.z_dim, "smooth_output": self.smooth_output,
-                "upsample": self.upsample, "width": self.width}
+                "num_classes": self.num_classes, "z_dim": self.z_dim, "smooth_output": self.smooth_output}
         if self.class_names is not None:
             blob["class_names"] = list(self.class_names)
         if self.labeller is not None:
             blob["labeller"] = {"width": self.labeller.width, "hidden": self.labeller.hidden_dim,
                                 "between_class_fraction": self.between_class_fraction,
-                                "uncertain_fraction": self.uncertain_fraction,
-                                "pixel_mix_fraction": self.pixel_mix_fraction, "boundary_fraction": self.boundary_fraction}
+                                "uncertain_fraction": self.uncertain_fraction}
         torch.save(blob, path)
 
 
@@ -153,13 +142,15 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Cond
     if not path.exists():
         raise FileNotFoundError(f"{path}: no generator there; pass a release/ folder, a run directory or a generator.pt")
     blob = torch.load(path, map_location="cpu", weights_only=True)
+    # Files written before options were removed name them; this version draws what they held only at their defaults.
+    if blob.get("upsample", "nearest") != "nearest" or any(blob.get("labeller", {}).get(k) for k in RETIRED_DRAWS):
+        raise ValueError(f"{path}: written with an option this version no longer has (docs/results.md, "
+                         "\"Tried, not kept\"); load it with the version that wrote it")
     g = ConditionalGenerator(architecture_for(tuple(blob["shape"])), blob["num_classes"], blob["z_dim"],
-                             smooth_output=blob.get("smooth_output", False), upsample=blob.get("upsample", "nearest"),
-                             width=blob.get("width"), class_names=blob.get("class_names"))
+                             smooth_output=blob.get("smooth_output", False), class_names=blob.get("class_names"))
     if "labeller" in blob:
         spec = blob["labeller"]
         g = g.with_labeller(LabelClassifier(g.arch, g.num_classes, spec["width"], spec["hidden"]),
-                            spec["between_class_fraction"], spec.get("uncertain_fraction", 0.0),
-                            spec.get("pixel_mix_fraction", 0.0), spec.get("boundary_fraction", 0.0))
+                            spec["between_class_fraction"], spec.get("uncertain_fraction", 0.0))
     g.load_state_dict(blob["state_dict"])
     return g.to(device).eval()

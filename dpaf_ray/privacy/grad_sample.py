@@ -69,7 +69,10 @@ class PerRecordGradients:
             record_loss(out, *extras).sum().backward()
         finally:
             gsm.disable_hooks()
-        grads = [p.grad_sample.detach().clone() for p in self.params]
+        # A parameter the loss does not reach (the head of `PrivateFeatures`) has per-record gradient 0, as torch.func gives it.
+        n = inputs[0].shape[0]
+        grads = [p.grad_sample.detach().clone() if p.grad_sample is not None else p.new_zeros((n, *p.shape))
+                 for p in self.params]
         for p in self.params:
             p.grad_sample = None
             p.grad = None

@@ -3,7 +3,7 @@
     real Poisson sample S ──conv1 (public)──conv2──embed──bound──Σ per group──+noise──▶ A  (DPAGG release)
     generated batch       ──conv1──────────conv2──embed──bound──Σ per group──+noise──▶ A' (same noise, rule 5)
     rear(A, A') → loss → rear update                               (post-processing)
-    every k-th iteration: per-record ∇conv2,head of <stopgrad(b·∂L/∂A_g(i)), v_i> + λ·head loss,
+    every k-th iteration: per-record ∇conv2 of <stopgrad(b·∂L/∂A_g(i)), v_i>,
         clipped to C_sgd, summed, +N(0, σ_sgd²C_sgd²), ÷ B                  (DP-SGD release)
         + the ordinary gradient of the generated records ÷ B              (rule 7)
     every d_steps_per_g iterations: a generator step through D on generated images only.
@@ -24,7 +24,7 @@ from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release
 from ..privacy.randomness import KeyedStream
 from ..collectives import all_reduce_many
 from .draw_ahead import DrawPlan
-from .gan import GANTrainerBase, stream_name
+from .gan import GANTrainerBase
 from . import label_teacher
 from .label_teacher import LabelTeacher
 
@@ -39,24 +39,13 @@ class DPAFTrainer(GANTrainerBase):
         pixel_dim = (pixel_statistics_dim(cfg.pixel_moment_names, self.arch.channels, self.arch.pixel_pooled,
                                          cfg.pixel_rff_features)
                      if cfg.pixel_statistics else 0)
-        # Issue #13: the frozen DP classifier's per-record features join the fixed-map block (phase two)
-        self.teacher_dim = LabelTeacher.feature_dim(self.num_classes) if cfg.teacher_features else 0
-        pixel_dim += self.teacher_dim
         self.embed = RecordEmbedding(cfg.embedding, cfg.feature_channels, self.arch.pooled,
                                      pixel_dim=pixel_dim).to(self.device)
         K = self.num_classes
-        if cfg.grouping == "class":
-            per_class = max(1, round(cfg.batch_size / (cfg.group_size * K)))
-            mixed = 1
-            expected = cfg.batch_size / (K * per_class)
-        else:
-            per_class = 1
-            mixed = max(1, round(cfg.batch_size / cfg.group_size))
-            expected = cfg.batch_size / mixed
+        per_class = max(1, round(cfg.batch_size / (cfg.group_size * K)))
         self.spec = dpagg.DPAggSpec(
             num_classes=K, embedding_dim=self.embed.dim, clip_norm=cfg.clip_agg, kappa=cfg.kappa,
-            sigma=self.sigma_agg, grouping=cfg.grouping, groups_per_class=per_class,
-            num_mixed_groups=mixed, expected_group_size=expected,
+            sigma=self.sigma_agg, groups_per_class=per_class, expected_group_size=cfg.batch_size / (K * per_class),
         )
         self.rear = Rear(self.embed.out_shape, K, pixel_dim=pixel_dim).to(self.device)
         self.opt_rear = torch.optim.Adam(self.rear.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999))
@@ -68,8 +57,6 @@ class DPAFTrainer(GANTrainerBase):
         self.matching_weights = torch.full((self.embed.dim,), cfg.feature_matching, device=self.device)
         if pixel_dim:
             self.matching_weights[self.embed.dim - pixel_dim:] = cfg.pixel_matching
-        if self.teacher_dim:
-            self.matching_weights[self.embed.dim - self.teacher_dim:] = cfg.classifier_matching
         self.target_updates = 0  # releases averaged into the target so far (0: no target yet)
         # Issue #13: a DP label classifier trained first (iterations 0 … P−1), then G's teacher.
         self.teacher: LabelTeacher | None = None
@@ -80,7 +67,7 @@ class DPAFTrainer(GANTrainerBase):
             self.teacher = LabelTeacher(self, q_c)
 
     def released_generator(self):
-        """G (or its EMA); after a label-classifier phase, a copy that carries the frozen DP classifier
+        """G; after a label-classifier phase, a copy that carries the frozen DP classifier
         to label the synthetic set (`ConditionalGenerator.with_labeller`)."""
         generator = super().released_generator()
         if self.teacher is None or not self.cfg.classifier_labels:
@@ -89,14 +76,10 @@ class DPAFTrainer(GANTrainerBase):
 
     # ------------------------------------------------------------------------------
     def pixels(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The block of fixed per-record maps: public pixel statistics, then the frozen DP classifier's features."""
-        parts = []
-        if self.cfg.pixel_statistics:
-            parts.append(pixel_statistics(x, self.arch.pixel_pooled, self.cfg.pixel_moment_names,
-                                          self.cfg.pixel_rff_features))
-        if self.teacher_dim:
-            parts.append(self.teacher.features(x))
-        return torch.cat(parts, dim=1) if parts else None
+        """The block of fixed per-record maps: the public pixel statistics."""
+        if not self.cfg.pixel_statistics:
+            return None
+        return pixel_statistics(x, self.arch.pixel_pooled, self.cfg.pixel_moment_names, self.cfg.pixel_rff_features)
 
     def bounded(self, h1: torch.Tensor, y: torch.Tensor, pix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         phi, logit = self.private(h1, y)
@@ -148,24 +131,23 @@ class DPAFTrainer(GANTrainerBase):
         if t < self.prefix_iterations:  # the label classifier's own sample and noise
             return DrawPlan(sample=True, sample_stream=label_teacher.POISSON_STREAM, sample_rate=self.teacher.q,
                             noise=[label_teacher.NOISE_RELEASE])
-        steps = range(self.g_steps_at(t))
+        g = self.g_step_after(t)
         noise = ["dpagg/real", "dpagg/fake"]
         if (t - self.prefix_iterations) % self.cfg.sgd_every == 0:
             noise.append("dpsgd/conv2")
-        return DrawPlan(sample=True, codes=["fake/d"] + [stream_name("fake/g", s) for s in steps],
-                        noise=noise + [stream_name("dpagg/g", s) for s in steps])
+        return DrawPlan(sample=True, codes=["fake/d"] + (["fake/g"] if g else []),
+                        noise=noise + (["dpagg/g"] if g else []))
 
     def private_update(self, t, real, front_real, g_real, front_fake, yf, guf, g_fake) -> dict[str, float]:
-        """The DP-SGD release of conv2 and the per-record head (rules 6–8)."""
+        """The DP-SGD release of conv2 (rules 6–8)."""
         cfg, spec = self.cfg, self.spec
         (h1r, pr), (h1f, pf) = front_real, front_fake
-        lam = cfg.head_weight
         groups_r = dpagg.assign_groups(real.y, real.group_uniforms, spec)
 
         def real_record_loss(out, y, g_row, *pix):
-            phi, logit = out
+            phi, _ = out
             v = dpagg.bound_records(self.embed(phi, pix[0] if pix else None), y, spec)
-            return (g_row * v).sum(1) + lam * F.softplus(-logit)
+            return (g_row * v).sum(1)
 
         extras = (real.y, g_real[groups_r]) + ((pr,) if pr is not None else ())
         per_record = self.per_record((h1r, real.y), real_record_loss, extras)
@@ -176,8 +158,8 @@ class DPAFTrainer(GANTrainerBase):
         # Generated records: ordinary batch gradient, public normaliser (rule 7).
         params = self.per_record.params
         groups_f = dpagg.assign_groups(yf, guf, spec)
-        vf, logit_f = self.bounded(h1f, yf, pf)
-        fake_obj = (g_fake[groups_f] * vf).sum() + lam * F.softplus(logit_f).sum()
+        vf, _ = self.bounded(h1f, yf, pf)
+        fake_obj = (g_fake[groups_f] * vf).sum()
         fake_grads = torch.autograd.grad(fake_obj, params, allow_unused=True)
         fake_grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(fake_grads, params)]
         fake_grads = all_reduce_many(self.collective, fake_grads)
@@ -192,7 +174,7 @@ class DPAFTrainer(GANTrainerBase):
         """Public and fixed once the trainer is built: read back from the device once, not per step."""
         cached = getattr(self, "_matches_features", None)
         if cached is None:
-            cached = self._matches_features = self.spec.grouping == "class" and bool((self.matching_weights > 0).any())
+            cached = self._matches_features = bool((self.matching_weights > 0).any())
         return cached
 
     def update_feature_target(self, A_real: torch.Tensor) -> None:
@@ -215,21 +197,21 @@ class DPAFTrainer(GANTrainerBase):
         self.real_class_means.mul_(decay).add_((1 - decay) * means)
 
     # ------------------------------------------------------------------------------
-    def g_step(self, t: int, step: int = 0) -> dict[str, torch.Tensor]:
+    def g_step(self, t: int) -> dict[str, torch.Tensor]:
         """Generator update through D on generated images only (no privacy cost)."""
         cfg, spec = self.cfg, self.spec
         if t < self.prefix_iterations:
             return {}  # G starts after the classifier phase
-        z, yf, guf = self.fake_codes(t, stream_name("fake/g", step))
+        z, yf, guf = self.fake_codes(t, "fake/g")
         xf = self.generator(z, yf)
-        vf, logit_f = self.bounded(self.conv1(xf), yf, self.pixels(xf))
+        vf, _ = self.bounded(self.conv1(xf), yf, self.pixels(xf))
         groups = dpagg.assign_groups(yf, guf, spec)
         local = dpagg.group_sums(vf, groups, spec.num_groups)
         m, K = spec.embedding_dim, self.num_classes
         onehot = F.one_hot(yf, K).to(vf.dtype)
         local_class = onehot.t() @ vf[:, :m]  # (K, m) sums per class, for feature matching
         with torch.no_grad():
-            A = dpagg.release(local.detach(), spec, self.noise_stream(t, stream_name("dpagg/g", step)), self.collective)
+            A = dpagg.release(local.detach(), spec, self.noise_stream(t, "dpagg/g"), self.collective)
             class_sums = all_reduce_many(self.collective, [local_class.detach()])[0]
             class_counts = all_reduce_many(self.collective, [onehot.sum(0)])[0]
         A.requires_grad_(True)
@@ -246,8 +228,6 @@ class DPAFTrainer(GANTrainerBase):
         gC = grads[1] if grads[1] is not None else torch.zeros_like(class_sums)
         # Local surrogate whose gradient, summed over ranks, is the gradient of the global loss.
         surrogate = (gA[groups] * vf).sum() + (gC * local_class).sum()
-        loss_head = F.softplus(-logit_f).sum() / self.fake_batch
-        surrogate = surrogate + cfg.head_weight * loss_head
         stats = {}
         if self.teacher is not None and cfg.classifier_weight > 0:  # post-processing of the released classifier
             loss_cls = self.teacher.generator_loss(xf, yf)

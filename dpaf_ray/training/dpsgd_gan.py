@@ -12,7 +12,7 @@ from ..models.discriminator import BaselineDiscriminator
 from ..privacy.grad_sample import PerRecordGradients
 from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release
 from .draw_ahead import DrawPlan
-from .gan import GANTrainerBase, stream_name
+from .gan import GANTrainerBase
 
 
 class DPSGDGANTrainer(GANTrainerBase):
@@ -45,11 +45,10 @@ class DPSGDGANTrainer(GANTrainerBase):
         return {"loss_d_fake": loss_fake.detach() / max(1, len(yf))}  # tensors until a log line
 
     def draw_plan(self, t: int) -> DrawPlan:
-        steps = range(self.g_steps_at(t))
-        return DrawPlan(sample=True, codes=["fake/d"] + [stream_name("fake/g", s) for s in steps], noise=["dpsgd/d"])
+        return DrawPlan(sample=True, codes=["fake/d"] + (["fake/g"] if self.g_step_after(t) else []), noise=["dpsgd/d"])
 
-    def g_step(self, t: int, step: int = 0) -> dict[str, torch.Tensor]:
-        z, yf, _ = self.fake_codes(t, stream_name("fake/g", step))
+    def g_step(self, t: int) -> dict[str, torch.Tensor]:
+        z, yf, _ = self.fake_codes(t, "fake/g")
         logit = self.disc(self.conv1(self.generator(z, yf)), yf)
         loss = F.softplus(-logit).sum() / self.fake_batch
         self.opt_g.zero_grad(set_to_none=True)

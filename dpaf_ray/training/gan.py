@@ -13,8 +13,6 @@ Two kinds of randomness, never mixed (docs/design.md rule 13):
 """
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +28,6 @@ from ..devices import host_to_device
 from ..privacy.randomness import KeyedStream, RunSecret
 from .draw_ahead import DrawAhead, DrawPlan, HostSample, PrefetchedNoise, default_enabled
 from .rng import public_stream
-
-
-def stream_name(base: str, step: int) -> str:
-    """Name of the random stream of the step-th generator step within one iteration."""
-    return base if step == 0 else f"{base}{step}"
 
 
 @dataclass
@@ -76,13 +69,10 @@ class GANTrainerBase:
         self.arch = architecture_for(shard.shape)
         torch.manual_seed(cfg.seed)  # public: model initialisation only; identical on every rank
         self.generator = ConditionalGenerator(self.arch, self.num_classes, cfg.z_dim,
-                                              smooth_output=cfg.smooth_output, upsample=cfg.upsample,
-                                              width=cfg.generator_width,
+                                              smooth_output=cfg.smooth_output,
                                               class_names=shard.class_names).to(self.device)
         self.conv1 = PublicFeatures(self.arch, public_seed=0).to(self.device)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
-        # An exponential moving average of G's weights, released instead of G (post-processing of G).
-        self.generator_ema = copy.deepcopy(self.generator) if cfg.generator_ema > 0 else None
         w, r = self.collective.world_size, self.collective.rank
         self.fake_slice = slice(r * self.fake_batch // w, (r + 1) * self.fake_batch // w)
         # The next iteration's host-side draws, made while the device runs this one (on CUDA).
@@ -142,19 +132,9 @@ class GANTrainerBase:
         """What iteration t will draw (`DrawAhead` makes it ahead); subclasses name their releases."""
         return DrawPlan()
 
-    def g_steps_at(self, t: int) -> int:
-        """Generator steps that `train_loop` runs after the D iteration t (public schedule)."""
-        return self.cfg.g_steps if (t + 1) % self.cfg.d_steps_per_g == 0 else 0
-
-    def set_generator_lr(self, t: int, T: int) -> None:
-        """G's learning rate at iteration t of T: a public schedule (G only post-processes
-        released values), a function of t alone so a resumed run follows the same curve."""
-        lr = self.cfg.lr_g
-        t, T = t - self.prefix_iterations, T - self.prefix_iterations  # G trains after any classifier phase
-        if self.cfg.lr_g_schedule == "cosine" and T > 1:
-            lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * max(0, t) / (T - 1)))
-        for group in self.opt_g.param_groups:
-            group["lr"] = lr
+    def g_step_after(self, t: int) -> bool:
+        """Whether `train_loop` runs a generator step after the D iteration t (public schedule)."""
+        return (t + 1) % self.cfg.d_steps_per_g == 0
 
     # --- replicated updates ---------------------------------------------------------
     def step_replicated(self, module: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -164,21 +144,10 @@ class GANTrainerBase:
         for p, g in zip(params, all_reduce_many(self.collective, grads)):
             p.grad = g
         opt.step()
-        if module is self.generator:
-            self.update_generator_ema()
-
-    def update_generator_ema(self) -> None:
-        if self.generator_ema is None:
-            return
-        with torch.no_grad():
-            for pe, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
-                pe.lerp_(p, 1.0 - self.cfg.generator_ema)
-            for be, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
-                be.copy_(b)
 
     def released_generator(self) -> ConditionalGenerator:
-        """What the release holds: the EMA of G's weights when --generator-ema is on, else G."""
-        return self.generator_ema if self.generator_ema is not None else self.generator
+        """What the release holds: G."""
+        return self.generator
 
     def step_from_rank0(self, module: nn.Module, opt: torch.optim.Optimizer) -> None:
         """Step a replicated module that every rank computes whole (the rear: a function of
@@ -209,8 +178,7 @@ class GANTrainerBase:
 
     # --- checkpoint state -------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
-        ema = {"generator_ema": self.generator_ema} if self.generator_ema is not None else {}
-        return {"generator": self.generator, **ema}
+        return {"generator": self.generator}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"generator": self.opt_g}

@@ -6,7 +6,7 @@
         + N(0, σ_c² C_c² I) (stream "noise/dpsgd/classifier"), ÷ B_c (expected, never realised)
         → SGD with momentum                                               (DP-SGD release)
     phase two, iterations P …: the DPAF iterations; the classifier is frozen and G also
-        minimises max(0, cross-entropy(classifier(G(z, y)), y) − margin)  (post-processing: no cost)
+        minimises cross-entropy(classifier(G(z, y)), y)                   (post-processing: no cost)
 
 Each step of phase one is one Poisson-sampled Gaussian release of sensitivity C_c, charged
 as (q_c, σ_c) by the schedule's prefix (`privacy.calibration.Phase`) before it runs; σ_c =
@@ -14,8 +14,6 @@ classifier_noise · σ_sgd, so the planner scales it with the other noise multip
 records enter the clipped sum; generated images never reach the classifier's update.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch.nn import functional as F
@@ -33,14 +31,6 @@ def record_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
-def classifier_lr(lr: float, schedule: str, t: int, steps: int) -> float:
-    """The learning rate of step t, a public function of t alone: constant, or a cosine decay to lr/10
-    over the phase's steps."""
-    if schedule == "cosine" and steps > 1:
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / (steps - 1))))
-    return lr
-
-
 class LabelTeacher:
     def __init__(self, trainer, sampling_rate: float) -> None:
         cfg = trainer.cfg
@@ -49,12 +39,6 @@ class LabelTeacher:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.classifier_lr, momentum=cfg.classifier_momentum)
         self.per_record = PerRecordGradients(self.model, cfg.grad_engine)
         self.sigma = cfg.classifier_noise * trainer.sigma_sgd  # σ_c, as `training.plan.schedule_for` charges it
-        self.steps = cfg.classifier_steps
-
-    def set_lr(self, t: int) -> None:
-        lr = classifier_lr(self.cfg.classifier_lr, self.cfg.classifier_lr_schedule, t, self.steps)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
 
     def private_step(self, t: int) -> dict[str, float]:
         """One DP-SGD release of the classifier on its own Poisson sample (phase one)."""
@@ -67,26 +51,11 @@ class LabelTeacher:
         B = cfg.classifier_batch  # the expected batch q_c·N, never the realised size
         for p, g in zip(self.per_record.params, noisy):
             p.grad = g / B
-        self.set_lr(t)
         self.opt.step()
         return {}
 
     def generator_loss(self, xf: torch.Tensor, yf: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the mean cross-entropy of the frozen classifier on G's images, less
-        the margin: an image the classifier already labels with p(y) >= e^-margin adds nothing."""
+        """This rank's share of the mean cross-entropy of the frozen classifier on G's images."""
         self.model.requires_grad_(False)  # phase two: frozen; G's gradient flows through it only
         logits = self.model(xf)
-        excess = (F.cross_entropy(logits, yf, reduction="none") - self.cfg.classifier_margin).clamp(min=0)
-        return excess.sum() / self.trainer.fake_batch
-
-    @staticmethod
-    def feature_dim(num_classes: int, hidden: int = 32) -> int:
-        return 2 * hidden + num_classes
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """[h, h⊙h, softmax] of each record under the frozen classifier (h: its tanh hidden layer): a
-        fixed per-record map in phase two, like the public pixel statistics, so DPAGG can release its
-        class means (second moments included) at no extra sensitivity (the whole embedding is clipped)."""
-        self.model.requires_grad_(False)
-        h = self.model.body(x)
-        return torch.cat([h, h * h, F.softmax(self.model.head(h), dim=1)], dim=1)
+        return F.cross_entropy(logits, yf, reduction="none").sum() / self.trainer.fake_batch

@@ -173,11 +173,9 @@ def train_loop(plan: TrainingPlan, shard: ImageDataset, n_total: int, offset: in
                     saved_at = t
             if before_iteration is not None:
                 before_iteration(t)
-            trainer.set_generator_lr(t, T)
             stats.update(trainer.d_iteration(t))
             if (t + 1) % cfg.d_steps_per_g == 0:
-                for step in range(cfg.g_steps):
-                    stats.update(trainer.g_step(t, step))
+                stats.update(trainer.g_step(t))
             executed.charge_poisson_gaussian(*plan.schedule.release_at(t))
             t += 1
             if t % cfg.log_every == 0 or t == T:

@@ -36,8 +36,8 @@ class PreflightError(ConfigError):
 
 
 def class_group_noise(cfg: TrainConfig, num_classes: int) -> float | None:
-    """σ_agg over the expected records of one class group (DPAF with class grouping), else None."""
-    if cfg.model != "dpaf" or cfg.sigma_agg is None or cfg.grouping != "class":
+    """σ_agg over the expected records of one class group (DPAF), else None."""
+    if cfg.model != "dpaf" or cfg.sigma_agg is None:
         return None
     per_class = max(1, round(cfg.batch_size / (cfg.group_size * num_classes)))
     return cfg.sigma_agg / (cfg.batch_size / (num_classes * per_class))

@@ -33,8 +33,7 @@ def seconds_per_iteration(cfg: TrainConfig, shape: tuple[int, int, int], num_cla
     def one(t: int) -> None:
         trainer.d_iteration(t)
         if (t + 1) % cfg.d_steps_per_g == 0:
-            for step in range(cfg.g_steps):
-                trainer.g_step(t, step)
+            trainer.g_step(t)
 
     for t in range(PROBE_WARMUP):
         one(t)
