@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from device_spy import MetaAsGPU
 from dpaf_ray.config import ConfigError, TrainConfig
 from dpaf_ray.devices import TEST_GPU_ENV, DeviceError, gpu_device
 from dpaf_ray.ray_resources import check_gpu_fraction, torch_backend
@@ -37,23 +37,6 @@ from dpaf_ray.tuning.search_space_error import SearchSpaceError
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
 TINY = ROOT / "search_spaces" / "tiny.yaml"
-aten = torch.ops.aten
-
-
-class MetaAsGPU(TorchDispatchMode):
-    """`meta` stands in for CUDA; reading a value back (`.item()`, `.cpu()`) gives zeros."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is aten._local_scalar_dense.default and args[0].device.type == "meta":
-            return False if args[0].dtype == torch.bool else (0.0 if args[0].dtype.is_floating_point else 0)
-        if func is aten._to_copy.default and args[0].device.type == "meta":
-            dev = kwargs.get("device")
-            if dev is not None and torch.device(dev).type == "cpu":
-                return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
-        if func is aten.copy_.default and args[0].device.type == "cpu" and args[1].device.type == "meta":
-            return args[0].zero_()
-        return func(*args, **kwargs)
 
 
 def small_config(model: str = "dpaf", **kw) -> TrainConfig:
