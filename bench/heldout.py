@@ -90,6 +90,11 @@ def run_release(job: Job, root: Path, workdir: Path) -> dict:
             timing.write_text(f"{train_s}\n")
     log = (d / "train.log").read_text(errors="replace")
     plan = [line.strip() for line in log.splitlines() if line.strip().startswith("plan:")]
+    refusal = next((line.strip() for line in log.splitlines() if "refused before anything was charged" in line), None)
+    if rc == 2 and refusal:  # the pre-flight's answer for this (N, ε): no release, nothing charged; a result too
+        return {"set": job.set, "kind": "release", "epsilon_target": job.epsilon, "delta": DELTA, "seed": job.seed,
+                "accuracy": None, "refused": refusal, "epsilon_spent": 0.0, "train_s": train_s, "eval_s": 0.0,
+                "plan": plan, "commands": [_shown(train, root, workdir)]}
     if rc != 0:
         raise RuntimeError(f"{job.name}: train exited {rc}; see {d / 'train.log'}")
     evaluation = d / f"evaluation-{int(time.time())}.json"
@@ -133,6 +138,8 @@ def run_job(job: Job, root: Path, workdir: Path, results: Path) -> str:
     tmp = path.with_suffix(".partial")
     tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     tmp.rename(path)
+    if result["accuracy"] is None:
+        return f"{job.name}: refused by the pre-flight (nothing charged)"
     return f"{job.name}: accuracy {result['accuracy']:.3f}, ε spent {result['epsilon_spent']:.3f}"
 
 
@@ -162,10 +169,11 @@ def cells(rows: list[dict], sets: list[str], epsilons: list[float]) -> list[dict
                          key=lambda r: r["seed"])
             dp = sorted((r for r in rows if r["set"] == s and r["kind"] == "dpsgd" and r["epsilon_target"] == e),
                         key=lambda r: r["seed"])
-            ra = [r["accuracy"] for r in rel]
+            ra = [r["accuracy"] for r in rel if r["accuracy"] is not None]
             da = [r["accuracy"] for r in dp]
             ratio = statistics.mean(ra) / statistics.mean(da) if ra and da else None
-            out.append({"set": s, "epsilon": e, "release": rel, "dpsgd": dp, "ratio": ratio})
+            refused = next((r["refused"] for r in rel if r.get("refused")), None)
+            out.append({"set": s, "epsilon": e, "release": rel, "dpsgd": dp, "ratio": ratio, "refused": refused})
     return out
 
 
@@ -184,6 +192,12 @@ def _plan_summary(r: dict) -> str:
         parts.append("warned: " + "; ".join(w.split("WARNING:")[1].split(",")[0].strip()
                                             for w in r["plan"] if "WARNING" in w))
     return ", ".join(parts)
+
+
+def _fixes(refusal: str) -> str:
+    """The pre-flight's numeric fixes from its refusal line, for a table cell."""
+    m = re.search(r"Fixes: (.*?)\. --force", refusal)
+    return f"the pre-flight asks for {m.group(1)}" if m else refusal[:160]
 
 
 def _repo_relative(path: Path) -> str:
@@ -216,7 +230,8 @@ def write_table(results: Path, sets: list[str], epsilons: list[float]) -> Path:
               "| the release's plan |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in table:
-        rel, dp = c["release"], c["dpsgd"]
+        dp = c["dpsgd"]
+        rel = [r for r in c["release"] if r["accuracy"] is not None]
         eps_rel = " / ".join(f"{r['epsilon_spent']:.3f}" for r in rel) or "–"
         eps_dp = " / ".join(f"{r['epsilon_spent']:.3f}" for r in dp) or "–"
         real = _mean_spread([r["real_data_accuracy"] for r in rel if r.get("real_data_accuracy") is not None])
@@ -225,8 +240,11 @@ def write_table(results: Path, sets: list[str], epsilons: list[float]) -> Path:
         dwall = " / ".join(f"{r['wall_s']:.0f}" for r in dp) or "–"
         ratio = "–" if c["ratio"] is None else f"**{c['ratio']:.2f}**"
         plans = "; ".join(dict.fromkeys(_plan_summary(r) for r in rel)) or "–"
+        released = _mean_spread([r["accuracy"] for r in rel])
+        if c["refused"] and not rel:  # refused for every seed (the pre-flight reads public facts only)
+            ratio, released = "**refused**", "refused: " + _fixes(c["refused"])
         lines.append(f"| {c['set']} | {manifest.get(c['set'], {}).get('n_train', '?')} | {c['epsilon']:g} | "
-                     f"{_mean_spread([r['accuracy'] for r in rel])} | {_mean_spread([r['accuracy'] for r in dp])} | "
+                     f"{released} | {_mean_spread([r['accuracy'] for r in dp])} | "
                      f"{ratio} | {eps_rel} ; {eps_dp} | {real} | {div} | {walls} | {dwall} | {plans} |")
     lines += ["", "Commands (ROOT = the suite's root, `python bench/heldout_sets.py`; WORK = --workdir):", ""]
     shown = set()
@@ -241,7 +259,8 @@ def write_table(results: Path, sets: list[str], epsilons: list[float]) -> Path:
     lines += ["", "The plans the release's `train` printed, per run:", ""]
     for r in rows:
         if r["kind"] == "release":
-            lines.append(f"- {r['set']} ε = {r['epsilon_target']:g} seed {r['seed']}: " + " | ".join(r["plan"]))
+            said = r["plan"] + ([r["refused"]] if r.get("refused") else [])
+            lines.append(f"- {r['set']} ε = {r['epsilon_target']:g} seed {r['seed']}: " + " | ".join(said))
     path = results / "table.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -260,9 +279,12 @@ def write_plot(results: Path, sets: list[str], epsilons: list[float]) -> Path | 
         xs, ys = [], []
         for i, s in enumerate(sets):
             c = next(c for c in table if c["set"] == s and c["epsilon"] == e)
+            x = i + (j - (len(epsilons) - 1) / 2) * width
             if c["ratio"] is not None:
-                xs.append(i + (j - (len(epsilons) - 1) / 2) * width)
+                xs.append(x)
                 ys.append(c["ratio"])
+            elif c["refused"]:  # no release: the pre-flight refused this (N, ε)
+                ax.text(x, 0.03, "refused", rotation=90, ha="center", va="bottom", fontsize=7, color=f"C{j}")
         ax.bar(xs, ys, width, label=f"ε = {e:g}", color=f"C{j}")
     ax.axhline(GOAL, color="k", ls="--", lw=1, label=f"goal {GOAL}")
     ax.axhline(FLOOR, color="r", ls=":", lw=1, label=f"floor {FLOOR}")
