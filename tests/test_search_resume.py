@@ -2,8 +2,8 @@
 completes an interrupted trial with the noise of its first attempt (docs/design.md rules 16–17, issue #35).
 
 Fast tests call the refusals on prepared run directories (no Ray) and replay an interrupted
-training run in-process; the slow test SIGKILLs `python tune.py` at each phase of a search and
-resumes it until it releases.
+training run in-process; the slow tests SIGKILL `python tune.py` at each phase of a search and
+resume it until it releases, and kill a Ray Train worker inside a trial (DPAF_TEST_FAIL_AT).
 """
 from __future__ import annotations
 
@@ -317,3 +317,121 @@ def test_sigkill_of_the_driver_at_every_phase_then_resume_releases_once_within_k
     rc = subprocess.run([sys.executable, "tune.py", "--resume", str(out)], cwd=ROOT, capture_output=True,
                         text=True, timeout=300).returncode
     assert rc == 0 and _snapshot(out / "release") == release_seen
+
+
+# ------------------------------------------------- kill a Ray Train worker inside a trial
+
+
+def _tune_trials(out: Path) -> dict[str, dict]:
+    """Tune's own record of the search's trials (its experiment state on disk), by trial folder name."""
+    trials: dict[str, dict] = {}
+    for path in (out / "trials" / "ray_tune" / "search").glob("experiment_state*.json"):
+        for entry in json.loads(path.read_text()).get("trial_data", []):
+            trial = json.loads(entry[0])
+            trials[f"{trial['trainable_name']}_{trial['trial_id']}"] = trial  # `run_trial`'s folder name
+    return trials
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("workers,rank", [(1, 0), (2, 1)], ids=["1-worker-rank0", "2-workers-rank1"])
+def test_a_train_worker_killed_mid_trial_is_charged_and_the_search_releases_once_within_k(tmp_path, workers, rank):
+    """K = 2 trials (TPE: a fixed K), each trained by Ray Train workers on a real local Ray. In the first trial,
+    one worker (rank 0, which writes the journal; or rank 1 of 2, which rank 0 waits on in the all-reduce) kills
+    itself (`os._exit`, DPAF_TEST_FAIL_AT) mid-window, after the first checkpoint. The search (and a resume, if
+    the first run did not end it) then: finishes; the whole search was charged on disk before any trial, within
+    the budget, and every iteration the killed attempt executed is in its trial's journal, under the reference;
+    it selects among at most K trial folders (Tune ran exactly K: the failed trial was not replaced); release/ is
+    whole and never rewritten; and no attempt of the killed trial put its noise on other sums (rule 17): it
+    either stayed a failed run with nothing trained after the kill, or a later attempt replayed its first plan."""
+    import dp_accounting
+
+    from dpaf_ray.ray_train import FAIL_AT_ENV
+    from test_tune_e2e import _start, _tail, dp_event
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(search="tpe", expected_trials=2)
+    raw["trial"]["num_workers"] = workers
+    assert raw["fixed"]["checkpoint_every"] == 10 and raw.get("max_concurrent_trials", 1) == 1  # trial 1 dies
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out, marker = tmp_path / "run", tmp_path / "worker_died"
+    kill_at = 12  # every trial runs ≥ 15 iterations; the window 10–19 is charged, 0–11 have run
+    os.environ[FAIL_AT_ENV] = f"{kill_at}:{rank}:{marker}"  # once (the marker): trial 2 trains untouched
+    args = ["--search-space", str(space), "--out", str(out)]
+    release_seen, rc, log, runs = None, None, None, 0
+    t0 = time.time()
+    try:
+        for runs in range(1, 3):  # the search, then one resume if it did not end
+            log, tag = tmp_path / f"run{runs}.log", uuid.uuid4().hex
+            proc = _start(args, log, tag)
+            try:
+                rc = proc.wait(900)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(30)
+                _kill_tagged(tag)
+            if (out / "release").exists():
+                assert sorted(p.name for p in (out / "release").iterdir()) == sorted(RELEASE_FILES)
+                snap = _snapshot(out / "release")
+                assert release_seen in (None, snap), "release/ was rewritten"
+                release_seen = snap
+            if rc == 0:
+                break
+            args = ["--resume", str(out)]
+    finally:
+        os.environ.pop(FAIL_AT_ENV, None)
+    assert marker.exists() and int(marker.read_text()) == kill_at, f"the worker was never killed\n{_tail(log)}"
+    assert rc == 0, f"after {runs} run(s): exit {rc}\n{_tail(log)}"
+    assert not (out / "release.tmp").exists()
+
+    # the search's charge: on disk, within the budget, the report's, and recomputable from the report alone
+    state = json.loads((out / "trials" / "search_state.json").read_text())
+    k = state["num_trials"]
+    assert k == 2
+    report = json.loads((out / "release" / "privacy_report.json").read_text())
+    acc = dp_accounting.rdp.RdpAccountant(list(report["orders"]))
+    acc.compose(dp_accounting.ComposedDpEvent([dp_event(e) for e in report["events"]]))
+    assert acc.get_epsilon(raw["delta"]) == pytest.approx(report["epsilon"], rel=1e-9)
+    assert report["epsilon"] <= raw["epsilon"]
+    assert report["epsilon"] == pytest.approx(PrivacyLedger.load(out / "ledger.json").epsilon(raw["delta"]))
+
+    # selection among ≤ K runs: Tune ran exactly K trials (the failed one was not replaced), each has its folder
+    folders = sorted(p.name for p in (out / "trials").iterdir() if p.is_dir() and not p.name.startswith("ray_"))
+    tune_trials = _tune_trials(out)
+    assert len(tune_trials) == k and sorted(tune_trials) == folders, (sorted(tune_trials), folders)
+    _charged_within_reference(out, state)  # every trial's journal (all it charged) under the reference
+    trials = out / "trials"
+    plans = {n: json.loads((trials / n / "plan.json").read_text()) for n in folders}
+    journals = {n: PrivacyLedger.load(trials / n / "ledger.json") for n in folders}
+    finished = {n: json.loads((trials / n / "trial.json").read_text()) for n in folders
+                if (trials / n / "trial.json").exists()}
+    for name, t in finished.items():  # a finished trial charged exactly its plan, and stayed under the reference
+        assert t["iterations"] == t["iterations_planned"] == plans[name]["iterations"]
+        assert charged_iterations(journals[name]) == t["iterations"], name
+        assert t["epsilon_trial"] <= t["epsilon_reference"] * (1 + 1e-9)
+    # the killed trial is the first one Tune started (one trial at a time; the kill fires once)
+    victim = next(n for n, t in tune_trials.items() if t["experiment_tag"].startswith("1_"))
+    # every iteration its killed attempt executed (0 … kill_at − 1) was charged before it ran
+    assert charged_iterations(journals[victim]) >= kill_at
+    # rule 17: no attempt of the killed trial added its (trial secret, t) noise to other sums
+    if victim in finished:  # a later attempt finished it: it replayed the first attempt's public plan, charged once
+        assert finished[victim]["noise_factor"] == plans[victim]["noise_factor"]
+        assert charged_iterations(journals[victim]) == plans[victim]["iterations"]
+    else:  # a failed run, one of the K: Tune did not restart it, nothing trained past the killed window
+        assert tune_trials[victim]["status"] == "ERROR", tune_trials[victim]["status"]
+        assert kill_at <= charged_iterations(journals[victim]) <= (kill_at // 10 + 1) * 10
+        assert len(finished) == k - 1
+    # the release is the best finished trial, byte for byte
+    assert finished, "the trial after the kill finished"
+    best = max(finished.values(), key=lambda t: t["score"])
+    assert json.loads((out / "release" / "score.json").read_text())["score"] == best["score"]
+    for name in ("generator.pt", "synthetic.parquet"):
+        assert (out / "release" / name).read_bytes() == (trials / best["trial"] / name).read_bytes()
+    took = time.time() - t0
+    # one more resume: the release stays as it is
+    rc = subprocess.run([sys.executable, "tune.py", "--resume", str(out)], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300).returncode
+    assert rc == 0 and _snapshot(out / "release") == release_seen
+    print(f"worker kill ({workers} worker(s), rank {rank}): {runs} run(s), {took:.0f}s")
