@@ -2,8 +2,8 @@
 completes an interrupted trial with the noise of its first attempt (docs/design.md rules 16–17, issue #35).
 
 Fast tests call the refusals on prepared run directories (no Ray) and replay an interrupted
-training run in-process; the slow test SIGKILLs `python tune.py` at each phase of a search and
-resumes it until it releases.
+training run in-process; the slow tests SIGKILL `python tune.py` at each phase of a search and
+resume it until it releases, and kill a Ray Train worker inside a trial (DPAF_TEST_FAIL_AT).
 """
 from __future__ import annotations
 
@@ -93,6 +93,18 @@ def test_resume_of_a_released_search_says_where_and_what_it_cost_and_touches_not
     assert "already released" in capsys.readouterr().out
     assert _snapshot(out / "release") == before and (out / "ledger.json").read_bytes() == ledger
     assert not (out / "trials" / "ray_tune").exists()  # no search was started
+
+
+def test_resume_of_a_search_that_released_only_its_report_says_so(tmp_path):
+    """No trial finished (finish_search released the report alone): a resume does not read as a usable release."""
+    ss, _, out = _search_dir(tmp_path)
+    _release(out)
+    (out / "release" / "score.json").write_text(json.dumps({"score": None, "note": "no trial finished: nothing "
+                                                                                  "usable was released"}))
+    lines: list[str] = []
+    run_search(ss, out, resume=True, progress=lines.append)
+    assert "already released" in lines[0] and "ε=3.250" in lines[0]
+    assert "holds only the privacy report (no trial finished: nothing usable was released)" in lines[0], lines
 
 
 def test_finish_never_rewrites_an_existing_release(tmp_path):
@@ -317,3 +329,181 @@ def test_sigkill_of_the_driver_at_every_phase_then_resume_releases_once_within_k
     rc = subprocess.run([sys.executable, "tune.py", "--resume", str(out)], cwd=ROOT, capture_output=True,
                         text=True, timeout=300).returncode
     assert rc == 0 and _snapshot(out / "release") == release_seen
+
+
+# ------------------------------------------------- kill a Ray Train worker inside a trial
+
+
+def _tune_trials(out: Path) -> dict[str, dict]:
+    """Tune's own record of the search's trials (its experiment state on disk), by trial folder name."""
+    trials: dict[str, dict] = {}
+    for path in (out / "trials" / "ray_tune" / "search").glob("experiment_state*.json"):
+        for entry in json.loads(path.read_text()).get("trial_data", []):
+            trial = json.loads(entry[0])
+            trials[f"{trial['trainable_name']}_{trial['trial_id']}"] = trial  # `run_trial`'s folder name
+    return trials
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("workers,rank,driver_kill", [(1, 0, None), (2, 1, None), (1, 0, "finish_search")],
+                         ids=["1-worker-rank0", "2-workers-rank1", "then-driver-killed-in-finish"])
+def test_a_train_worker_killed_mid_trial_is_charged_and_the_search_releases_once_within_k(tmp_path, workers, rank,
+                                                                                          driver_kill):
+    """K = 2 trials (TPE: a fixed K), each trained by Ray Train workers on a real local Ray. In the first trial,
+    one worker (rank 0, which writes the journal; or rank 1 of 2, which rank 0 waits on in the all-reduce) kills
+    itself (`os._exit`, DPAF_TEST_FAIL_AT) mid-window, after the first checkpoint. The search (and a resume, if
+    the first run did not end it) then: finishes; the whole search was charged on disk before any trial, within
+    the budget, and every iteration the killed attempt executed is in its trial's journal, under the reference;
+    it selects among at most K trial folders (Tune ran exactly K: the failed trial was not replaced); release/ is
+    whole and never rewritten; and no attempt of the killed trial put its noise on other sums (rule 17): it
+    either stayed a failed run with nothing trained after the kill, or a later attempt replayed its first plan.
+    In the third case the driver is also SIGKILLed inside finish_search, and the resume must still count the
+    failed trial as a run and finish."""
+    import dp_accounting
+
+    from dpaf_ray.ray_train import FAIL_AT_ENV
+    from test_tune_e2e import _start, _tail, dp_event
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(search="tpe", expected_trials=2)
+    raw["trial"]["num_workers"] = workers
+    assert raw["fixed"]["checkpoint_every"] == 10 and raw.get("max_concurrent_trials", 1) == 1  # trial 1 dies
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out, marker = tmp_path / "run", tmp_path / "worker_died"
+    kill_at = 12  # every trial runs ≥ 15 iterations; the window 10–19 is charged, 0–11 have run
+    os.environ[FAIL_AT_ENV] = f"{kill_at}:{rank}:{marker}"  # once (the marker): trial 2 trains untouched
+    if driver_kill:
+        (tmp_path / "markers").mkdir()
+        os.environ[KILL_DRIVER_ENV] = f"{driver_kill}:{tmp_path / 'markers'}"
+    args = ["--search-space", str(space), "--out", str(out)]
+    release_seen, rc, log, runs = None, None, None, 0
+    t0 = time.time()
+    try:
+        for runs in range(1, 4):  # the search, then a resume if it did not end (and one after a driver kill)
+            log, tag = tmp_path / f"run{runs}.log", uuid.uuid4().hex
+            proc = _start(args, log, tag)
+            try:
+                rc = proc.wait(900)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(30)
+                _kill_tagged(tag)
+            if (out / "release").exists():
+                assert sorted(p.name for p in (out / "release").iterdir()) == sorted(RELEASE_FILES)
+                snap = _snapshot(out / "release")
+                assert release_seen in (None, snap), "release/ was rewritten"
+                release_seen = snap
+            if rc == 0:
+                break
+            args = ["--resume", str(out)]
+    finally:
+        os.environ.pop(FAIL_AT_ENV, None)
+        os.environ.pop(KILL_DRIVER_ENV, None)
+    if driver_kill:
+        assert (tmp_path / "markers" / driver_kill).exists(), f"the driver was never killed\n{_tail(log)}"
+        assert runs >= 2
+    assert marker.exists() and int(marker.read_text()) == kill_at, f"the worker was never killed\n{_tail(log)}"
+    assert rc == 0, f"after {runs} run(s): exit {rc}\n{_tail(log)}"
+    assert not (out / "release.tmp").exists()
+
+    # the search's charge: on disk, within the budget, the report's, and recomputable from the report alone
+    state = json.loads((out / "trials" / "search_state.json").read_text())
+    k = state["num_trials"]
+    assert k == 2
+    report = json.loads((out / "release" / "privacy_report.json").read_text())
+    acc = dp_accounting.rdp.RdpAccountant(list(report["orders"]))
+    acc.compose(dp_accounting.ComposedDpEvent([dp_event(e) for e in report["events"]]))
+    assert acc.get_epsilon(raw["delta"]) == pytest.approx(report["epsilon"], rel=1e-9)
+    assert report["epsilon"] <= raw["epsilon"]
+    assert report["epsilon"] == pytest.approx(PrivacyLedger.load(out / "ledger.json").epsilon(raw["delta"]))
+
+    # selection among ≤ K runs: Tune ran exactly K trials (the failed one was not replaced), each has its folder
+    folders = sorted(p.name for p in (out / "trials").iterdir() if p.is_dir() and not p.name.startswith("ray_"))
+    tune_trials = _tune_trials(out)
+    assert len(tune_trials) == k and sorted(tune_trials) == folders, (sorted(tune_trials), folders)
+    _charged_within_reference(out, state)  # every trial's journal (all it charged) under the reference
+    trials = out / "trials"
+    plans = {n: json.loads((trials / n / "plan.json").read_text()) for n in folders}
+    journals = {n: PrivacyLedger.load(trials / n / "ledger.json") for n in folders}
+    finished = {n: json.loads((trials / n / "trial.json").read_text()) for n in folders
+                if (trials / n / "trial.json").exists()}
+    for name, t in finished.items():  # a finished trial charged exactly its plan, and stayed under the reference
+        assert t["iterations"] == t["iterations_planned"] == plans[name]["iterations"]
+        assert charged_iterations(journals[name]) == t["iterations"], name
+        assert t["epsilon_trial"] <= t["epsilon_reference"] * (1 + 1e-9)
+    # the killed trial is the first one Tune started (one trial at a time; the kill fires once)
+    victim = next(n for n, t in tune_trials.items() if t["experiment_tag"].startswith("1_"))
+    # every iteration its killed attempt executed (0 … kill_at − 1) was charged before it ran
+    assert charged_iterations(journals[victim]) >= kill_at
+    # rule 17: no attempt of the killed trial added its (trial secret, t) noise to other sums
+    if victim in finished:  # a later attempt finished it: it replayed the first attempt's public plan, charged once
+        assert finished[victim]["noise_factor"] == plans[victim]["noise_factor"]
+        assert charged_iterations(journals[victim]) == plans[victim]["iterations"]
+    else:  # a failed run, one of the K: Tune did not restart it, nothing trained past the killed window
+        assert tune_trials[victim]["status"] == "ERROR", tune_trials[victim]["status"]
+        assert kill_at <= charged_iterations(journals[victim]) <= (kill_at // 10 + 1) * 10
+        assert len(finished) == k - 1
+    # the release is the best finished trial, byte for byte
+    assert finished, "the trial after the kill finished"
+    best = max(finished.values(), key=lambda t: t["score"])
+    assert json.loads((out / "release" / "score.json").read_text())["score"] == best["score"]
+    for name in ("generator.pt", "synthetic.parquet"):
+        assert (out / "release" / name).read_bytes() == (trials / best["trial"] / name).read_bytes()
+    took = time.time() - t0
+    # one more resume: the release stays as it is
+    rc = subprocess.run([sys.executable, "tune.py", "--resume", str(out)], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300).returncode
+    assert rc == 0 and _snapshot(out / "release") == release_seen
+    print(f"worker kill ({workers} worker(s), rank {rank}): {runs} run(s), {took:.0f}s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_search_whose_only_trial_loses_its_worker_fails_clearly_and_releases_no_generator(tmp_path):
+    """K = 1 (TPE: a fixed K) and that trial's only Ray Train worker dies mid-window: no trial finished, but the
+    trial touched the data, so the search's ε is spent. tune.py exits 1 naming the worker's death; release/ holds
+    the privacy report and an empty score only (no generator, nothing selected), within the budget, and a resume
+    touches nothing. The failed trial's journal covers what it executed, under the reference."""
+    from dpaf_ray.ray_train import FAIL_AT_ENV
+    from test_tune_e2e import _start, _tail
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(search="tpe", expected_trials=1)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out, marker, log, tag = tmp_path / "run", tmp_path / "worker_died", tmp_path / "run.log", uuid.uuid4().hex
+    kill_at = 12
+    os.environ[FAIL_AT_ENV] = f"{kill_at}:0:{marker}"
+    try:
+        proc = _start(["--search-space", str(space), "--out", str(out)], log, tag)
+        try:
+            rc = proc.wait(600)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+            _kill_tagged(tag)
+    finally:
+        os.environ.pop(FAIL_AT_ENV, None)
+    text = log.read_text(errors="replace")
+    assert marker.exists() and rc == 1, f"exit {rc}\n{_tail(log)}"
+    assert "no trial finished (1 started)" in text and "worker" in text.split("no trial finished")[-1], _tail(log)
+    assert "nothing usable was released" in text
+    assert sorted(p.name for p in (out / "release").iterdir()) == ["privacy_report.json", "score.json"]
+    assert json.loads((out / "release" / "score.json").read_text())["score"] is None
+    report = json.loads((out / "release" / "privacy_report.json").read_text())
+    assert report["epsilon"] <= raw["epsilon"]
+    assert report["epsilon"] == pytest.approx(PrivacyLedger.load(out / "ledger.json").epsilon(raw["delta"]))
+    state = json.loads((out / "trials" / "search_state.json").read_text())
+    folders = [p for p in (out / "trials").iterdir() if p.is_dir() and not p.name.startswith("ray_")]
+    assert state["num_trials"] == 1 and len(folders) == 1 and not (folders[0] / "trial.json").exists()
+    assert kill_at <= charged_iterations(PrivacyLedger.load(folders[0] / "ledger.json")) <= 20
+    _charged_within_reference(out, state)
+    before = _snapshot(out / "release")
+    r = subprocess.run([sys.executable, "tune.py", "--resume", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "already released" in r.stdout and _snapshot(out / "release") == before
+    assert "holds only the privacy report (no trial finished" in r.stdout  # not read as a usable release

@@ -238,6 +238,12 @@ def released_message(out: Path) -> str:
         cost = f"ε={report['epsilon']:.3f} at δ={report['delta']:g} (target ε={report['target_epsilon']:g})"
     except (OSError, ValueError, KeyError) as err:
         cost = f"its report could not be read ({err})"
+    try:  # no trial finished (finish_search's SearchFailed), or K = 0: the release is its report alone
+        score = json.loads((Path(out) / RELEASE_DIR / "score.json").read_text())
+        if score.get("score", 0) is None:
+            cost += f", and it holds only the privacy report ({score.get('note') or 'no generator'})"
+    except (OSError, ValueError, AttributeError):
+        pass
     return (f"the search in {out} is already released: {Path(out) / RELEASE_DIR}, {cost}. Nothing was run and the "
             "release was not touched; a new search needs another --out")
 
