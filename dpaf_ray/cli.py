@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ConfigError, TrainConfig
+from .config import PLANNED_KNOBS, ConfigError, TrainConfig
 from .data.dataset import DataError
 from .audit.cli import add_audit_parser, run_audit
 from .evaluation.run import EvaluationError
@@ -16,7 +16,8 @@ from .privacy.ledger import PrivacyConfigError
 
 _TYPES = {"checkpoint_every": int, "data_root": str, "seed": int, "iterations": int, "max_iterations": int, "epochs": float,
           "time_budget_minutes": float, "num_threads": int, "num_classes": int, "sigma_agg": float,
-          "sigma_sgd": float, "classifier_steps": int}
+          "sigma_sgd": float, "classifier_steps": int, "classifier_batch": int, "classifier_noise": float,
+          "classifier_weight": float, "between_class_fraction": float, "uncertain_fraction": float}
 _HIDDEN = {"extra_fixed_releases"}
 _HELP = {
     "batch_size": "B = qN, expected real records per iteration",
@@ -115,7 +116,9 @@ def add_config_arguments(p: argparse.ArgumentParser, full: bool = True,
             target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=default, help=text if shown else argparse.SUPPRESS)
             continue
-        if default is not None and "default" not in text:
+        if f.name in PLANNED_KNOBS:  # None: the plan decides; a value given, even this one, is kept
+            text += f" (default: {PLANNED_KNOBS[f.name]:g}, unless the default classifier phase sets it)"
+        elif default is not None and "default" not in text:
             text += f" (default: {default})"
         target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=default,
                             metavar=_METAVARS.get(typ, "X"), help=text if shown else argparse.SUPPRESS)

@@ -22,12 +22,21 @@ EMBEDDINGS = ("linear", "moments")
 # The configuration behind docs/results.md's Fashion-MNIST results (bench/results/k2_900: mean 71.0 % over 5
 # seeds at ε = 10, 900 iterations, at noise split 2; split 1 and the DP label-classifier phase's knobs since
 # bench/results/utility_13_seeds; the phase itself is on where its planned noise is small, see
-# training.plan.resolve_classifier_phase). TrainConfig's defaults, and so the CLI's, equal it (tests/test_planner.py).
+# training.plan.choose_classifier_phase). TrainConfig's defaults, and so the CLI's, equal it, the knobs left to
+# the plan (PLANNED_KNOBS) once resolved (tests/test_planner.py).
 MEASURED_BEST: dict[str, Any] = {
     "batch_size": 256, "group_size": 128, "sgd_every": 2, "noise_split": 1.0, "lr_d": 2e-4, "lr_g": 1.5e-4,
     "embedding": "moments", "pixel_statistics": True, "pixel_moments": "mean,sq_mean,rff",
     "feature_matching": 10.0, "pixel_matching": 10.0, "smooth_output": True, "clip_agg": 1.0, "clip_sgd": 1.0,
     "classifier_noise": 2.0, "classifier_weight": 0.3,
+}
+
+
+# The knobs a default plan's classifier tier may set (training.plan.CLASSIFIER_TIERS). None in a TrainConfig
+# means "the plan decides": a tier's value, else this one; an explicit value, even this one, is kept.
+PLANNED_KNOBS: dict[str, float] = {
+    "classifier_batch": 1024, "classifier_noise": 2.0, "classifier_weight": 0.3,
+    "between_class_fraction": 0.5, "uncertain_fraction": 0.0,
 }
 
 
@@ -87,31 +96,32 @@ class TrainConfig:
     pixel_rff_features: int = 392  # with "rff" in pixel_moments: number of random Fourier features (even)
     # issue #13: a DP label classifier (phase one, its own Poisson samples) that teaches G (phase two)
     # P: DP-SGD steps of the label classifier before the DPAF iterations. 0: off; None (the default):
-    # with the default plan, a phase of training.plan.AUTO_CLASSIFIER_PHASES where its planned noise is
-    # in the range measured to help, else off (resolve_classifier_phase; Fashion-MNIST at ε >= 0.2 on,
+    # with the default plan, a phase of training.plan.CLASSIFIER_TIERS where its planned noise is
+    # in the range measured to help, else off (choose_classifier_phase; Fashion-MNIST at ε >= 0.2 on,
     # below about ε = 0.45 as 75 steps of B_c 4096 with classifier_weight 0; mnist-5k off: B_c would be 28 %
     # of its records)
     classifier_steps: int | None = None
-    classifier_batch: int = 1024  # B_c = q_c·N, its expected batch
+    # None in a knob of PLANNED_KNOBS: the plan decides (its tier's value, else PLANNED_KNOBS')
+    classifier_batch: int | None = None  # B_c = q_c·N, its expected batch (1024)
     classifier_clip: float = 0.1  # C_c
-    classifier_noise: float = 2.0  # σ_c/σ_sgd: the planner scales σ_c with the other multipliers
+    classifier_noise: float | None = None  # σ_c/σ_sgd (2): the planner scales σ_c with the other multipliers
     classifier_lr: float = 4.0  # SGD on the noisy mean gradient
     classifier_momentum: float = 0.9
-    # weight of cross-entropy(classifier(G(z, y)), y) in G's loss; 0.3 keeps the diversity ratio >= 0.8
+    # weight of cross-entropy(classifier(G(z, y)), y) in G's loss (0.3); 0.3 keeps the diversity ratio >= 0.8
     # (bench/results/utility_13_seeds: weight 1 gave 0.73-0.79)
-    classifier_weight: float = 0.3
+    classifier_weight: float | None = None
     # The release after a classifier phase (post-processing of G and the classifier, no cost): the classifier
-    # labels the synthetic set, and this fraction of it is drawn between two classes' label codes
+    # labels the synthetic set, and this fraction of it (0.5) is drawn between two classes' label codes
     # (bench/results/utility_14: +4 points at ε = 10 on the same runs, about +0.5 at ε = 1-2; the default
     # phase sets it to 1 at 1000 steps and at 300 up to σ_c/B_c 0.0035: +0.6 at ε = 10, +0.4 at ε = 1, −0.5
     # at ε = 0.5; bench/results/utility_17).
     # --no-classifier-labels: G's asked labels, as before.
     classifier_labels: bool = True
-    between_class_fraction: float = 0.5
+    between_class_fraction: float | None = None
     # and this fraction of it is the classifier's least certain images of a 3× larger pool, even per label;
-    # off unless the default phase sets it: +0.7 points at ε = 10 (3 seeds), −0.5 at ε = 1 (2 seeds),
+    # off (0) unless the default phase sets it: +0.7 points at ε = 10 (3 seeds), −0.5 at ε = 1 (2 seeds),
     # bench/results/utility_15; +0.9 and diversity ≥ 0.8 at ε = 0.2 (4 seeds), bench/results/utility_17
-    uncertain_fraction: float = 0.0
+    uncertain_fraction: float | None = None
     z_dim: int = 64
     smooth_output: bool = True  # G ends in a fixed 3×3 low-pass filter: no pixel-level speckle (bench: fid_domain 63 → 35)
     # execution
@@ -176,21 +186,22 @@ class TrainConfig:
             bad("classifier_steps", f"must be an integer >= 0 (0: no classifier phase), got {self.classifier_steps}")
         if self.classifier_steps and self.model != "dpaf":
             bad("classifier_steps", "the label-classifier phase belongs to --model dpaf; use 0 with dpsgd-gan")
-        if int(self.classifier_batch) < 1:
-            bad("classifier_batch", f"must be an integer >= 1, got {self.classifier_batch}")
+        k = self.with_default_knobs()  # an unset knob stands for a value the plan may pick; all are valid
+        if int(k.classifier_batch) < 1:
+            bad("classifier_batch", f"must be an integer >= 1, got {k.classifier_batch}")
         for name in ("classifier_clip", "classifier_noise", "classifier_lr"):
-            v = getattr(self, name)
+            v = getattr(k, name)
             if not (math.isfinite(v) and v > 0):
                 bad(name, f"must be > 0, got {v}")
         if not (0 <= self.classifier_momentum < 1):
             bad("classifier_momentum", f"must lie in [0, 1), got {self.classifier_momentum}")
-        if not (math.isfinite(self.classifier_weight) and self.classifier_weight >= 0):
-            bad("classifier_weight", f"must be >= 0, got {self.classifier_weight}")
-        if not (0 <= self.between_class_fraction <= 1):
+        if not (math.isfinite(k.classifier_weight) and k.classifier_weight >= 0):
+            bad("classifier_weight", f"must be >= 0, got {k.classifier_weight}")
+        if not (0 <= k.between_class_fraction <= 1):
             bad("between_class_fraction", f"must lie in [0, 1] (0: only images of one class), got "
-                                          f"{self.between_class_fraction}")
-        if not (0 <= self.uncertain_fraction <= 1):
-            bad("uncertain_fraction", f"must lie in [0, 1] (0: off), got {self.uncertain_fraction}")
+                                          f"{k.between_class_fraction}")
+        if not (0 <= k.uncertain_fraction <= 1):
+            bad("uncertain_fraction", f"must lie in [0, 1] (0: off), got {k.uncertain_fraction}")
         if self.embedding not in EMBEDDINGS:
             bad("embedding", f"must be one of {EMBEDDINGS}, got {self.embedding!r}")
         if self.grad_engine not in GRAD_ENGINES:
@@ -206,8 +217,8 @@ class TrainConfig:
         if n_records is not None and self.batch_size > n_records:
             bad("batch_size", f"B = {self.batch_size} exceeds the {n_records} training records (q = B/N > 1); "
                 "lower --batch-size")
-        if n_records is not None and self.classifier_steps and self.classifier_batch > n_records:
-            bad("classifier_batch", f"B_c = {self.classifier_batch} exceeds the {n_records} training records "
+        if n_records is not None and self.classifier_steps and k.classifier_batch > n_records:
+            bad("classifier_batch", f"B_c = {k.classifier_batch} exceeds the {n_records} training records "
                 "(q_c = B_c/N > 1); lower --classifier-batch")
         return self
 
@@ -226,6 +237,13 @@ class TrainConfig:
         if self.sigma_agg is not None and self.model == "dpaf":
             return self.sigma_agg, self.sigma_agg / self.noise_split
         return self.noise_split, 1.0
+
+    def with_default_knobs(self) -> "TrainConfig":
+        """This configuration with every unset knob of PLANNED_KNOBS at its value there: what a plan that
+        sets none of them runs (an explicit classifier phase, a bare config in tests and probes); itself
+        when none is unset."""
+        unset = {k: v for k, v in PLANNED_KNOBS.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **unset) if unset else self
 
     @property
     def prefix_iterations(self) -> int:

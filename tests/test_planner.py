@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from dpaf_ray import cli
-from dpaf_ray.config import MEASURED_BEST, ConfigError, TrainConfig
+from dpaf_ray.config import MEASURED_BEST, PLANNED_KNOBS, ConfigError, TrainConfig
 from dpaf_ray.privacy.ledger import PoissonGaussian, PrivacyLedger
 from dpaf_ray.training import probe
 from dpaf_ray.models.generator import RELEASE_KNOBS
-from dpaf_ray.training.plan import AUTO_CLASSIFIER_PHASES, DEFAULT_ITERATIONS, MAX_NOISE_MULTIPLIER, plan_training
+from dpaf_ray.training.plan import CLASSIFIER_TIERS, DEFAULT_ITERATIONS, MAX_NOISE_MULTIPLIER, plan_training
 
 torch.set_num_threads(1)
 DELTA = 1e-5
@@ -106,9 +106,10 @@ def test_delta_above_one_over_n_warns_before_training(tmp_path):
 def test_cli_defaults_are_the_measured_best_configuration():
     args = cli.build_parser().parse_args(["train", "--out", "x"])
     cfg = cli.config_from_args(args)
-    for key, value in MEASURED_BEST.items():
-        assert getattr(cfg, key) == value, key
-        assert getattr(TrainConfig(), key) == value, key
+    assert all(getattr(cfg, k) is None for k in PLANNED_KNOBS)  # None: the plan decides
+    for key, value in MEASURED_BEST.items():  # the knobs left to the plan as it resolves them without a tier
+        assert getattr(cfg.with_default_knobs(), key) == value, key
+        assert getattr(TrainConfig().with_default_knobs(), key) == value, key
     assert cfg.sigma_agg is None and cfg.sigma_sgd is None  # noise from the budget
     assert cfg.iterations is None and cfg.classifier_steps is None  # None: the planner's default phase
     plan = plan_training(cfg, DATASETS["fashion-mnist"])
@@ -130,9 +131,9 @@ def test_the_default_classifier_phase_is_what_was_measured_to_help_at_its_noise(
     assert plan.config.classifier_steps == steps, plan.how  # always resolved: the trainer sees a number
     if steps:
         noise = plan.schedule.prefix[0].noise / plan.config.classifier_batch
-        _, _, tier = next(t for t in AUTO_CLASSIFIER_PHASES if t[0] == steps and noise <= t[1])
+        tier = next(t for t in CLASSIFIER_TIERS if t.steps == steps and noise <= t.noise_limit)
         for knob in ("classifier_weight", "classifier_batch", "classifier_noise") + RELEASE_KNOBS:
-            assert getattr(plan.config, knob) == tier.get(knob, getattr(TrainConfig(), knob)), knob
+            assert getattr(plan.config, knob) == tier.knobs.get(knob, PLANNED_KNOBS[knob]), knob
         assert not plan.warnings, plan.warnings  # the default plan does not warn about itself
         assert "classifier" in plan.describe()[0]
     else:

@@ -55,7 +55,9 @@ class GANTrainerBase:
                  secret: RunSecret | None = None, sampling_rate: float | None = None) -> None:
         """`n_total`: training records over all shards; `sampling_rate`: the public q of the
         plan (default B/n_total); `secret`: the run secret (default: a fresh one)."""
-        self.cfg, self.shard, self.n_total, self.offset = cfg, shard, n_total, offset
+        # A plan's config holds every knob; a bare one (tests, probes) runs unset knobs at PLANNED_KNOBS'
+        # values, as `plan.schedule_for` charges them.
+        self.cfg, self.shard, self.n_total, self.offset = cfg.with_default_knobs(), shard, n_total, offset
         self.collective = collective or LocalCollective()
         self.device = torch.device(device)
         self.num_classes = shard.num_classes

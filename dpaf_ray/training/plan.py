@@ -41,53 +41,37 @@ NOISY_GROUP_MEAN = 0.05
 # B_c = 1024); 0.0134 trained ones of 29–39 % and lost 8–13 points (mnist-5k ε = 10, B_c = 256, seeds 0–1).
 NOISY_CLASSIFIER_MEAN = 0.006
 # With --classifier-weight 0 it only labels the release (post-processing), which is measured to help
-# further out: 0.0086 (Fashion-MNIST ε = 0.2, seeds 0–2) trained 64 / 58 / 62 % classifiers whose labels
-# released 67.9 / 55.6 / 67.9 % against 64.0 / 56.5 / 62.8 % without the phase, diversity 0.92–0.95
-# (bench/results/utility_15); past this it is a warning too.
+# further out (0.0086 on Fashion-MNIST at ε = 0.2, bench/results/utility_15); past this it is a warning too.
 NOISY_LABELLER_MEAN = 0.009
-# The larger-batch labels-only tier of the default phase (B_c = 4096, 75 steps, σ_c = 4·σ_sgd) up to this
-# σ_c/B_c: measured at 0.0043 (Fashion-MNIST ε = 0.2); it reaches down to about ε = 0.195 there.
-LABELLER_TIER_LIMIT = 0.0045
-# The default classifier phase (TrainConfig.classifier_steps = None): (steps, the largest planned noise
-# on its mean gradient σ_c/B_c at which those steps are used), longest first; past every limit it is off.
-# Measured (bench/results/utility_13_seeds, weight 0.3, split 1, Fashion-MNIST, evaluate defaults; without
-# the phase 71.6 / 70.1 / 71.8 % at ε = 10 and 70.0 / 70.6 / 69.7 % at ε = 1):
-#   1000 steps at 0.0013 (ε = 10): 73.8 / 73.5 / 73.6 / 71.1 %;  at 0.0032 (ε = 1): 69.8 / 68.6 / 69.9 % (worse than none)
-#    300 steps at 0.0013 (ε = 10): 71.6 / 72.5 / 73.8 %;  at 0.0030 (ε = 1): 73.2 / 70.4 / 73.5 / 71.3 %
-#   0.0134 (mnist-5k, B_c = 256, ε = 10): lost 8–13 points.
-# With the classifier labelling the release (bench/results/utility_15, evaluate defaults, seeds 0–2):
-#    300 steps at 0.0042 (ε = 0.5): 74.1 / 71.6 / 69.6 % against 71.6 / 66.4 / 64.5 % without the phase;
-#    at 0.0086 (ε = 0.2) weight 0.3 collapsed G (66.6 %, diversity 0.64, seed 0); weight 0 (labels only): see
-#    NOISY_LABELLER_MEAN. At 0.0060 (ε = 0.3, labels only, seed 0): 68.5 % against 57.9 % without the phase.
-#   the release's uncertain share 0.5 (1000 steps, ε = 10): 77.8 / 78.3 % against 77.2 / 76.5 % (seeds 1 / 3);
-#   at ε = 1 (300 steps, a 78 % classifier) 75.1 / 74.9 against 75.0 / 75.9 %, so the 300-step tier leaves it off.
-#   the labels-only tier with B_c = 4096, 75 steps, σ_c = 4·σ_sgd (bench/results/utility_16): G's noise as
-#   with 1024 × 300 at 2·σ_sgd (σ_agg 4.40 at ε = 0.2) and the same number of per-record gradients, but the
-#   classifier's σ_c/B_c 0.0043 instead of 0.0086: classifiers of 73.3–73.8 % (58–64 % before), releases of
-#   70.8 / 69.1 / 68.6 % against 67.9 / 55.6 / 67.9 % (seeds 0–2; seed 3 70.5 %; ε = 0.3 seed 0 71.3 % against
-#   68.5 %). A phase of 1024 × 300 at that noise peaks
-#   after 60 steps and then decays (bench/classifier_screen.py: 67 % → 59 %). The 300-step labels-only tier
-#   stays for data sets where 4096 records are too large a share.
-#   that tier's release with the uncertain share 0.5 (bench/results/utility_17, the same runs): ε = 0.2 71.5 / 69.5 /
-#   70.3 / 71.4 % against 70.8 / 69.1 / 68.6 / 70.5 % (seeds 0–3), diversity 0.83–0.93 against 0.77–0.87; ε = 0.3
-#   71.4 against 71.3 %. At ε = 0.5 (the 300-step tier) 73.6 / 71.4 / 71.6 against 74.1 / 71.6 / 69.6 %: mixed, left off.
-#   every image of the release between two classes (between_class_fraction 1 instead of 0.5; bench/results/utility_17,
-#   the same runs): ε = 10 78.8 / 77.8 / 78.6 % against 77.8 / 77.2 / 78.3 % (seeds 1–3), ε = 1 75.3 / 75.6 / 75.8 %
-#   against 75.0 / 75.9 / 74.7 % (seeds 0–2; σ_c/B_c 0.0030); at ε = 0.5 (0.0042) 73.1 / 71.0 / 70.0 % against
-#   74.1 / 71.6 / 69.6 % and at ε = 0.2 (the 75-step tier) 71.4 / 69.8 / 69.9 % against 71.5 / 69.5 / 70.3 %,
-#   so the 300-step tier sets it only up to σ_c/B_c 0.0035 and the 75-step tier keeps 0.5.
-#   half the release mixed in pixels and half moved 3 steps towards the classifier's boundary, each relabelled
-#   (bench/results/utility_18, the same runs): ε = 10 78.5 / 79.3 / 79.5 % against 78.8 / 77.8 / 78.6 % (seeds 1–3;
-#   the screen's own draw 79.1 / 79.1 / 79.5 %); at ε = 1 (the 300-step tier, a 78 % classifier) 69.7 / 67.7 / 74.4 %
-#   against 75.3 / 75.6 / 75.8 %, at ε = 2 75.1 / 77.7 % against 75.5 / 75.5 %, at ε = 0.2 71.3 against 71.5 %. A new
-#   ε = 10 run (seed 0, trained by the default plan): 75.7 % against 78.4 % without them, so over four seeds −0.1: off.
-# Each entry: (steps, limit, knobs the phase sets where the run left them at their defaults).
-AUTO_CLASSIFIER_PHASES: tuple[tuple[int, float, dict[str, float]], ...] = (
-    (1000, 0.002, {"uncertain_fraction": 0.5, "between_class_fraction": 1.0}),
-    (300, 0.0035, {"between_class_fraction": 1.0}), (300, 0.0045, {}),
-    (75, LABELLER_TIER_LIMIT,
-     {"classifier_weight": 0.0, "classifier_batch": 4096, "classifier_noise": 4.0, "uncertain_fraction": 0.5}),
-    (300, NOISY_LABELLER_MEAN, {"classifier_weight": 0.0}))
+
+
+@dataclass(frozen=True)
+class ClassifierTier:
+    """One tier of the default DP label-classifier phase (classifier_steps None): `steps` DP-SGD steps
+    where the planned noise on the classifier's mean gradient, σ_c/B_c, is at most `noise_limit`, with
+    `knobs` set where the run left them unset (None). `measured`: the evidence, in one line."""
+
+    steps: int
+    noise_limit: float
+    knobs: dict[str, float]
+    measured: str
+
+
+# The default phase's tiers, longest first; past every limit it is off. The measurements behind each
+# (Fashion-MNIST, weight 0.3, split 1, evaluate defaults): docs/results.md, "Classifier-phase tiers".
+CLASSIFIER_TIERS: tuple[ClassifierTier, ...] = (
+    ClassifierTier(1000, 0.002, {"uncertain_fraction": 0.5, "between_class_fraction": 1.0},
+                   "ε = 10 (0.0013): 73.6 % against 71.1 % without the phase; at 0.0032 (ε = 1) it lost 0.7"),
+    ClassifierTier(300, 0.0035, {"between_class_fraction": 1.0},
+                   "ε = 1 (0.0030): 72.1 % against 70.1 %; all images between classes +0.4 there, −0.4 at 0.0042"),
+    ClassifierTier(300, 0.0045, {},
+                   "ε = 0.5 (0.0042), labelling the release: 71.8 % against 67.5 % without the phase"),
+    ClassifierTier(75, 0.0045, {"classifier_weight": 0.0, "classifier_batch": 4096, "classifier_noise": 4.0,
+                                "uncertain_fraction": 0.5},
+                   "ε = 0.2 (0.0043), labels only: 70.4 % against 61.1 % without; as G's teacher it collapsed G"),
+    ClassifierTier(300, NOISY_LABELLER_MEAN, {"classifier_weight": 0.0},
+                   "ε = 0.2 at B_c 1024 (0.0086), labels only: 63.8 % against 61.1 %; where B_c 4096 is too many"),
+)
 # Knobs of a tier that only choose how the release is sampled (RELEASE_KNOBS, post-processing) are no part of
 # the plan, so tiers that differ only in them are planned once.
 # The tiers are chosen by their noise on the mean gradient (above), whatever share of the records a batch is,
@@ -179,7 +163,9 @@ def default_iterations(image_size: int) -> int:
 
 
 def schedule_for(cfg: TrainConfig, n_train: float) -> IterationSchedule:
-    """The schedule of the configured (or base, for the planner to scale) noise multipliers."""
+    """The schedule of the configured (or base, for the planner to scale) noise multipliers; a phase's
+    unset knobs at the values the trainer gives them (TrainConfig.with_default_knobs)."""
+    cfg = cfg.with_default_knobs()
     q = cfg.sampling_rate(n_train)
     sigma_agg, sigma_sgd = cfg.base_sigmas()
     if cfg.model == "dpaf":
@@ -226,9 +212,18 @@ def training_seconds(budget_minutes: float, overhead_seconds: float | None = Non
 def plan_training(cfg: TrainConfig, n_train: float, image_size: int = 28,
                   seconds_per_iteration: float | None = None, overhead_seconds: float | None = None) -> TrainingPlan:
     """The plan for `n_train` expected training records (public: (1 − f)·N); `overhead_seconds`: the
-    command's measured time outside the loop, which its time budget also covers."""
+    command's measured time outside the loop, which its time budget also covers. Its config holds a
+    number in every knob (the classifier phase and PLANNED_KNOBS included)."""
     if cfg.classifier_steps is None:
-        return resolve_classifier_phase(cfg, n_train, image_size, seconds_per_iteration, overhead_seconds)
+        return choose_classifier_phase(cfg, n_train, image_size, seconds_per_iteration, overhead_seconds)
+    return _plan_with_phase(cfg, n_train, image_size, seconds_per_iteration, overhead_seconds)
+
+
+def _plan_with_phase(cfg: TrainConfig, n_train: float, image_size: int, seconds_per_iteration: float | None,
+                     overhead_seconds: float | None) -> TrainingPlan:
+    """plan_training for a run whose classifier phase is given (classifier_steps set); knobs it left
+    unset get PLANNED_KNOBS' values."""
+    cfg = cfg.with_default_knobs()
     validate_budget(cfg.epsilon, cfg.delta)
     cfg.validate(n_train)
     extra = fixed_releases(cfg)
@@ -306,29 +301,30 @@ def _fmt(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def resolve_classifier_phase(cfg: TrainConfig, n_train: float, image_size: int = 28,
-                             seconds_per_iteration: float | None = None,
-                             overhead_seconds: float | None = None) -> TrainingPlan:
-    """The default (classifier_steps None): the longest phase of AUTO_CLASSIFIER_PHASES whose planned
-    noise on a mean gradient lies in the range measured to help it, else none. Every input is
-    public (the budget, N, the knobs), so the choice costs no privacy. It goes with the default
-    plan only: with a given T (--iterations, --epochs, a time budget) or given noise the phase would
-    take over a short run or change the compute asked for, so it stays off unless asked for."""
+def choose_classifier_phase(cfg: TrainConfig, n_train: float, image_size: int = 28,
+                            seconds_per_iteration: float | None = None,
+                            overhead_seconds: float | None = None) -> TrainingPlan:
+    """The default (classifier_steps None): the first tier of CLASSIFIER_TIERS whose planned noise on a
+    mean gradient is within its limit, else none. Every input is public (the budget, N, the knobs), so
+    the choice costs no privacy. It goes with the default plan only: with a given T (--iterations,
+    --epochs, a time budget) or given noise the phase would take over a short run or change the compute
+    asked for, so it stays off unless asked for. A tier sets only the knobs the run left unset (None)."""
     off = dataclasses.replace(cfg, classifier_steps=0)
     why = None
     if cfg.model != "dpaf":
-        return plan_training(off, n_train, image_size, seconds_per_iteration, overhead_seconds)
+        return _plan_with_phase(off, n_train, image_size, seconds_per_iteration, overhead_seconds)
     if (cfg.iterations, cfg.epochs, cfg.time_budget_minutes) != (None, None, None) or cfg.explicit_noise:
         why = ("the default phase goes with the default plan (it was measured at T = 900 with noise from the budget), "
                "and this run sets its own T or noise; pass --classifier-steps P to add it")
     else:
-        defaults = TrainConfig()
+        given = cfg.with_default_knobs()
         planned: dict[tuple, TrainingPlan | Exception] = {}
-        for steps, limit, tier in AUTO_CLASSIFIER_PHASES:
-            knobs = {k: v for k, v in tier.items() if getattr(cfg, k) == getattr(defaults, k)}
+        for tier in CLASSIFIER_TIERS:
+            steps, limit = tier.steps, tier.noise_limit
+            knobs = {k: v for k, v in tier.knobs.items() if getattr(cfg, k) is None}
             if knobs.get("classifier_weight") == 0 and not cfg.classifier_labels:
                 continue  # a classifier that neither teaches G nor labels the release would waste budget
-            batch = knobs.get("classifier_batch", cfg.classifier_batch)
+            batch = knobs.get("classifier_batch", given.classifier_batch)
             if batch > AUTO_CLASSIFIER_MAX_SAMPLING_RATE * n_train:
                 why = (f"B_c = {batch:g} is more than {AUTO_CLASSIFIER_MAX_SAMPLING_RATE:g} of the {n_train:g} "
                        "training records, where the phase is not measured")
@@ -337,8 +333,8 @@ def resolve_classifier_phase(cfg: TrainConfig, n_train: float, image_size: int =
             key = tuple(sorted((k, v) for k, v in knobs.items() if k not in RELEASE_KNOBS))
             if key not in planned:
                 try:
-                    planned[key] = plan_training(dataclasses.replace(cfg, **dict(key)), n_train, image_size,
-                                                 seconds_per_iteration, overhead_seconds)
+                    planned[key] = _plan_with_phase(dataclasses.replace(cfg, **dict(key)), n_train, image_size,
+                                                    seconds_per_iteration, overhead_seconds)
                 except (ConfigError, PrivacyConfigError) as e:
                     planned[key] = e
             if isinstance(planned[key], Exception):
@@ -355,5 +351,5 @@ def resolve_classifier_phase(cfg: TrainConfig, n_train: float, image_size: int =
                                                    "drops it)")
             why = (f"its noise σ_c/B_c = {noise:.4f} would be past {limit:g}, where it is not measured to help "
                    "(more records or a larger --epsilon lower it)")
-    plan = plan_training(off, n_train, image_size, seconds_per_iteration, overhead_seconds)
+    plan = _plan_with_phase(off, n_train, image_size, seconds_per_iteration, overhead_seconds)
     return dataclasses.replace(plan, how=f"{plan.how}; no DP label-classifier phase by default: {why}")

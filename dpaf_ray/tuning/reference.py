@@ -110,7 +110,7 @@ def plan_run(cfg: TrainConfig, n_train: float, image_size: int, seconds_per_iter
 
     if cfg.explicit_noise and cfg.iterations is not None:
         sigma_agg, sigma_sgd = cfg.base_sigmas()
-        cfg = dataclasses.replace(cfg, sigma_agg=sigma_agg if cfg.model == "dpaf" else cfg.sigma_agg,
+        cfg = dataclasses.replace(cfg.with_default_knobs(), sigma_agg=sigma_agg if cfg.model == "dpaf" else cfg.sigma_agg,
                                   sigma_sgd=sigma_sgd, classifier_steps=cfg.classifier_steps or 0)
         return TrainingPlan(cfg, schedule_for(cfg, n_train), cfg.prefix_iterations + cfg.iterations, float("nan"),
                             1.0, "--iterations; noise as drawn", seconds_per_iteration)
