@@ -252,6 +252,21 @@ def _kill_tagged(tag: str) -> None:
         time.sleep(0.5)
 
 
+def _run_tune(args: list[str], log: Path, timeout: float) -> int:
+    """`python tune.py ARGS` to its end; whatever happens, none of its processes (Ray's included) outlives it."""
+    from test_tune_e2e import _start
+
+    tag = uuid.uuid4().hex
+    proc = _start(args, log, tag)
+    try:
+        return proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        _kill_tagged(tag)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_sigkill_of_the_driver_at_every_phase_then_resume_releases_once_within_k(tmp_path):
@@ -262,7 +277,7 @@ def test_sigkill_of_the_driver_at_every_phase_then_resume_releases_once_within_k
     never rewritten. At the end the interrupted trial has completed and the release is recomputable."""
     import dp_accounting
 
-    from test_tune_e2e import _start, _tail, dp_event
+    from test_tune_e2e import _tail, dp_event
 
     raw = yaml.safe_load(TINY.read_text())
     raw.update(search="tpe", expected_trials=2)
@@ -277,15 +292,8 @@ def test_sigkill_of_the_driver_at_every_phase_then_resume_releases_once_within_k
     rc, log = None, None
     try:
         for run in range(len(FAULT_PHASES) + 2):
-            log, tag = tmp_path / f"run{run}.log", uuid.uuid4().hex
-            proc = _start(args, log, tag)
-            try:
-                rc = proc.wait(600)
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(30)
-                _kill_tagged(tag)
+            log = tmp_path / f"run{run}.log"
+            rc = _run_tune(args, log, 600)
             state_path = out / "trials" / "search_state.json"
             if state_path.exists():
                 state = json.loads(state_path.read_text())
@@ -363,7 +371,7 @@ def test_a_train_worker_killed_mid_trial_is_charged_and_the_search_releases_once
     import dp_accounting
 
     from dpaf_ray.ray_train import FAIL_AT_ENV
-    from test_tune_e2e import _start, _tail, dp_event
+    from test_tune_e2e import _tail, dp_event
 
     raw = yaml.safe_load(TINY.read_text())
     raw.update(search="tpe", expected_trials=2)
@@ -382,15 +390,8 @@ def test_a_train_worker_killed_mid_trial_is_charged_and_the_search_releases_once
     t0 = time.time()
     try:
         for runs in range(1, 4):  # the search, then a resume if it did not end (and one after a driver kill)
-            log, tag = tmp_path / f"run{runs}.log", uuid.uuid4().hex
-            proc = _start(args, log, tag)
-            try:
-                rc = proc.wait(900)
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(30)
-                _kill_tagged(tag)
+            log = tmp_path / f"run{runs}.log"
+            rc = _run_tune(args, log, 900)
             if (out / "release").exists():
                 assert sorted(p.name for p in (out / "release").iterdir()) == sorted(RELEASE_FILES)
                 snap = _snapshot(out / "release")
@@ -468,24 +469,17 @@ def test_a_search_whose_only_trial_loses_its_worker_fails_clearly_and_releases_n
     the privacy report and an empty score only (no generator, nothing selected), within the budget, and a resume
     touches nothing. The failed trial's journal covers what it executed, under the reference."""
     from dpaf_ray.ray_train import FAIL_AT_ENV
-    from test_tune_e2e import _start, _tail
+    from test_tune_e2e import _tail
 
     raw = yaml.safe_load(TINY.read_text())
     raw.update(search="tpe", expected_trials=1)
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(raw, sort_keys=False))
-    out, marker, log, tag = tmp_path / "run", tmp_path / "worker_died", tmp_path / "run.log", uuid.uuid4().hex
+    out, marker, log = tmp_path / "run", tmp_path / "worker_died", tmp_path / "run.log"
     kill_at = 12
     os.environ[FAIL_AT_ENV] = f"{kill_at}:0:{marker}"
     try:
-        proc = _start(["--search-space", str(space), "--out", str(out)], log, tag)
-        try:
-            rc = proc.wait(600)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(30)
-            _kill_tagged(tag)
+        rc = _run_tune(["--search-space", str(space), "--out", str(out)], log, 600)
     finally:
         os.environ.pop(FAIL_AT_ENV, None)
     text = log.read_text(errors="replace")
