@@ -33,3 +33,20 @@ def test_ratio_and_missing_cells(tmp_path):
     text = heldout.write_table(tmp_path, ["glyphs-8k", "digits-28"], [10.0, 1.0]).read_text()
     assert "**0.81**" in text
     assert "Partial table" in text and "digits-28 ε = 1 (release)" in text and "glyphs-8k ε = 1 (release, dpsgd)" in text
+
+
+def test_a_refused_plan_is_shown_as_refused_with_its_fixes_not_as_missing_or_zero(tmp_path):
+    """The pre-flight's refusal is the default's answer for that (N, ε): the cell says so, with the fixes
+    it named, and neither averages a 0 % into the release nor reads as not measured."""
+    refusal = ("error: refused before anything was charged: this plan is measured not to learn (...). Fixes: "
+               "--epsilon 4.1 (or more), or ≥ 7,400 records (this data set has 2,000). --force trains it anyway")
+    _write(tmp_path, "r", set="fashion-2k", kind="release", epsilon_target=1.0, seed=0, accuracy=None, refused=refusal,
+           epsilon_spent=0.0, train_s=1, eval_s=0, plan=[], delta=1e-5, commands=[])
+    _write(tmp_path, "d", set="fashion-2k", kind="dpsgd", epsilon_target=1.0, seed=0, accuracy=0.46, wall_s=1,
+           epsilon_spent=0.99, delta=1e-5, commands=[])
+    [cell] = heldout.cells(heldout.load_results(tmp_path), ["fashion-2k"], [1.0])
+    assert cell["ratio"] is None and cell["refused"] == refusal
+    text = heldout.write_table(tmp_path, ["fashion-2k"], [1.0]).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| fashion-2k"))
+    assert "**refused**" in row and "--epsilon 4.1 (or more), or ≥ 7,400 records" in row
+    assert "Partial table" not in text
