@@ -252,6 +252,17 @@ def _kill_tagged(tag: str) -> None:
         time.sleep(0.5)
 
 
+def _release_whole_and_unrewritten(out: Path, seen: dict | None) -> dict | None:
+    """After a run: release/, where it exists, holds every release file and equals what an earlier run saw
+    (written once, rule 17). Returns what this run saw, for the next."""
+    if not (out / "release").exists():
+        return seen
+    assert sorted(p.name for p in (out / "release").iterdir()) == sorted(RELEASE_FILES)
+    snap = _snapshot(out / "release")
+    assert seen in (None, snap), "release/ was rewritten"
+    return snap
+
+
 def _run_tune(args: list[str], log: Path, timeout: float) -> int:
     """`python tune.py ARGS` to its end; whatever happens, none of its processes (Ray's included) outlives it."""
     from test_tune_e2e import _start
@@ -306,11 +317,7 @@ def test_sigkill_of_the_driver_at_every_phase_then_resume_releases_once_within_k
             if mid.exists():  # the killed trial's journal covers every iteration it executed
                 trial, t = mid.read_text().rsplit(":", 1)
                 assert charged_iterations(PrivacyLedger.load(out / "trials" / trial / "ledger.json")) >= int(t)
-            if (out / "release").exists():
-                assert sorted(p.name for p in (out / "release").iterdir()) == sorted(RELEASE_FILES)
-                snap = _snapshot(out / "release")
-                assert release_seen in (None, snap), "release/ was rewritten"
-                release_seen = snap
+            release_seen = _release_whole_and_unrewritten(out, release_seen)
             if rc == 0:
                 break
             assert rc == -signal.SIGKILL, f"run {run}: exit {rc}\n{_tail(log)}"
@@ -392,11 +399,7 @@ def test_a_train_worker_killed_mid_trial_is_charged_and_the_search_releases_once
         for runs in range(1, 4):  # the search, then a resume if it did not end (and one after a driver kill)
             log = tmp_path / f"run{runs}.log"
             rc = _run_tune(args, log, 900)
-            if (out / "release").exists():
-                assert sorted(p.name for p in (out / "release").iterdir()) == sorted(RELEASE_FILES)
-                snap = _snapshot(out / "release")
-                assert release_seen in (None, snap), "release/ was rewritten"
-                release_seen = snap
+            release_seen = _release_whole_and_unrewritten(out, release_seen)
             if rc == 0:
                 break
             args = ["--resume", str(out)]
