@@ -6,11 +6,15 @@ For each set, ε and seed it runs
            plan, no other option) and `python -m dpaf_ray evaluate RUN --test-data ROOT/<set>` (its
            defaults; --out only places the file), one torch thread per process;
   dpsgd:   bench/dpsgd_baseline.py on the same training records and test split;
+  search:  `python tune.py --dataset ROOT/<set> --epsilon E --out RUN` (the default search space, issue #35)
+           and the same `evaluate` of its release; the seed only names the replicate (a search draws its own
+           public seeds, and its K stays private: nothing about its trials is recorded here, though its wall
+           time hints at K, harmless on these public benchmark sets and not to be published for private data);
 and writes one JSON per run to bench/results/heldout/runs/, then the table
 bench/results/heldout/table.md and the plot ratio.png. Runs whose JSON exists are skipped (resume);
 a release's own folders stay in --workdir, outside the repository.
 
-    python bench/heldout.py [--sets ...] [--epsilons 1 10] [--seeds 0 1 2] [--kinds dpsgd release]
+    python bench/heldout.py [--sets ...] [--epsilons 1 10] [--seeds 0 1 2] [--kinds dpsgd release search]
                             [--workdir ~/.cache/dpaf-heldout-runs] [--root ~/.cache/dpaf-heldout] [--jobs 1]
     python bench/heldout.py --table-only   # rewrite table.md and ratio.png from the JSON there
 
@@ -47,7 +51,7 @@ GOAL, FLOOR = 0.85, 0.75  # the issue's goal and floor for release / DP classifi
 @dataclass(frozen=True)
 class Job:
     set: str
-    kind: str  # "release" or "dpsgd"
+    kind: str  # "release", "dpsgd" or "search"
     epsilon: float
     seed: int
 
@@ -79,8 +83,12 @@ def run_release(job: Job, root: Path, workdir: Path) -> dict:
     d = workdir / job.name
     d.mkdir(parents=True, exist_ok=True)
     run_dir, data = d / "run", str(root / job.set)
-    train = [sys.executable, "-m", "dpaf_ray", "train", "--dataset", data, "--epsilon", f"{job.epsilon:g}",
-             "--seed", str(job.seed), "--out", str(run_dir)]
+    if job.kind == "search":
+        train = [sys.executable, str(REPO / "tune.py"), "--dataset", data, "--epsilon", f"{job.epsilon:g}",
+                 "--out", str(run_dir)]
+    else:
+        train = [sys.executable, "-m", "dpaf_ray", "train", "--dataset", data, "--epsilon", f"{job.epsilon:g}",
+                 "--seed", str(job.seed), "--out", str(run_dir)]
     timing = d / "train_seconds.txt"
     if (run_dir / "release" / "privacy_report.json").exists() and timing.exists():  # trained before: evaluate only
         rc, train_s = 0, float(timing.read_text())
@@ -89,14 +97,24 @@ def run_release(job: Job, root: Path, workdir: Path) -> dict:
         if rc == 0:
             timing.write_text(f"{train_s}\n")
     log = (d / "train.log").read_text(errors="replace")
-    plan = [line.strip() for line in log.splitlines() if line.strip().startswith("plan:")]
+    # A search's log prints one plan per trial: their count would reveal K, which stays with the operator.
+    plan = [] if job.kind == "search" else [line.strip() for line in log.splitlines() if line.strip().startswith("plan:")]
     refusal = next((line.strip() for line in log.splitlines() if "refused before anything was charged" in line), None)
     if rc == 2 and refusal:  # the pre-flight's answer for this (N, ε): no release, nothing charged; a result too
-        return {"set": job.set, "kind": "release", "epsilon_target": job.epsilon, "delta": DELTA, "seed": job.seed,
+        return {"set": job.set, "kind": job.kind, "epsilon_target": job.epsilon, "delta": DELTA, "seed": job.seed,
                 "accuracy": None, "refused": refusal, "epsilon_spent": 0.0, "train_s": train_s, "eval_s": 0.0,
                 "plan": plan, "commands": [_shown(train, root, workdir)]}
+    released_report_only = job.kind == "search" and rc == 1 and \
+        (run_dir / "release" / "privacy_report.json").exists() and not (run_dir / "release" / "generator.pt").exists()
+    if released_report_only:  # a search none of whose trials finished: charged, released its report alone
+        report = json.loads((run_dir / "release" / "privacy_report.json").read_text())
+        error = next((line.strip() for line in reversed(log.splitlines()) if line.startswith("error:")), "failed")
+        return {"set": job.set, "kind": job.kind, "epsilon_target": job.epsilon, "delta": DELTA, "seed": job.seed,
+                "accuracy": None, "failed": error, "epsilon_spent": report["epsilon"], "train_s": train_s,
+                "eval_s": 0.0, "plan": plan, "commands": [_shown(train, root, workdir)]}
     if rc != 0:
-        raise RuntimeError(f"{job.name}: train exited {rc}; see {d / 'train.log'}")
+        raise RuntimeError(f"{job.name}: {'tune.py' if job.kind == 'search' else 'train'} exited {rc}; "
+                           f"see {d / 'train.log'}")
     evaluation = d / f"evaluation-{int(time.time())}.json"
     ev_cmd = [sys.executable, "-m", "dpaf_ray", "evaluate", str(run_dir), "--test-data", data, "--out", str(evaluation)]
     rc, eval_s = _run(ev_cmd, d / "evaluate.log")
@@ -104,8 +122,9 @@ def run_release(job: Job, root: Path, workdir: Path) -> dict:
         raise RuntimeError(f"{job.name}: evaluate exited {rc}; see {d / 'evaluate.log'}")
     ev = json.loads(evaluation.read_text())
     report = json.loads((run_dir / "release" / "privacy_report.json").read_text())
-    cfg = json.loads((run_dir / "config.json").read_text())
-    return {"set": job.set, "kind": "release", "epsilon_target": job.epsilon, "delta": DELTA, "seed": job.seed,
+    config = run_dir / "config.json"  # a single run's; a search's trials keep theirs in the private trials/
+    cfg = json.loads(config.read_text()) if config.exists() else {}
+    return {"set": job.set, "kind": job.kind, "epsilon_target": job.epsilon, "delta": DELTA, "seed": job.seed,
             "accuracy": ev["downstream_accuracy"], "real_data_accuracy": ev.get("real_data_accuracy"),
             "diversity_ratio": ev.get("diversity_ratio"), "fid_domain": ev.get("fid_domain"),
             "epsilon_spent": report["epsilon"], "train_s": train_s, "eval_s": eval_s,
@@ -133,12 +152,14 @@ def run_job(job: Job, root: Path, workdir: Path, results: Path) -> str:
     path = job.result_path(results)
     if path.exists():
         return f"{job.name}: done before, skipped"
-    result = (run_release if job.kind == "release" else run_dpsgd)(job, root, workdir)
+    result = (run_dpsgd if job.kind == "dpsgd" else run_release)(job, root, workdir)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
     tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     tmp.rename(path)
     if result["accuracy"] is None:
+        if result.get("failed"):
+            return f"{job.name}: failed, no release but its report (ε spent {result['epsilon_spent']:.3f})"
         return f"{job.name}: refused by the pre-flight (nothing charged)"
     return f"{job.name}: accuracy {result['accuracy']:.3f}, ε spent {result['epsilon_spent']:.3f}"
 
@@ -207,6 +228,37 @@ def _repo_relative(path: Path) -> str:
         return str(path)
 
 
+def search_table(rows: list[dict], sets: list[str], epsilons: list[float]) -> list[str]:
+    """Issue #35's comparison: the default search's release against the default single run (same set,
+    same total ε); empty where no search was run."""
+    out = []
+    for s in sets:
+        for e in epsilons:
+            found = sorted((r for r in rows if r["set"] == s and r["kind"] == "search" and r["epsilon_target"] == e),
+                           key=lambda r: r["seed"])
+            if not found:
+                continue
+            single = [r["accuracy"] for r in rows if r["set"] == s and r["kind"] == "release"
+                      and r["epsilon_target"] == e and r["accuracy"] is not None]
+            done = [r["accuracy"] for r in found if r["accuracy"] is not None]
+            gap = f"{100 * (statistics.mean(done) - statistics.mean(single)):+.1f}" if done and single else "–"
+            not_released = "; ".join(f"seed {r['seed']}: " + ("refused" if r.get("refused") else "failed")
+                                     for r in found if r["accuracy"] is None)
+            spent = " / ".join(f"{r['epsilon_spent']:.3f}" for r in found)
+            walls = " / ".join(f"{r['train_s']:.0f} + {r['eval_s']:.0f}" for r in found)
+            failed = f" ({not_released})" if not_released else ""
+            out.append(f"| {s} | {e:g} | {_mean_spread(done)}{failed} | {_mean_spread(single)} | {gap} | {spent} | "
+                       f"{walls} |")
+    if not out:
+        return []
+    return ["", "## The default search against the default single run (issue #35)", "",
+            "Search: `python tune.py --dataset ROOT/<set> --epsilon E` with the default search space "
+            "(search_spaces/default.yaml, its dataset replaced), its release evaluated like a single run's. The seed "
+            "only names the replicate: a search draws its own public seeds and a private K, which is not recorded.",
+            "", "| set | ε | search release acc | default single run acc | search − single (points) | ε spent "
+            "(search ledger) | search + eval s |", "|---|---|---|---|---|---|---|", *out]
+
+
 def write_table(results: Path, sets: list[str], epsilons: list[float]) -> Path:
     rows = load_results(results)
     manifest = heldout_sets.read_manifest()["sets"]
@@ -246,6 +298,7 @@ def write_table(results: Path, sets: list[str], epsilons: list[float]) -> Path:
         lines.append(f"| {c['set']} | {manifest.get(c['set'], {}).get('n_train', '?')} | {c['epsilon']:g} | "
                      f"{released} | {_mean_spread([r['accuracy'] for r in dp])} | "
                      f"{ratio} | {eps_rel} ; {eps_dp} | {real} | {div} | {walls} | {dwall} | {plans} |")
+    lines += search_table(rows, sets, epsilons)
     lines += ["", "Commands (ROOT = the suite's root, `python bench/heldout_sets.py`; WORK = --workdir):", ""]
     shown = set()
     for r in rows:
@@ -310,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sets", nargs="+", default=all_sets, choices=all_sets)
     p.add_argument("--epsilons", nargs="+", type=float, default=[10.0, 1.0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--kinds", nargs="+", default=["dpsgd", "release"], choices=["dpsgd", "release"])
+    p.add_argument("--kinds", nargs="+", default=["dpsgd", "release"], choices=["dpsgd", "release", "search"])
     p.add_argument("--root", type=Path, default=heldout_sets.DEFAULT_ROOT, help="the suite (built if missing)")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="runs' own folders (outside the repo)")
     p.add_argument("--results", type=Path, default=RESULTS)

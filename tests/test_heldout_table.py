@@ -50,3 +50,23 @@ def test_a_refused_plan_is_shown_as_refused_with_its_fixes_not_as_missing_or_zer
     row = next(line for line in text.splitlines() if line.startswith("| fashion-2k"))
     assert "**refused**" in row and "--epsilon 4.1 (or more), or ≥ 7,400 records" in row
     assert "Partial table" not in text
+
+
+def test_a_search_is_compared_with_the_single_runs_and_kept_out_of_the_ratio(tmp_path):
+    """Issue #35's held-out comparison: a search's release goes in its own table against the default
+    single runs of the same set and ε; it never enters the release / DP-classifier ratio, and a failed
+    search (its report released alone) shows as failed, not as 0 %."""
+    common = {"delta": 1e-5, "epsilon_spent": 9.99, "commands": [], "train_s": 1, "eval_s": 1, "plan": []}
+    for seed, acc in [(0, 0.60), (1, 0.70)]:
+        _write(tmp_path, f"r{seed}", set="glyphs-8k", kind="release", epsilon_target=10.0, seed=seed, accuracy=acc,
+               **common)
+    _write(tmp_path, "d0", set="glyphs-8k", kind="dpsgd", epsilon_target=10.0, seed=0, accuracy=0.80, wall_s=1,
+           **{k: v for k, v in common.items() if k not in ("train_s", "eval_s", "plan")})
+    _write(tmp_path, "s0", set="glyphs-8k", kind="search", epsilon_target=10.0, seed=0, accuracy=0.75, **common)
+    _write(tmp_path, "s1", set="glyphs-8k", kind="search", epsilon_target=10.0, seed=1, accuracy=None,
+           failed="error: no trial finished", **common)
+    cell = heldout.cells(heldout.load_results(tmp_path), ["glyphs-8k"], [10.0])[0]
+    assert cell["ratio"] == pytest.approx(0.65 / 0.80)  # the search's 75 % is not a single run's
+    text = heldout.write_table(tmp_path, ["glyphs-8k"], [10.0]).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| glyphs-8k | 10 | 75.0"))
+    assert "+10.0" in row and "seed 1: failed" in row and "65.0 ± 7.1" in row
