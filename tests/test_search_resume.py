@@ -90,21 +90,52 @@ def test_resume_of_a_released_search_says_where_and_what_it_cost_and_touches_not
     assert run_search(ss, out, resume=True, progress=lines.append) == (out / "release").absolute()
     assert str(out / "release") in lines[0] and "ε=3.250" in lines[0], lines
     assert cli.main(["--resume", str(out)]) == 0
-    assert "already released" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "already released" in printed.out and "Nothing was run" in printed.out and not printed.err
+    # this command released nothing: no "release: …" line as a fresh search prints
+    assert not any(line.startswith("release:") for line in printed.out.splitlines()), printed.out
     assert _snapshot(out / "release") == before and (out / "ledger.json").read_bytes() == ledger
     assert not (out / "trials" / "ray_tune").exists()  # no search was started
 
 
-def test_resume_of_a_search_that_released_only_its_report_says_so(tmp_path):
-    """No trial finished (finish_search released the report alone): a resume does not read as a usable release."""
+@pytest.mark.parametrize("note", ["no trial finished: nothing usable was released",
+                                  "K = 0 trials were drawn: nothing was trained"], ids=["no-trial-finished", "k0"])
+def test_resume_of_a_search_that_released_only_its_report_fails_and_touches_nothing(tmp_path, capsys, note):
+    """finish_search released the report alone (no trial finished, or K = 0): a resume exits 1 saying the search
+    failed, holds only its report and needs another --out; release/ and the ledger stay byte for byte."""
+    from dpaf_ray.tuning.tuner import SearchFailed
+
+    ss, _, out = _search_dir(tmp_path, k=0 if note.startswith("K = 0") else 2)
+    rel = out / "release"
+    rel.mkdir()
+    (rel / "score.json").write_text(json.dumps({"score": None, "note": note}, indent=1))
+    (rel / "privacy_report.json").write_text(json.dumps({"epsilon": 3.25, "delta": 1e-5, "target_epsilon": 10.0}))
+    before, ledger = _snapshot(rel), (out / "ledger.json").read_bytes()
+    with pytest.raises(SearchFailed) as err:
+        run_search(ss, out, resume=True, progress=lambda m: pytest.fail(f"printed {m!r}"))
+    message = str(err.value)
+    assert message.startswith("the search failed: its release holds only the privacy report")
+    assert "already released" in message and "ε=3.250" in message and "another --out" in message
+    assert f"holds only the privacy report ({note})" in message, message
+    assert cli.main(["--resume", str(out)]) == 1
+    printed = capsys.readouterr()
+    assert printed.err.startswith("error: the search failed") and "another --out" in printed.err
+    assert "release:" not in printed.out, printed.out
+    assert _snapshot(rel) == before and (out / "ledger.json").read_bytes() == ledger
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "ledger.json", "release", "trials"]
+    assert not (out / "trials" / "ray_tune").exists()  # no search was started
+
+
+def test_resume_of_a_release_without_its_generator_is_no_usable_release(tmp_path, capsys):
+    """A release/ whose score.json is unreadable and which holds no generator is not read as usable either."""
     ss, _, out = _search_dir(tmp_path)
     _release(out)
-    (out / "release" / "score.json").write_text(json.dumps({"score": None, "note": "no trial finished: nothing "
-                                                                                  "usable was released"}))
-    lines: list[str] = []
-    run_search(ss, out, resume=True, progress=lines.append)
-    assert "already released" in lines[0] and "ε=3.250" in lines[0]
-    assert "holds only the privacy report (no trial finished: nothing usable was released)" in lines[0], lines
+    (out / "release" / "generator.pt").unlink()
+    (out / "release" / "score.json").unlink()
+    before = _snapshot(out / "release")
+    assert cli.main(["--resume", str(out)]) == 1
+    assert "holds only the privacy report" in capsys.readouterr().err
+    assert _snapshot(out / "release") == before
 
 
 def test_finish_never_rewrites_an_existing_release(tmp_path):
@@ -502,5 +533,6 @@ def test_a_search_whose_only_trial_loses_its_worker_fails_clearly_and_releases_n
     before = _snapshot(out / "release")
     r = subprocess.run([sys.executable, "tune.py", "--resume", str(out)], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
-    assert r.returncode == 0 and "already released" in r.stdout and _snapshot(out / "release") == before
-    assert "holds only the privacy report (no trial finished" in r.stdout  # not read as a usable release
+    assert r.returncode == 1 and "already released" in r.stderr and _snapshot(out / "release") == before
+    assert r.stderr.startswith("error: the search failed")  # not read as a usable release
+    assert "holds only the privacy report (no trial finished" in r.stderr and "release:" not in r.stdout
