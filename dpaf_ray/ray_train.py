@@ -121,6 +121,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         if device == "cuda":
             device = str(ray.train.torch.get_device())  # this worker's GPU (fractional workers may share one)
     hook = _failure_hook(rank)
+    if rank == 0 and config.get("before_iteration") is not None:  # the caller's hook (fault tests: kill the driver)
+        hook = _both(config["before_iteration"], hook)
     initial = config.get("initial_ledger")
     train_loop(plan, shard, len(train), int(idx[0]) if len(idx) else 0, collective,
                RayTrainCheckpointSink(rank, config.get("report_defaults")), _prefixed(config.get("name")) if rank == 0 else None, device,
@@ -138,6 +140,15 @@ def console_line(message: str) -> None:
     workers to log *and* tee each call, so every line would reach the driver twice."""
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
+
+
+def _both(first: Callable[[int], None], then: Callable[[int], None] | None) -> Callable[[int], None]:
+    def hook(t: int) -> None:
+        first(t)
+        if then is not None:
+            then(t)
+
+    return hook
 
 
 def _failure_hook(rank: int) -> Callable[[int], None] | None:
@@ -163,8 +174,10 @@ def train_on(plan: TrainingPlan, data: PrivateData, num_workers: int, use_gpu: b
              before_iteration: Callable[[int], None] | None = None, **ray_train: Any) -> TrainResult:
     """One run's training: in this process (`train_loop`) when `num_workers` is 0, else over that many Ray
     Train workers (`fit_with_ray_train`, given its own keywords in `ray_train`: split_key, address, out, name,
-    storage, worker shares). The one dispatch that `run.train_private` and a search's trial share. `sink`,
-    `device` and `before_iteration` are the in-process run's; either way the charges go to `journal`'s file."""
+    storage, worker shares). The one dispatch that `run.train_private` and a search's trial share. `sink` and
+    `device` are the in-process run's; `before_iteration` runs in this process, or on rank 0 of the Ray Train
+    workers (pickled with their config: the fault tests' driver kill). Either way the charges go to `journal`'s
+    file."""
     unknown = set(ray_train) - set(inspect.signature(fit_with_ray_train).parameters)
     if unknown:  # checked on both paths, so a misspelt Ray Train keyword fails in a local run too
         raise TypeError(f"train_on: unknown Ray Train keyword(s) {sorted(unknown)}")
@@ -174,7 +187,7 @@ def train_on(plan: TrainingPlan, data: PrivateData, num_workers: int, use_gpu: b
                           replay_charged=replay_charged)
     return fit_with_ray_train(plan, data, num_workers, use_gpu, progress=progress, secret=secret,
                               ledger_path=journal.path, initial_ledger=initial_ledger,
-                              replay_charged=replay_charged, **ray_train)
+                              replay_charged=replay_charged, before_iteration=before_iteration, **ray_train)
 
 
 def fit_with_ray_train(plan: TrainingPlan, data: PrivateData, num_workers: int, use_gpu: bool = False,
@@ -185,7 +198,8 @@ def fit_with_ray_train(plan: TrainingPlan, data: PrivateData, num_workers: int, 
                        max_failures: int = 2, cpus_per_worker: float = 1.0, threads_per_worker: int | None = None,
                        storage_path: str | None = None, report_defaults: dict[str, Any] | None = None,
                        gpus_per_worker: float = 1.0, subsample: Subsample | None = None,
-                       replay_charged: bool = False) -> TrainResult:
+                       replay_charged: bool = False,
+                       before_iteration: Callable[[int], None] | None = None) -> TrainResult:
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -203,7 +217,7 @@ def fit_with_ray_train(plan: TrainingPlan, data: PrivateData, num_workers: int, 
                            "report_defaults": report_defaults,
                            "ledger_path": str(ledger_path) if ledger_path is not None else None,
                            "initial_ledger": initial_ledger.to_json() if initial_ledger is not None else None,
-                           "replay_charged": replay_charged},
+                           "replay_charged": replay_charged, "before_iteration": before_iteration},
         # Every collective works on the training device's tensors, and a CPU tensor still finds gloo.
         torch_config=TorchConfig(backend=torch_backend(use_gpu, gpus_per_worker)),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,

@@ -90,21 +90,52 @@ def test_resume_of_a_released_search_says_where_and_what_it_cost_and_touches_not
     assert run_search(ss, out, resume=True, progress=lines.append) == (out / "release").absolute()
     assert str(out / "release") in lines[0] and "ε=3.250" in lines[0], lines
     assert cli.main(["--resume", str(out)]) == 0
-    assert "already released" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "already released" in printed.out and "Nothing was run" in printed.out and not printed.err
+    # this command released nothing: no "release: …" line as a fresh search prints
+    assert not any(line.startswith("release:") for line in printed.out.splitlines()), printed.out
     assert _snapshot(out / "release") == before and (out / "ledger.json").read_bytes() == ledger
     assert not (out / "trials" / "ray_tune").exists()  # no search was started
 
 
-def test_resume_of_a_search_that_released_only_its_report_says_so(tmp_path):
-    """No trial finished (finish_search released the report alone): a resume does not read as a usable release."""
+@pytest.mark.parametrize("note", ["no trial finished: nothing usable was released",
+                                  "K = 0 trials were drawn: nothing was trained"], ids=["no-trial-finished", "k0"])
+def test_resume_of_a_search_that_released_only_its_report_fails_and_touches_nothing(tmp_path, capsys, note):
+    """finish_search released the report alone (no trial finished, or K = 0): a resume exits 1 saying the search
+    failed, holds only its report and needs another --out; release/ and the ledger stay byte for byte."""
+    from dpaf_ray.tuning.tuner import SearchFailed
+
+    ss, _, out = _search_dir(tmp_path, k=0 if note.startswith("K = 0") else 2)
+    rel = out / "release"
+    rel.mkdir()
+    (rel / "score.json").write_text(json.dumps({"score": None, "note": note}, indent=1))
+    (rel / "privacy_report.json").write_text(json.dumps({"epsilon": 3.25, "delta": 1e-5, "target_epsilon": 10.0}))
+    before, ledger = _snapshot(rel), (out / "ledger.json").read_bytes()
+    with pytest.raises(SearchFailed) as err:
+        run_search(ss, out, resume=True, progress=lambda m: pytest.fail(f"printed {m!r}"))
+    message = str(err.value)
+    assert message.startswith("the search failed: its release holds only the privacy report")
+    assert "already released" in message and "ε=3.250" in message and "another --out" in message
+    assert f"holds only the privacy report ({note})" in message, message
+    assert cli.main(["--resume", str(out)]) == 1
+    printed = capsys.readouterr()
+    assert printed.err.startswith("error: the search failed") and "another --out" in printed.err
+    assert "release:" not in printed.out, printed.out
+    assert _snapshot(rel) == before and (out / "ledger.json").read_bytes() == ledger
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "ledger.json", "release", "trials"]
+    assert not (out / "trials" / "ray_tune").exists()  # no search was started
+
+
+def test_resume_of_a_release_without_its_generator_is_no_usable_release(tmp_path, capsys):
+    """A release/ whose score.json is unreadable and which holds no generator is not read as usable either."""
     ss, _, out = _search_dir(tmp_path)
     _release(out)
-    (out / "release" / "score.json").write_text(json.dumps({"score": None, "note": "no trial finished: nothing "
-                                                                                  "usable was released"}))
-    lines: list[str] = []
-    run_search(ss, out, resume=True, progress=lines.append)
-    assert "already released" in lines[0] and "ε=3.250" in lines[0]
-    assert "holds only the privacy report (no trial finished: nothing usable was released)" in lines[0], lines
+    (out / "release" / "generator.pt").unlink()
+    (out / "release" / "score.json").unlink()
+    before = _snapshot(out / "release")
+    assert cli.main(["--resume", str(out)]) == 1
+    assert "holds only the privacy report" in capsys.readouterr().err
+    assert _snapshot(out / "release") == before
 
 
 def test_finish_never_rewrites_an_existing_release(tmp_path):
@@ -346,6 +377,104 @@ def test_sigkill_of_the_driver_at_every_phase_then_resume_releases_once_within_k
     assert rc == 0 and _snapshot(out / "release") == release_seen
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_sigkill_of_the_driver_while_a_ray_train_trial_runs_then_resume_completes_it(tmp_path):
+    """K = 2 trials (TPE: a fixed K), each trained by one Ray Train worker. The driver is SIGKILLed (by the
+    first trial's rank-0 worker, DPAF_TEST_KILL_DRIVER_AT=mid_trial) before iteration checkpoint_every + 1, the
+    first window charged and checkpointed, the second charged; the whole local Ray dies with it. `--resume`
+    then finishes the search. After every run: the search's charge is on disk within the budget, the killed
+    trial's journal covers every iteration it executed, every journal lies under the reference, at most K trial
+    folders exist, release/ is absent or whole and never rewritten. At the end: Tune ran exactly K trials, the
+    interrupted one completed on resume with its first attempt's plan (same noise, charged once), the release is
+    the best trial's, byte for byte, and its ε is the ledger's, recomputable from the report, within the budget;
+    one more resume touches nothing."""
+    import dp_accounting
+
+    from test_tune_e2e import _tail, dp_event
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(search="tpe", expected_trials=2)
+    raw["trial"]["num_workers"] = 1  # the Ray Train path, not an in-process trial
+    assert raw["fixed"]["checkpoint_every"] == 10 and raw.get("max_concurrent_trials", 1) == 1
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out, markers = tmp_path / "run", tmp_path / "markers"
+    markers.mkdir()
+    os.environ[KILL_DRIVER_ENV] = f"mid_trial:{markers}"
+    args = ["--search-space", str(space), "--out", str(out)]
+    release_seen, rc, log, runs, rcs = None, None, None, 0, []
+    t0 = time.time()
+    try:
+        for runs in range(1, 4):  # the killed search, its resume (and one spare)
+            log = tmp_path / f"run{runs}.log"
+            rc = _run_tune(args, log, 900)
+            rcs.append(rc)
+            state_path = out / "trials" / "search_state.json"
+            assert state_path.exists(), f"run {runs}: exit {rc}\n{_tail(log)}"
+            state = json.loads(state_path.read_text())
+            assert PrivacyLedger.load(out / "ledger.json").epsilon(raw["delta"]) <= raw["epsilon"]
+            folders = [p for p in (out / "trials").iterdir() if p.is_dir() and not p.name.startswith("ray_")]
+            assert len(folders) <= state["num_trials"] == 2, [p.name for p in folders]
+            _charged_within_reference(out, state)
+            mid = markers / "mid_trial"
+            if mid.exists():  # the killed attempt's journal covers every iteration it executed (0 … t − 1)
+                trial, t = mid.read_text().rsplit(":", 1)
+                assert charged_iterations(PrivacyLedger.load(out / "trials" / trial / "ledger.json")) >= int(t)
+            release_seen = _release_whole_and_unrewritten(out, release_seen)
+            if rc == 0:
+                break
+            assert rc == -signal.SIGKILL, f"run {runs}: exit {rc}\n{_tail(log)}"
+            args = ["--resume", str(out)]
+    finally:
+        os.environ.pop(KILL_DRIVER_ENV, None)
+    assert (markers / "mid_trial").exists(), f"the driver was never killed\n{_tail(log)}"
+    assert rcs == [-signal.SIGKILL, 0], f"exits {rcs}\n{_tail(log)}"  # killed once, then one resume finished
+    assert not (out / "release.tmp").exists()
+    victim, kill_t = (markers / "mid_trial").read_text().rsplit(":", 1)
+    assert int(kill_t) == raw["fixed"]["checkpoint_every"] + 1
+
+    # the search's charge: the ledger's, within the budget, recomputable from the report alone
+    state = json.loads((out / "trials" / "search_state.json").read_text())
+    k = state["num_trials"]
+    assert k == 2
+    report = json.loads((out / "release" / "privacy_report.json").read_text())
+    acc = dp_accounting.rdp.RdpAccountant(list(report["orders"]))
+    acc.compose(dp_accounting.ComposedDpEvent([dp_event(e) for e in report["events"]]))
+    assert acc.get_epsilon(raw["delta"]) == pytest.approx(report["epsilon"], rel=1e-9)
+    assert report["epsilon"] <= raw["epsilon"]
+    assert report["epsilon"] == pytest.approx(PrivacyLedger.load(out / "ledger.json").epsilon(raw["delta"]))
+
+    # selection among ≤ K runs: Tune ran exactly K trials (the interrupted one was restarted, not replaced)
+    trials = out / "trials"
+    folders = sorted(p.name for p in trials.iterdir() if p.is_dir() and not p.name.startswith("ray_"))
+    tune_trials = _tune_trials(out)
+    assert len(tune_trials) == k and sorted(tune_trials) == folders and victim in folders, (sorted(tune_trials),
+                                                                                            folders, victim)
+    plans = {n: json.loads((trials / n / "plan.json").read_text()) for n in folders}
+    journals = {n: PrivacyLedger.load(trials / n / "ledger.json") for n in folders}
+    finished = {n: json.loads((trials / n / "trial.json").read_text()) for n in folders}  # every trial finished
+    for name, t in finished.items():  # each charged exactly its plan, once, under the reference
+        assert t["iterations"] == t["iterations_planned"] == plans[name]["iterations"], name
+        assert charged_iterations(journals[name]) == t["iterations"], name
+        assert t["noise_factor"] == plans[name]["noise_factor"], name  # the first attempt's plan, replayed
+        assert t["epsilon_trial"] <= t["epsilon_reference"] * (1 + 1e-9)
+    assert tune_trials[victim]["status"] == "TERMINATED", tune_trials[victim]["status"]
+
+    # the release is the best trial, byte for byte
+    best = max(finished.values(), key=lambda t: t["score"])
+    assert json.loads((out / "release" / "score.json").read_text())["score"] == best["score"]
+    for name in ("generator.pt", "synthetic.parquet"):
+        assert (out / "release" / name).read_bytes() == (trials / best["trial"] / name).read_bytes()
+    took = time.time() - t0
+    # one more resume: the release stays as it is, and no "release:" line claims otherwise
+    r = subprocess.run([sys.executable, "tune.py", "--resume", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "already released" in r.stdout and _snapshot(out / "release") == release_seen
+    assert not any(line.startswith("release:") for line in r.stdout.splitlines()), r.stdout
+    print(f"driver killed under Ray Train at {victim}:{kill_t}: {runs} run(s), {took:.0f}s")
+
+
 # ------------------------------------------------- kill a Ray Train worker inside a trial
 
 
@@ -502,5 +631,6 @@ def test_a_search_whose_only_trial_loses_its_worker_fails_clearly_and_releases_n
     before = _snapshot(out / "release")
     r = subprocess.run([sys.executable, "tune.py", "--resume", str(out)], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
-    assert r.returncode == 0 and "already released" in r.stdout and _snapshot(out / "release") == before
-    assert "holds only the privacy report (no trial finished" in r.stdout  # not read as a usable release
+    assert r.returncode == 1 and "already released" in r.stderr and _snapshot(out / "release") == before
+    assert r.stderr.startswith("error: the search failed")  # not read as a usable release
+    assert "holds only the privacy report (no trial finished" in r.stderr and "release:" not in r.stdout

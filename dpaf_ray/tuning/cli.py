@@ -106,9 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ss.epsilon <= 0:
             raise PrivacyConfigError(f"--epsilon must be > 0, got {ss.epsilon}")
         from ..auth_token import protect_auth_token
-        from .tuner import SearchFailed, SearchInterrupted, run_search
+        from .tuner import RELEASE_DIR, SearchFailed, SearchInterrupted, run_search
 
         protect_auth_token(args.address)  # before Ray can write ~/.ray/auth_token with the umask
+        # A resume of a released search releases nothing: run_search says where the release is (or fails when
+        # it holds only its report), and no "release:" line claims this command wrote it.
+        already_released = bool(args.resume) and (out / RELEASE_DIR).exists()
         try:
             release = run_search(ss, out, resume=bool(args.resume), address=args.address,
                                  storage_path=args.storage_path)
@@ -135,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"interrupted — {charged}finished trials are kept in {out / 'trials'} and nothing was released. "
                   f"Continue with: python tune.py --resume {out}", file=sys.stderr)
             return 130
-        print(f"release: {release}")
+        if not already_released:
+            print(f"release: {release}")
     except (ConfigError, DataError, PrivacyConfigError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -62,7 +62,15 @@ def _driver_kill_hook(phase: str, at: int, label: str) -> Callable[[int], None] 
     marker records `label:at`."""
     if not os.environ.get(KILL_DRIVER_ENV):
         return None
-    return lambda t: _kill_driver(phase, f"{label}:{t}") if t == at else None
+    # Taken now: the hook may run on a Ray Train worker (rank 0), whose environment need not be the trial's.
+    env = {k: os.environ[k] for k in (KILL_DRIVER_ENV, DRIVER_PID_ENV) if k in os.environ}
+
+    def hook(t: int) -> None:
+        if t == at:
+            os.environ.update(env)
+            _kill_driver(phase, f"{label}:{t}")
+
+    return hook
 
 
 def _wait_until_tune_records(trial_id: str, experiment: str | None, timeout: float = 60.0) -> None:
@@ -171,7 +179,7 @@ def run_trial(config: dict[str, Any], search_secret: RunSecret | None = None) ->
     device = trial_device(ss) if ss.num_workers == 0 else "cpu"
     result = train_on(plan, data, ss.num_workers, ss.use_gpu, lambda m: console_line(f"{trial_name}: {m}"),
                       secret=trial_secret, journal=journal, replay_charged=True,
-                      sink=TrialCheckpointSink(trial_dir), device=device, before_iteration=kill_hook,  # in-process
+                      sink=TrialCheckpointSink(trial_dir), device=device, before_iteration=kill_hook,  # (rank 0 under Train)
                       split_key=split_key, name=f"{trial_name}-train", max_failures=0,  # Ray Train
                       **trial_worker_share(ss), storage_path=static["train_storage"],
                       report_defaults={"score": float("nan")}, subsample=subsample)

@@ -80,6 +80,9 @@ def run_search(ss: SearchSpace, out: Path, resume: bool = False, address: str | 
 
     out = out.absolute()
     if resume and (out / RELEASE_DIR).exists():  # a release is never rewritten (docs/design.md rule 17)
+        if release_holds_only_report(out):  # no trial finished, or K = 0: nothing usable to resume into
+            raise SearchFailed(f"the search failed: its release holds only the privacy report, no generator. "
+                               f"{released_message(out)}")
         progress(released_message(out))
         return out / RELEASE_DIR
     # Before anything is written or charged: the search fits this machine or the cluster
@@ -228,6 +231,18 @@ def trial_folders(out: Path) -> list[Path]:
     Counted from the disk, not from what Tune says: a Tune experiment can be lost or replaced."""
     root = Path(out) / "trials"
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name not in NOT_TRIAL_DIRS) if root.exists() else []
+
+
+def release_holds_only_report(out: Path) -> bool:
+    """OUT/release is the report alone (finish_search with no finished trial, or K = 0): its score.json
+    says score None, or it holds no generator."""
+    release = Path(out) / RELEASE_DIR
+    try:
+        if json.loads((release / "score.json").read_text()).get("score", 0) is None:
+            return True
+    except (OSError, ValueError, AttributeError):
+        pass
+    return not (release / "generator.pt").exists()
 
 
 def released_message(out: Path) -> str:
