@@ -12,8 +12,6 @@ from typing import Any
 
 MODELS = ("dpaf", "dpsgd-gan")
 GRAD_ENGINES = ("functorch", "opacus")
-# Public per-record statistics of u = (x+1)/2 in the pixel block (models.discriminator.pixel_statistics).
-PIXEL_MOMENTS = ("mean", "sq_mean", "rff")
 # The record embedding DPAGG sums (models.discriminator.RecordEmbedding): moments in training; linear is the
 # one the conv2 release audit builds (audit.release_level).
 EMBEDDINGS = ("linear", "moments")
@@ -26,8 +24,8 @@ EMBEDDINGS = ("linear", "moments")
 # the plan (PLANNED_KNOBS) once resolved (tests/test_planner.py).
 MEASURED_BEST: dict[str, Any] = {
     "batch_size": 256, "group_size": 128, "sgd_every": 2, "noise_split": 1.0, "lr_d": 2e-4, "lr_g": 1.5e-4,
-    "embedding": "moments", "pixel_statistics": True, "pixel_moments": "mean,sq_mean,rff",
-    "feature_matching": 10.0, "pixel_matching": 10.0, "smooth_output": True, "clip_agg": 1.0, "clip_sgd": 1.0,
+    "embedding": "moments", "pixel_statistics": True,
+    "feature_matching": 10.0, "pixel_matching": 10.0, "clip_agg": 1.0, "clip_sgd": 1.0,
     "classifier_noise": 2.0, "classifier_weight": 0.3,
 }
 
@@ -40,13 +38,16 @@ PLANNED_KNOBS: dict[str, float] = {
 }
 
 
-# Options measured and removed (docs/results.md, "Tried, not kept"), with the value every run had unless told
-# otherwise: a checkpoint or trial plan written before their removal still resumes where it holds that value.
+# Options removed (docs/results.md, "Tried, not kept": measured and left off, or never run at another value),
+# with the value every run had unless told otherwise: a checkpoint or trial plan written before their removal
+# still resumes where it holds that value.
 RETIRED: dict[str, Any] = {
     "lr_g_schedule": "constant", "g_steps": 1, "grouping": "class", "head_weight": 0.0,
     "classifier_lr_schedule": "constant", "classifier_margin": 0.0, "pixel_mix_fraction": 0.0,
     "boundary_fraction": 0.0, "teacher_features": False, "classifier_matching": 10.0, "generator_ema": 0.0,
     "generator_width": None, "upsample": "nearest",
+    "adversarial_weight": 1.0, "pixel_moments": "mean,sq_mean,rff", "pixel_rff_features": 392, "smooth_output": True,
+    "feature_ema": 0.99, "classifier_momentum": 0.9,
 }
 
 
@@ -69,67 +70,52 @@ class TrainConfig:
     # docs/design.md §4 knobs
     batch_size: int = 256  # B = qN, expected real records per iteration
     group_size: int = 128  # b
-    sgd_every: int = 2  # k; bench/results/k2_900: 5 seeds at 900 it., mean 71.1 % at k = 2 against 69.3 % at k = 1
+    sgd_every: int = 2  # k: conv2's DP-SGD release every k-th iteration
     # noise: by default the planner sets both multipliers from (ε, δ) and T, in the ratio noise_split;
     # an explicit --sigma-agg and/or --sigma-sgd keeps the noise fixed and derives T from the budget instead
     sigma_agg: float | None = None
     sigma_sgd: float | None = None
-    # σ_agg/σ_sgd when planned. bench/results/utility_13_seeds: at ε = 1, split 1 70.0/70.6/69.7 % against
-    # split 2 63.6/65.9/67.2 % (seeds 0-2, evaluate defaults); at ε = 1 DPAGG's class means, not conv2, are
-    # what the noise hurts most. The planned σ_agg = σ_sgd is about 0.65 at ε = 10 and 1.45 at ε = 1.
-    noise_split: float = 1.0
+    noise_split: float = 1.0  # σ_agg/σ_sgd when the planner sets the noise (and when only one σ is given)
     clip_agg: float = 1.0  # C_agg
     clip_sgd: float = 1.0  # C_sgd
-    kappa: float = 1.0
+    kappa: float = 1.0  # κ: weight of the one-hot label block in DPAGG's record vector, Δ = √(C_agg² + κ²)
     lr_d: float = 2e-4
-    lr_g: float = 1.5e-4  # bench/results/full_900: mean over seeds 64.8 % at 1e-3 (3 seeds), 67.4 % at 3e-4, 69.7 % at 1.5e-4 (4 each)
-    d_steps_per_g: int = 1
-    adversarial_weight: float = 1.0  # weight of the rear's real/fake loss in G's objective
+    lr_g: float = 1.5e-4
+    d_steps_per_g: int = 1  # iterations per generator step
     # docs/design.md §3a candidates
     embedding: str = "moments"  # EMBEDDINGS
     feature_matching: float = 10.0  # G matches released class means of the conv2 block (post-processing)
     pixel_matching: float = 10.0  # ... and of the public pixel-statistics block (with pixel_statistics)
-    feature_ema: float = 0.99  # decay of the running average of released class means (the FM target)
-    feature_channels: int = 16
-    pixel_statistics: bool = True  # public local intensity moments of each record as a second DPAGG block (bench: 47 % → 66 %)
-    pixel_moments: str = "mean,sq_mean,rff"  # which public statistics form that block (PIXEL_MOMENTS; rff: bench 65 % → 70 %)
-    pixel_rff_features: int = 392  # with "rff" in pixel_moments: number of random Fourier features (even)
+    feature_channels: int = 16  # channels of the conv2 features DPAGG releases
+    # public statistics of each record's pixels (models.discriminator.PIXEL_MOMENTS) as a second DPAGG block
+    pixel_statistics: bool = True
     # issue #13: a DP label classifier (phase one, its own Poisson samples) that teaches G (phase two)
     # P: DP-SGD steps of the label classifier before the DPAF iterations. 0: off; None (the default):
     # with the default plan, a phase of training.plan.CLASSIFIER_TIERS where its planned noise is
-    # in the range measured to help, else off (choose_classifier_phase; Fashion-MNIST at ε >= 0.2 on,
-    # below about ε = 0.45 as 75 steps of B_c 4096 with classifier_weight 0; mnist-5k off: B_c would be 28 %
-    # of its records)
+    # in the range measured to help, else off (training.plan.choose_classifier_phase)
     classifier_steps: int | None = None
     # None in a knob of PLANNED_KNOBS: the plan decides (its tier's value, else PLANNED_KNOBS')
     classifier_batch: int | None = None  # B_c = q_c·N, its expected batch (1024)
     classifier_clip: float = 0.1  # C_c
     classifier_noise: float | None = None  # σ_c/σ_sgd (2): the planner scales σ_c with the other multipliers
     classifier_lr: float = 4.0  # SGD on the noisy mean gradient
-    classifier_momentum: float = 0.9
-    # weight of cross-entropy(classifier(G(z, y)), y) in G's loss (0.3); 0.3 keeps the diversity ratio >= 0.8
-    # (bench/results/utility_13_seeds: weight 1 gave 0.73-0.79)
+    # weight of cross-entropy(classifier(G(z, y)), y) in G's loss (0.3; 0: the classifier only labels)
     classifier_weight: float | None = None
     # The release after a classifier phase (post-processing of G and the classifier, no cost): the classifier
-    # labels the synthetic set, and this fraction of it (0.5) is drawn between two classes' label codes
-    # (bench/results/utility_14: +4 points at ε = 10 on the same runs, about +0.5 at ε = 1-2; the default
-    # phase sets it to 1 at 1000 steps and at 300 up to σ_c/B_c 0.0035: +0.6 at ε = 10, +0.4 at ε = 1, −0.5
-    # at ε = 0.5; bench/results/utility_17).
-    # --no-classifier-labels: G's asked labels, as before.
+    # labels the synthetic set, and this fraction of it (0.5; the default phase's tier may set another) is
+    # drawn between two classes' label codes. --no-classifier-labels: G's asked labels.
     classifier_labels: bool = True
     between_class_fraction: float | None = None
     # and this fraction of it is the classifier's least certain images of a 3× larger pool, even per label;
-    # off (0) unless the default phase sets it: +0.7 points at ε = 10 (3 seeds), −0.5 at ε = 1 (2 seeds),
-    # bench/results/utility_15; +0.9 and diversity ≥ 0.8 at ε = 0.2 (4 seeds), bench/results/utility_17
+    # off (0) unless the default phase's tier sets it
     uncertain_fraction: float | None = None
     z_dim: int = 64
-    smooth_output: bool = True  # G ends in a fixed 3×3 low-pass filter: no pixel-level speckle (bench: fid_domain 63 → 35)
     # execution
     iterations: int | None = None  # T; None: from --epochs, --time-budget-minutes, or the resolution's default
     epochs: float | None = None  # T = epochs / q
     max_iterations: int | None = None  # cap on T; with explicit σs a capped run gets less noise to spend the budget
     time_budget_minutes: float | None = None  # plans T from a speed probe on generated data; also a stop guard
-    grad_engine: str = "functorch"
+    grad_engine: str = "functorch"  # GRAD_ENGINES: per-record gradients (opacus: the independent cross-check)
     # iterations per write-ahead window (each charged on disk before it runs, then checkpointed); None: short
     # windows, 1, 2, 4, ... up to WINDOW_SHARE of T (training.loop.window_end), so an interruption holds little
     checkpoint_every: int | None = None
@@ -153,8 +139,6 @@ class TrainConfig:
             bad("delta", f"must lie strictly between 0 and 1, got {self.delta}; e.g. --delta 1e-5")
         if not (0 <= self.validation_fraction < 1):
             bad("validation_fraction", f"must lie in [0, 1), got {self.validation_fraction}")
-        if self.pixel_rff_features < 2 or self.pixel_rff_features % 2:
-            bad("pixel_rff_features", f"must be an even integer >= 2 (cos and sin pairs), got {self.pixel_rff_features}")
         if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
             bad("checkpoint_every", f"must be an integer >= 1 (or unset for short windows), got {self.checkpoint_every}")
         for name in ("batch_size", "group_size", "sgd_every", "d_steps_per_g", "feature_channels", "z_dim",
@@ -173,13 +157,7 @@ class TrainConfig:
             bad("epochs", f"must be > 0, got {self.epochs}")
         if self.epochs is not None and self.iterations is not None:
             bad("epochs", "give --iterations or --epochs, not both")
-        if not (0 <= self.feature_ema < 1):
-            bad("feature_ema", f"must lie in [0, 1), got {self.feature_ema}")
-        moments = self.pixel_moment_names
-        if any(m not in PIXEL_MOMENTS for m in moments) or len(set(moments)) != len(moments):
-            bad("pixel_moments", f"must be distinct names from {PIXEL_MOMENTS} separated by commas, "
-                f"got {self.pixel_moments!r}; e.g. --pixel-moments mean,sq_mean")
-        for name in ("feature_matching", "pixel_matching", "adversarial_weight"):
+        for name in ("feature_matching", "pixel_matching"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.classifier_steps is not None and int(self.classifier_steps) < 0:
@@ -193,8 +171,6 @@ class TrainConfig:
             v = getattr(k, name)
             if not (math.isfinite(v) and v > 0):
                 bad(name, f"must be > 0, got {v}")
-        if not (0 <= self.classifier_momentum < 1):
-            bad("classifier_momentum", f"must lie in [0, 1), got {self.classifier_momentum}")
         if not (math.isfinite(k.classifier_weight) and k.classifier_weight >= 0):
             bad("classifier_weight", f"must be >= 0, got {k.classifier_weight}")
         if not (0 <= k.between_class_fraction <= 1):
@@ -249,10 +225,6 @@ class TrainConfig:
     def prefix_iterations(self) -> int:
         """Iterations before the GAN iterations: the label-classifier phase (DPAF only)."""
         return int(self.classifier_steps or 0) if self.model == "dpaf" else 0  # None (auto, unplanned): 0
-
-    @property
-    def pixel_moment_names(self) -> tuple[str, ...]:
-        return tuple(m.strip() for m in str(self.pixel_moments).split(","))
 
     def sampling_rate(self, n_records: int) -> float:
         return self.batch_size / n_records

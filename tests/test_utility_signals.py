@@ -112,8 +112,7 @@ def test_a_record_gradient_depends_only_on_that_record():
 
 def test_release_noise_is_sigma_c_times_c_and_the_update_divides_by_the_expected_batch(monkeypatch):
     B, clip, sigma = 20, 0.5, 40.0
-    tr = make_trainer(classifier_batch=B, classifier_clip=clip, sigma_sgd=sigma / 2, classifier_noise=2.0,
-                      classifier_momentum=0.0)
+    tr = make_trainer(classifier_batch=B, classifier_clip=clip, sigma_sgd=sigma / 2, classifier_noise=2.0)
     assert tr.teacher.sigma == pytest.approx(sigma)  # σ_c = classifier_noise · σ_sgd
     releases = capture(monkeypatch, "gaussian_release")
     steps: list[torch.Tensor] = []
@@ -305,8 +304,8 @@ def test_explicit_noise_leaves_the_gan_iterations_after_the_phase():
 def test_knobs_are_validated_and_reach_the_cli():
     with pytest.raises(ConfigError, match="--classifier-steps"):
         TrainConfig(model="dpsgd-gan", classifier_steps=10).validate()
-    with pytest.raises(ConfigError, match="--classifier-momentum"):
-        TrainConfig(classifier_momentum=1.0).validate()
+    with pytest.raises(ConfigError, match="--classifier-lr"):
+        TrainConfig(classifier_lr=0.0).validate()
     with pytest.raises(ConfigError, match="--classifier-batch"):
         TrainConfig(classifier_steps=1, classifier_batch=10_000).validate(5000)
     args = cli.build_parser().parse_args(["train", "--out", "x", "--classifier-steps", "7", "--classifier-noise",

@@ -83,7 +83,10 @@ def soft_bound(e: torch.Tensor) -> torch.Tensor:
     return e / (1 + e.pow(2).sum(1, keepdim=True)).sqrt()
 
 
-PIXEL_RFF_FEATURES = 2 * 196  # default: cos and sin of 196 frequencies, as many values as two 14×14 window moments
+PIXEL_RFF_FEATURES = 2 * 196  # cos and sin of 196 frequencies, as many values as two 14×14 window moments
+# The statistics of DPAF's pixel block (window means of u and u², and the RFF of the whole image). Fixed since
+# issue #37: other sets and RFF sizes were measured worse (docs/results.md, "Tried, not kept").
+PIXEL_MOMENTS = ("mean", "sq_mean", "rff")
 
 
 def pixel_statistics_dim(moments: tuple[str, ...], channels: int, pooled: int,

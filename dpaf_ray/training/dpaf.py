@@ -17,7 +17,8 @@ import torch
 from torch.nn import functional as F
 
 from ..models import dpagg
-from ..models.discriminator import PrivateFeatures, Rear, RecordEmbedding, pixel_statistics, pixel_statistics_dim
+from ..models.discriminator import (PIXEL_MOMENTS, PrivateFeatures, Rear, RecordEmbedding, pixel_statistics,
+                                    pixel_statistics_dim)
 from ..models.generator import RELEASE_KNOBS
 from ..privacy.grad_sample import PerRecordGradients
 from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release
@@ -28,6 +29,10 @@ from .gan import GANTrainerBase
 from . import label_teacher
 from .label_teacher import LabelTeacher
 
+# Decay of the running average of released conv2 class means that G matches (post-processing); the value
+# every measured run used (docs/results.md, "Tried, not kept").
+FEATURE_EMA = 0.99
+
 
 class DPAFTrainer(GANTrainerBase):
     def __init__(self, *args, classifier_sampling_rate: float | None = None, **kwargs) -> None:
@@ -36,8 +41,7 @@ class DPAFTrainer(GANTrainerBase):
         cfg = self.cfg
         self.private = PrivateFeatures(self.arch, self.conv1.out_channels, self.num_classes,
                                        cfg.feature_channels).to(self.device)
-        pixel_dim = (pixel_statistics_dim(cfg.pixel_moment_names, self.arch.channels, self.arch.pixel_pooled,
-                                         cfg.pixel_rff_features)
+        pixel_dim = (pixel_statistics_dim(PIXEL_MOMENTS, self.arch.channels, self.arch.pixel_pooled)
                      if cfg.pixel_statistics else 0)
         self.embed = RecordEmbedding(cfg.embedding, cfg.feature_channels, self.arch.pooled,
                                      pixel_dim=pixel_dim).to(self.device)
@@ -79,7 +83,7 @@ class DPAFTrainer(GANTrainerBase):
         """The block of fixed per-record maps: the public pixel statistics."""
         if not self.cfg.pixel_statistics:
             return None
-        return pixel_statistics(x, self.arch.pixel_pooled, self.cfg.pixel_moment_names, self.cfg.pixel_rff_features)
+        return pixel_statistics(x, self.arch.pixel_pooled, PIXEL_MOMENTS)
 
     def bounded(self, h1: torch.Tensor, y: torch.Tensor, pix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         phi, logit = self.private(h1, y)
@@ -191,9 +195,9 @@ class DPAFTrainer(GANTrainerBase):
             return
         # conv2 drifts, so its block follows a running average; the public pixel block never
         # changes meaning, so its target is the plain mean of every release so far (less noise).
-        decay = torch.full((m,), self.cfg.feature_ema, device=means.device)
+        decay = torch.full((m,), FEATURE_EMA, device=means.device)
         if self.embed.pixel_dim:
-            decay[m - self.embed.pixel_dim:] = max(self.cfg.feature_ema, 1 - 1 / self.target_updates)
+            decay[m - self.embed.pixel_dim:] = max(FEATURE_EMA, 1 - 1 / self.target_updates)
         self.real_class_means.mul_(decay).add_((1 - decay) * means)
 
     # ------------------------------------------------------------------------------
@@ -217,7 +221,7 @@ class DPAFTrainer(GANTrainerBase):
         A.requires_grad_(True)
         class_sums.requires_grad_(True)
         loss_rear = F.softplus(-self.rear_scores(A)).mean()
-        loss = cfg.adversarial_weight * loss_rear
+        loss = loss_rear
         fm = torch.zeros(())
         if self.matches_features() and self.target_updates > 0:
             fake_means = class_sums / class_counts.clamp(min=1).unsqueeze(1)

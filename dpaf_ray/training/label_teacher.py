@@ -24,6 +24,9 @@ from ..privacy.mechanisms import clip_and_sum_per_record, gaussian_release
 
 POISSON_STREAM = "poisson/classifier"
 NOISE_RELEASE = "dpsgd/classifier"
+# SGD momentum of the classifier on its noisy mean gradients (post-processing of the releases); the value
+# every measured run used (docs/results.md, "Tried, not kept").
+CLASSIFIER_MOMENTUM = 0.9
 
 
 def record_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -36,7 +39,7 @@ class LabelTeacher:
         cfg = trainer.cfg
         self.trainer, self.cfg, self.q = trainer, cfg, sampling_rate
         self.model = LabelClassifier(trainer.arch, trainer.num_classes).to(trainer.device)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.classifier_lr, momentum=cfg.classifier_momentum)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.classifier_lr, momentum=CLASSIFIER_MOMENTUM)
         self.per_record = PerRecordGradients(self.model, cfg.grad_engine)
         self.sigma = cfg.classifier_noise * trainer.sigma_sgd  # σ_c, as `training.plan.schedule_for` charges it
 
