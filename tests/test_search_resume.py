@@ -283,6 +283,36 @@ def _kill_tagged(tag: str) -> None:
         time.sleep(0.5)
 
 
+def _check_after_a_run(out: Path, raw: dict, markers: Path) -> None:
+    """After any run of a K = 2 search, killed or not: the search's charge is within its budget, at most K
+    trial folders exist, every trial's ledger lies under the reference, and a trial killed mid-way charged
+    every iteration it executed (0 … t − 1)."""
+    state = json.loads((out / "trials" / "search_state.json").read_text())
+    assert PrivacyLedger.load(out / "ledger.json").epsilon(raw["delta"]) <= raw["epsilon"]  # charged before any trial
+    folders = [p for p in (out / "trials").iterdir() if p.is_dir() and not p.name.startswith("ray_")]
+    assert len(folders) <= state["num_trials"] == 2, [p.name for p in folders]
+    _charged_within_reference(out, state)
+    mid = markers / "mid_trial"
+    if mid.exists():
+        trial, t = mid.read_text().rsplit(":", 1)
+        assert charged_iterations(PrivacyLedger.load(out / "trials" / trial / "ledger.json")) >= int(t)
+
+
+def _released_charge_checked(out: Path, raw: dict) -> tuple[dict, int]:
+    """A released K = 2 search's charge: the ledger's, within the budget, and recomputable from the report
+    alone. Returns the search state and K."""
+    state = json.loads((out / "trials" / "search_state.json").read_text())
+    k = state["num_trials"]
+    assert k == 2
+    report = json.loads((out / "release" / "privacy_report.json").read_text())
+    acc = dp_accounting.rdp.RdpAccountant(list(report["orders"]))
+    acc.compose(dp_accounting.ComposedDpEvent([dp_event(e) for e in report["events"]]))
+    assert acc.get_epsilon(raw["delta"]) == pytest.approx(report["epsilon"], rel=1e-9)
+    assert report["epsilon"] <= raw["epsilon"]
+    assert report["epsilon"] == pytest.approx(PrivacyLedger.load(out / "ledger.json").epsilon(raw["delta"]))
+    return state, k
+
+
 def _release_whole_and_unrewritten(out: Path, seen: dict | None) -> dict | None:
     """After a run: release/, where it exists, holds every release file and equals what an earlier run saw
     (written once, rule 17). Returns what this run saw, for the next."""
@@ -336,18 +366,8 @@ def test_sigkill_of_the_driver_at_every_phase_then_resume_releases_once_within_k
         for run in range(len(FAULT_PHASES) + 2):
             log = tmp_path / f"run{run}.log"
             rc = _run_tune(args, log, 600)
-            state_path = out / "trials" / "search_state.json"
-            if state_path.exists():
-                state = json.loads(state_path.read_text())
-                ledger = PrivacyLedger.load(out / "ledger.json")  # charged before any trial
-                assert ledger.epsilon(raw["delta"]) <= raw["epsilon"]
-                folders = [p for p in (out / "trials").iterdir() if p.is_dir() and not p.name.startswith("ray_")]
-                assert len(folders) <= state["num_trials"] == 2, [p.name for p in folders]
-                _charged_within_reference(out, state)
-            mid = markers / "mid_trial"
-            if mid.exists():  # the killed trial's journal covers every iteration it executed
-                trial, t = mid.read_text().rsplit(":", 1)
-                assert charged_iterations(PrivacyLedger.load(out / "trials" / trial / "ledger.json")) >= int(t)
+            if (out / "trials" / "search_state.json").exists():
+                _check_after_a_run(out, raw, markers)
             release_seen = _release_whole_and_unrewritten(out, release_seen)
             if rc == 0:
                 break
@@ -410,17 +430,8 @@ def test_sigkill_of_the_driver_while_a_ray_train_trial_runs_then_resume_complete
             log = tmp_path / f"run{runs}.log"
             rc = _run_tune(args, log, 900)
             rcs.append(rc)
-            state_path = out / "trials" / "search_state.json"
-            assert state_path.exists(), f"run {runs}: exit {rc}\n{_tail(log)}"
-            state = json.loads(state_path.read_text())
-            assert PrivacyLedger.load(out / "ledger.json").epsilon(raw["delta"]) <= raw["epsilon"]
-            folders = [p for p in (out / "trials").iterdir() if p.is_dir() and not p.name.startswith("ray_")]
-            assert len(folders) <= state["num_trials"] == 2, [p.name for p in folders]
-            _charged_within_reference(out, state)
-            mid = markers / "mid_trial"
-            if mid.exists():  # the killed attempt's journal covers every iteration it executed (0 … t − 1)
-                trial, t = mid.read_text().rsplit(":", 1)
-                assert charged_iterations(PrivacyLedger.load(out / "trials" / trial / "ledger.json")) >= int(t)
+            assert (out / "trials" / "search_state.json").exists(), f"run {runs}: exit {rc}\n{_tail(log)}"
+            _check_after_a_run(out, raw, markers)
             release_seen = _release_whole_and_unrewritten(out, release_seen)
             if rc == 0:
                 break
@@ -435,15 +446,7 @@ def test_sigkill_of_the_driver_while_a_ray_train_trial_runs_then_resume_complete
     assert int(kill_t) == raw["fixed"]["checkpoint_every"] + 1
 
     # the search's charge: the ledger's, within the budget, recomputable from the report alone
-    state = json.loads((out / "trials" / "search_state.json").read_text())
-    k = state["num_trials"]
-    assert k == 2
-    report = json.loads((out / "release" / "privacy_report.json").read_text())
-    acc = dp_accounting.rdp.RdpAccountant(list(report["orders"]))
-    acc.compose(dp_accounting.ComposedDpEvent([dp_event(e) for e in report["events"]]))
-    assert acc.get_epsilon(raw["delta"]) == pytest.approx(report["epsilon"], rel=1e-9)
-    assert report["epsilon"] <= raw["epsilon"]
-    assert report["epsilon"] == pytest.approx(PrivacyLedger.load(out / "ledger.json").epsilon(raw["delta"]))
+    state, k = _released_charge_checked(out, raw)
 
     # selection among ≤ K runs: Tune ran exactly K trials (the interrupted one was restarted, not replaced)
     trials = out / "trials"
@@ -543,15 +546,7 @@ def test_a_train_worker_killed_mid_trial_is_charged_and_the_search_releases_once
     assert not (out / "release.tmp").exists()
 
     # the search's charge: on disk, within the budget, the report's, and recomputable from the report alone
-    state = json.loads((out / "trials" / "search_state.json").read_text())
-    k = state["num_trials"]
-    assert k == 2
-    report = json.loads((out / "release" / "privacy_report.json").read_text())
-    acc = dp_accounting.rdp.RdpAccountant(list(report["orders"]))
-    acc.compose(dp_accounting.ComposedDpEvent([dp_event(e) for e in report["events"]]))
-    assert acc.get_epsilon(raw["delta"]) == pytest.approx(report["epsilon"], rel=1e-9)
-    assert report["epsilon"] <= raw["epsilon"]
-    assert report["epsilon"] == pytest.approx(PrivacyLedger.load(out / "ledger.json").epsilon(raw["delta"]))
+    state, k = _released_charge_checked(out, raw)
 
     # selection among ≤ K runs: Tune ran exactly K trials (the failed one was not replaced), each has its folder
     folders = sorted(p.name for p in (out / "trials").iterdir() if p.is_dir() and not p.name.startswith("ray_"))
