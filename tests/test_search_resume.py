@@ -301,6 +301,10 @@ def _check_after_a_run(out: Path, raw: dict, markers: Path) -> None:
 def _released_charge_checked(out: Path, raw: dict) -> tuple[dict, int]:
     """A released K = 2 search's charge: the ledger's, within the budget, and recomputable from the report
     alone. Returns the search state and K."""
+    import dp_accounting
+
+    from test_tune_e2e import dp_event
+
     state = json.loads((out / "trials" / "search_state.json").read_text())
     k = state["num_trials"]
     assert k == 2
@@ -409,9 +413,7 @@ def test_sigkill_of_the_driver_while_a_ray_train_trial_runs_then_resume_complete
     interrupted one completed on resume with its first attempt's plan (same noise, charged once), the release is
     the best trial's, byte for byte, and its ε is the ledger's, recomputable from the report, within the budget;
     one more resume touches nothing."""
-    import dp_accounting
-
-    from test_tune_e2e import _tail, dp_event
+    from test_tune_e2e import _tail
 
     raw = yaml.safe_load(TINY.read_text())
     raw.update(search="tpe", expected_trials=2)
@@ -507,10 +509,8 @@ def test_a_train_worker_killed_mid_trial_is_charged_and_the_search_releases_once
     either stayed a failed run with nothing trained after the kill, or a later attempt replayed its first plan.
     In the third case the driver is also SIGKILLed inside finish_search, and the resume must still count the
     failed trial as a run and finish."""
-    import dp_accounting
-
     from dpaf_ray.ray_train import FAIL_AT_ENV
-    from test_tune_e2e import _tail, dp_event
+    from test_tune_e2e import _tail
 
     raw = yaml.safe_load(TINY.read_text())
     raw.update(search="tpe", expected_trials=2)
