@@ -89,9 +89,8 @@ PIXEL_RFF_FEATURES = 2 * 196  # cos and sin of 196 frequencies, as many values a
 PIXEL_MOMENTS = ("mean", "sq_mean", "rff")
 
 
-def pixel_statistics_dim(moments: tuple[str, ...], channels: int, pooled: int,
-                         rff_features: int = PIXEL_RFF_FEATURES) -> int:
-    return sum(rff_features if m == "rff" else channels * pooled ** 2 for m in moments)
+def pixel_statistics_dim(moments: tuple[str, ...], channels: int, pooled: int) -> int:
+    return sum(PIXEL_RFF_FEATURES if m == "rff" else channels * pooled ** 2 for m in moments)
 
 
 @functools.lru_cache(maxsize=8)
@@ -100,8 +99,7 @@ def _pixel_frequencies(d: int, n: int, device: str, dtype: torch.dtype) -> torch
     return (torch.randn(d, n, generator=g) / (0.3 * math.sqrt(d))).to(device, dtype)
 
 
-def pixel_statistics(x: torch.Tensor, pooled: int, moments: tuple[str, ...] = ("mean", "sq_mean"),
-                     rff_features: int = PIXEL_RFF_FEATURES) -> torch.Tensor:
+def pixel_statistics(x: torch.Tensor, pooled: int, moments: tuple[str, ...] = ("mean", "sq_mean")) -> torch.Tensor:
     """Statistics of each record's intensity: a fixed, public per-record map (like conv1).
 
     Pooled conv2 features barely see fine spatial structure, so a generator can match their
@@ -122,7 +120,7 @@ def pixel_statistics(x: torch.Tensor, pooled: int, moments: tuple[str, ...] = ("
             parts.append(F.adaptive_avg_pool2d(u * u, pooled).flatten(1))
         elif m == "rff":
             flat = u.flatten(1)
-            proj = flat @ _pixel_frequencies(flat.shape[1], rff_features // 2, str(flat.device), flat.dtype)
+            proj = flat @ _pixel_frequencies(flat.shape[1], PIXEL_RFF_FEATURES // 2, str(flat.device), flat.dtype)
             parts.append(0.5 * torch.cat([proj.cos(), proj.sin()], dim=1))
         else:
             raise ValueError(f"unknown pixel moment {m!r}")
