@@ -40,6 +40,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 import heldout_sets  # noqa: E402
+from dpaf_ray.tuning.tuner import release_holds_only_report  # noqa: E402
 
 RESULTS = BENCH / "results" / "heldout"
 DEFAULT_WORKDIR = Path("~/.cache/dpaf-heldout-runs").expanduser()
@@ -104,9 +105,8 @@ def run_release(job: Job, root: Path, workdir: Path) -> dict:
         return {"set": job.set, "kind": job.kind, "epsilon_target": job.epsilon, "delta": DELTA, "seed": job.seed,
                 "accuracy": None, "refused": refusal, "epsilon_spent": 0.0, "train_s": train_s, "eval_s": 0.0,
                 "plan": plan, "commands": [_shown(train, root, workdir)]}
-    released_report_only = job.kind == "search" and rc == 1 and \
-        (run_dir / "release" / "privacy_report.json").exists() and not (run_dir / "release" / "generator.pt").exists()
-    if released_report_only:  # a search none of whose trials finished: charged, released its report alone
+    if job.kind == "search" and rc == 1 and (run_dir / "release" / "privacy_report.json").exists() \
+            and release_holds_only_report(run_dir):  # a search none of whose trials finished: charged, released its report alone
         report = json.loads((run_dir / "release" / "privacy_report.json").read_text())
         error = next((line.strip() for line in reversed(log.splitlines()) if line.startswith("error:")), "failed")
         return {"set": job.set, "kind": job.kind, "epsilon_target": job.epsilon, "delta": DELTA, "seed": job.seed,
